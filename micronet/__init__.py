@@ -1,0 +1,3 @@
+"""micronet: compress neural networks and deploy them."""
+
+__version__ = "2.0.0.dev0"
