@@ -1,0 +1,327 @@
+"""The ``micronet`` command.
+
+Each sub-command only composes library functions (data, models, engine, analysis); errors a user can
+fix print one line and exit with status 2. Long options accept both ``--dashed-form`` and the
+original's ``--underscore_form``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _add(parser: argparse.ArgumentParser | Any, *names: str, **kwargs: Any) -> None:
+    """Add an option under its dashed name plus the underscore spelling (``--batch-size``/``--batch_size``)."""
+    spellings: list[str] = []
+    for name in names:
+        spellings.append(name)
+        if name.startswith("--") and "-" in name[2:]:
+            spellings.append("--" + name[2:].replace("-", "_"))
+        elif name.startswith("--") and "_" in name[2:]:
+            spellings.append("--" + name[2:].replace("_", "-"))
+    parser.add_argument(*dict.fromkeys(spellings), **kwargs)
+
+
+def _cfg_list(values: list[str] | None) -> list[int] | None:
+    if not values:
+        return None
+    from micronet.errors import ConfigError
+
+    try:
+        return [int(part) for value in values for part in value.replace(",", " ").split()]
+    except ValueError:
+        raise ConfigError(f"--cfg takes channel counts such as 64,48,32 (got {' '.join(values)})") from None
+
+
+def _add_data_options(p: argparse.ArgumentParser, default: str | None = "fashion-mnist") -> None:
+    _add(p, "--data", default=default, help="dataset: fashion-mnist, cifar10, imagefolder, synthetic")
+    _add(p, "--data-root", default=None, help="dataset folder (cifar10: the extracted cifar-10-batches-py)")
+    _add(p, "--val-fraction", type=float, default=0.1, help="share of the training set held out for model selection")
+    _add(p, "--train-subset", type=int, default=None, help="use only this many training images (smoke runs)")
+    _add(p, "--test-subset", type=int, default=None, help="use only this many test images")
+    _add(p, "--data-seed", type=int, default=0, help="seed of the train/val split and subsets")
+
+
+def _add_device_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is visible")
+    _add(p, "--gpu-id", default=None, help="GPUs to use, e.g. 0 or 0,1 (several GPUs start one DDP process each)")
+
+
+TRAIN_EXAMPLES = """examples:
+  micronet train --model nin --cfg 64,48,32,64,64,64,128,128 --epochs 8 --out runs/nin_small
+  micronet train --model resnet20 --data cifar10 --data-root ~/cifar-10-batches-py --epochs 200 --gpu_id 0
+  micronet train --resume runs/nin_small                 # continue an interrupted run
+  torchrun --nproc_per_node 2 -m micronet.cli train --cpu --model lenet --epochs 2
+"""
+
+
+def _train_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a model (FP32)", epilog=TRAIN_EXAMPLES, formatter_class=_Formatter,
+                       description="Train a registry model with the shared engine; writes OUT/last (resumable), OUT/best and OUT/log.jsonl.")
+    p.add_argument("--model", default="nin", help="registry model name (micronet info --list shows them)")
+    p.add_argument("--cfg", nargs="+", default=None, help="channel config (e.g. of a pruned model): 64,48,32 or 64 48 32")
+    _add_data_options(p)
+    p.add_argument("--epochs", type=int, default=None, help="number of epochs (default 10)")
+    _add(p, "--batch-size", "--train-batch-size", dest="batch_size", type=int, default=128, help="training batch size")
+    _add(p, "--eval-batch-size", type=int, default=512, help="evaluation batch size")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
+    p.add_argument("--lr", type=float, default=0.05, help="base learning rate")
+    p.add_argument("--momentum", type=float, default=0.9)
+    _add(p, "--weight-decay", "--wd", dest="weight_decay", type=float, default=5e-4)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "step", "multistep", "constant"])
+    p.add_argument("--milestones", type=int, nargs="*", default=[], help="epochs where multistep multiplies the lr by --gamma")
+    _add(p, "--step-size", type=int, default=30, help="epochs between decays of the step schedule")
+    p.add_argument("--gamma", type=float, default=0.1)
+    _add(p, "--warmup-epochs", type=float, default=0.0)
+    _add(p, "--label-smoothing", type=float, default=0.0)
+    p.add_argument("--amp", action="store_true", help="mixed precision on CUDA (bf16, or fp16 with loss scaling)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    _add(p, "--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<model>)")
+    p.add_argument("--resume", default=None, help="continue the run in this directory (its last/ checkpoint)")
+    _add(p, "--init", "--refine", dest="init", default=None, help="start from the weights of this checkpoint (fine-tuning)")
+    _add(p, "--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    _add_device_options(p)
+    p.set_defaults(run=cmd_train)
+
+
+def _evaluate_parser(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="accuracy of a checkpoint on a dataset split", formatter_class=_Formatter,
+                       epilog="examples:\n  micronet evaluate --checkpoint runs/nin_small\n  micronet evaluate --checkpoint runs/nin_small/best --split val\n")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (uses its best/)")
+    _add_data_options(p, default=None)
+    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    _add(p, "--batch-size", type=int, default=512)
+    _add_device_options(p)
+    p.set_defaults(run=cmd_evaluate)
+
+
+def _info_parser(sub: Any) -> None:
+    p = sub.add_parser("info", help="parameters, MACs, GFLOPs and size of a model or checkpoint", formatter_class=_Formatter,
+                       epilog="examples:\n  micronet info --checkpoint runs/nin_small\n  micronet info --model resnet20 --input-shape 3,32,32\n  micronet info --list\n")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint or run directory")
+    src.add_argument("--model", help="registry model name")
+    src.add_argument("--list", action="store_true", help="list registry models and datasets")
+    p.add_argument("--cfg", nargs="+", default=None, help="channel config for --model")
+    _add(p, "--num-classes", type=int, default=10)
+    _add(p, "--input-shape", default=None, help="C,H,W (default: the checkpoint's dataset, else 1,28,28)")
+    p.set_defaults(run=cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import micronet
+
+    parser = argparse.ArgumentParser(prog="micronet", description="Compress neural networks and deploy them.", formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"micronet {micronet.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _train_parser(sub)
+    _evaluate_parser(sub)
+    _info_parser(sub)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------ commands
+def _load_data(args: argparse.Namespace, name: str):
+    from micronet.data import load_dataset
+
+    return load_dataset(name, args.data_root, val_fraction=args.val_fraction, seed=args.data_seed,
+                        train_subset=args.train_subset, test_subset=args.test_subset)
+
+
+def _summary_table(model, input_shape: tuple[int, ...], extra: dict[str, Any] | None = None) -> str:
+    from micronet.analysis import format_table, summarize
+
+    s = summarize(model, input_shape)
+    row = dict(extra or {})
+    row.update({"params (M)": f"{s.params / 1e6:.4f}", "MACs (M)": f"{s.macs / 1e6:.2f}",
+                "GFLOPs": f"{s.flops / 1e9:.4f}", "size (MB)": f"{s.size_bytes / 1e6:.3f}"})
+    return format_table([row])
+
+
+def _maybe_relaunch(args: argparse.Namespace, argv: Sequence[str]) -> int | None:
+    """Several ``--gpu_id`` values without torchrun: start one DDP process per GPU."""
+    from micronet.engine.distributed import launched_by_torchrun, parse_gpu_ids
+
+    ids = parse_gpu_ids(args.gpu_id)
+    if len(ids) <= 1 or launched_by_torchrun():
+        return None
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(ids)}", "-m", "micronet.cli", *argv]
+    return subprocess.call(cmd)
+
+
+def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    relaunched = _maybe_relaunch(args, argv)
+    if relaunched is not None:
+        return relaunched
+    import torch
+
+    from micronet.data import BatchLoader, default_augment
+    from micronet.engine import TrainConfig, Trainer, evaluate, load_checkpoint, save_checkpoint, setup, teardown
+    from micronet.engine.distributed import parse_gpu_ids
+    from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.errors import ConfigError
+    from micronet.models import build_model
+
+    ctx = setup(cpu=args.cpu, gpu_ids=parse_gpu_ids(args.gpu_id))
+    try:
+        run_dir = Path(args.out or args.resume or f"runs/{args.model}")
+        resume_meta = None
+        if args.resume:
+            resume_meta = load_checkpoint(resolve_checkpoint(Path(args.resume) / "last")).meta
+        if resume_meta and resume_meta.get("training", {}).get("config"):
+            # Continue exactly as started; only the number of epochs may grow.
+            config = TrainConfig.from_json(resume_meta["training"]["config"])
+            if args.epochs is not None:
+                config.epochs = args.epochs
+            arch = resume_meta.get("arch") or {}
+            model_name, cfg = arch.get("name", args.model), arch.get("cfg")
+            data_name = (resume_meta.get("data") or {}).get("name", args.data)
+        else:
+            config = TrainConfig(
+                epochs=args.epochs if args.epochs is not None else 10, batch_size=args.batch_size,
+                eval_batch_size=args.eval_batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+                weight_decay=args.weight_decay, schedule=args.schedule, milestones=list(args.milestones),
+                step_size=args.step_size, gamma=args.gamma, warmup_epochs=args.warmup_epochs,
+                label_smoothing=args.label_smoothing, amp=args.amp, compile=args.compile,
+                channels_last=args.channels_last, seed=args.seed, deterministic=args.deterministic, progress=args.progress,
+            )
+            model_name, cfg, data_name = args.model, _cfg_list(args.cfg), args.data
+        config.progress = args.progress
+        splits = _load_data(args, data_name)
+        info = splits.info
+        if len(splits.train) == 0:
+            raise ConfigError("the training split is empty: lower --val-fraction or raise --train-subset")
+        torch.manual_seed(config.seed)
+        model = build_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels, cfg=cfg)
+        if args.init and not args.resume:
+            load_checkpoint(resolve_checkpoint(args.init)).load_into(model)
+        train_loader = BatchLoader(splits.train, config.batch_size, shuffle=True, augment=default_augment(info.name),
+                                   seed=config.seed, drop_last=True, rank=ctx.rank, world_size=ctx.world_size,
+                                   channels_last=config.channels_last)
+        if len(train_loader) == 0:
+            raise ConfigError(f"batch size {config.batch_size} is larger than the {len(splits.train)} training images: lower --batch-size")
+        val_loader = BatchLoader(splits.val, config.eval_batch_size, channels_last=config.channels_last) if len(splits.val) else None
+        input_shape = (info.in_channels, *info.image_size)
+        if ctx.is_main:
+            print(f"model {model_name} cfg {list(model.arch.cfg)} | data {info.name}: {len(splits.train)} train, "
+                  f"{len(splits.val)} val, {len(splits.test)} test | device {ctx.device} x{ctx.world_size}", flush=True)
+        trainer = Trainer(model, config, train_loader, val_loader, ctx=ctx, out_dir=run_dir, data_info=info)
+        result = trainer.fit(resume=args.resume)
+        if ctx.is_main:
+            best_dir = resolve_checkpoint(run_dir)
+            best = load_checkpoint(best_dir)
+            best_model = best.build_model().to(ctx.device)
+            test = evaluate(best_model, BatchLoader(splits.test, config.eval_batch_size), ctx.device)
+            metrics = {**best.metrics, "test_loss": test["loss"], "test_acc": test["acc"]}
+            save_checkpoint(best_dir, best_model, data_info=info, metrics=metrics, training=best.training, extra=best.meta.get("extra"))
+            epoch = (result.best or {}).get("epoch")
+            print(f"best epoch {epoch} ({best_dir}): test accuracy {test['acc'] * 100:.2f}% on {test['samples']} images")
+            print(_summary_table(best_model.cpu(), input_shape, {"model": model_name, "test acc (%)": f"{test['acc'] * 100:.2f}"}))
+        return 0
+    finally:
+        teardown()
+
+
+def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from micronet.data import BatchLoader
+    from micronet.engine import evaluate, load_checkpoint, setup
+    from micronet.engine.distributed import parse_gpu_ids
+    from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.errors import ConfigError
+
+    ctx = setup(cpu=args.cpu, gpu_ids=parse_gpu_ids(args.gpu_id)[:1])
+    checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    model = checkpoint.build_model().to(ctx.device)
+    held = checkpoint.data_info
+    name = args.data or (held.name if held else None)
+    if name is None:
+        raise ConfigError(f"{checkpoint.path} does not record its dataset: pass --data")
+    splits = _load_data(args, name)
+    info = splits.info
+    arch = checkpoint.arch
+    if (info.in_channels, info.num_classes) != (arch.in_channels, arch.num_classes):
+        raise ConfigError(f"{checkpoint.path} expects {arch.in_channels}-channel inputs and {arch.num_classes} classes, "
+                          f"but {info.name} has {info.in_channels} and {info.num_classes}: evaluate on the dataset it was trained on")
+    split = getattr(splits, args.split)
+    stats = evaluate(model, BatchLoader(split, args.batch_size), ctx.device)
+    print(f"{arch.name} ({checkpoint.path}) on {info.name} {args.split}: accuracy {stats['acc'] * 100:.2f}%, "
+          f"loss {stats['loss']:.4f}, {stats['samples']} images")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from micronet.data import list_datasets
+    from micronet.engine import load_checkpoint
+    from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.errors import ConfigError
+    from micronet.models import build_model, default_cfg, list_models
+
+    if args.list:
+        for name in list_models():
+            print(f"model    {name:12s} default cfg {default_cfg(name)}")
+        for name in list_datasets():
+            print(f"dataset  {name}")
+        return 0
+    shape = None
+    if args.input_shape:
+        try:
+            shape = tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise ConfigError(f"--input-shape takes C,H,W such as 3,32,32 (got {args.input_shape})")
+    if args.checkpoint:
+        checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
+        model = checkpoint.build_model()
+        held = checkpoint.data_info
+        if shape is None:
+            shape = (held.in_channels, *held.image_size) if held else (model.arch.in_channels, 28, 28)
+        header = f"{checkpoint.path}: {model.arch.name} cfg {list(model.arch.cfg)}"
+        metrics = {k: v for k, v in checkpoint.metrics.items() if k.endswith("acc")}
+        if metrics:
+            header += " | " + ", ".join(f"{k} {v * 100:.2f}%" for k, v in metrics.items())
+    else:
+        in_channels = shape[0] if shape else 1
+        model = build_model(args.model, num_classes=args.num_classes, in_channels=in_channels, cfg=_cfg_list(args.cfg))
+        shape = shape or (1, 28, 28)
+        header = f"{args.model} cfg {list(model.arch.cfg)}"
+    if shape[0] != model.arch.in_channels:
+        raise ConfigError(f"--input-shape has {shape[0]} channels but the model takes {model.arch.in_channels}")
+    print(header)
+    print(_summary_table(model, shape, {"input": "x".join(map(str, shape))}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from micronet.errors import MicronetError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args, argv)
+    except MicronetError as exc:
+        print(f"micronet {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"micronet {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

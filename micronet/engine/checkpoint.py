@@ -1,0 +1,254 @@
+"""Checkpoints as directories of safetensors + JSON; loading never unpickles.
+
+Layout of a checkpoint directory::
+
+    model.safetensors      the model's state_dict (parameters and buffers)
+    train_state.safetensors optimizer tensors and RNG states (only in resumable checkpoints)
+    micronet.json          architecture (name, classes, input channels, channel cfg), dataset info,
+                           metrics, training progress, optimizer scalars, versions, and the size and
+                           SHA-256 of every tensor file, so a truncated or mixed-up file is caught.
+
+The directory is written to a staging folder and swapped into place as a whole.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from micronet.errors import CheckpointError, MicronetError
+from micronet.io import atomic_directory, resolve_directory
+
+FORMAT = "micronet-checkpoint"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+TRAIN_STATE_FILE = "train_state.safetensors"
+META_FILE = "micronet.json"
+
+_PICKLE_MAGICS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` returns: tensors plus the parsed JSON, nothing executed."""
+
+    path: Path
+    meta: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    train_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def arch(self):
+        from micronet.models import ModelArch
+
+        arch = self.meta.get("arch")
+        if arch is None:
+            return None
+        try:
+            return ModelArch.from_json(arch)
+        except MicronetError as exc:
+            raise CheckpointError(f"{self.path / META_FILE} has an invalid architecture entry: {exc}") from exc
+
+    @property
+    def data_info(self):
+        from micronet.data import DatasetInfo
+
+        info = self.meta.get("data")
+        return None if info is None else DatasetInfo.from_json(info)
+
+    @property
+    def training(self) -> dict[str, Any] | None:
+        return self.meta.get("training")
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.meta.get("metrics", {})
+
+    def build_model(self) -> nn.Module:
+        """Rebuild the model from its recorded architecture (pruned channel counts included)."""
+        from micronet.models import build_model
+
+        arch = self.arch
+        if arch is None:
+            raise CheckpointError(
+                f"{self.path} was saved from a model outside micronet's registry: build the model "
+                "yourself and call load_weights(model, checkpoint)"
+            )
+        model = build_model(arch.name, arch.num_classes, arch.in_channels, list(arch.cfg))
+        self.load_into(model)
+        return model
+
+    def load_into(self, model: nn.Module) -> nn.Module:
+        """Copy the weights into ``model`` after checking every name and shape."""
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(self.state_dict))
+        unexpected = sorted(set(self.state_dict) - set(expected))
+        wrong_shape = sorted(
+            k for k in set(expected) & set(self.state_dict) if expected[k].shape != self.state_dict[k].shape
+        )
+        if missing or unexpected or wrong_shape:
+            held = self.meta.get("arch") or {}
+            described = f"{held.get('name', 'an unknown model')} with cfg {held.get('cfg')}"
+            model_arch = getattr(model, "arch", None)
+            target = f"{model_arch.name} with cfg {list(model_arch.cfg)}" if model_arch else type(model).__name__
+            details = "; ".join(
+                part
+                for part in (
+                    f"missing {_preview(missing)}" if missing else "",
+                    f"unexpected {_preview(unexpected)}" if unexpected else "",
+                    f"shape differs for {_preview(wrong_shape)}" if wrong_shape else "",
+                )
+                if part
+            )
+            raise CheckpointError(
+                f"checkpoint {self.path} holds {described}, which does not fit {target} ({details}): "
+                "build the model the checkpoint was saved from"
+            )
+        model.load_state_dict(self.state_dict)
+        return model
+
+
+def _preview(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import micronet
+
+    return {"micronet": micronet.__version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _contiguous_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage and non-contiguous views; clone keeps tied weights correct.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    data_info: Any = None,
+    metrics: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    train_tensors: dict[str, torch.Tensor] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (and optionally the training state) as a checkpoint directory, atomically."""
+    arch = getattr(model, "arch", None)
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": arch.to_json() if arch is not None else None,
+        "data": data_info.to_json() if data_info is not None else None,
+        "metrics": metrics or {},
+        "training": training,
+        "extra": extra or {},
+        "versions": _versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with atomic_directory(path) as staging:
+        files = {MODEL_FILE: _contiguous_cpu(model.state_dict())}
+        if train_tensors:
+            files[TRAIN_STATE_FILE] = _contiguous_cpu(train_tensors)
+        meta["files"] = {}
+        for name, tensors in files.items():
+            save_file(tensors, str(staging / name))
+            meta["files"][name] = {"bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def _describe_foreign_file(path: Path) -> str:
+    head = path.read_bytes()[:4] if path.stat().st_size else b""
+    if head.startswith(_PICKLE_MAGICS):
+        return (
+            f"{path} is a pickle (torch.save) file; micronet never unpickles files it is handed: save the "
+            "weights with safetensors.torch.save_file(model.state_dict(), 'model.safetensors') instead"
+        )
+    return f"{path} is a file, not a micronet checkpoint directory (model.safetensors + micronet.json)"
+
+
+def load_checkpoint(path: str | Path, *, with_train_state: bool = False) -> Checkpoint:
+    """Read and verify a checkpoint directory; raises :class:`CheckpointError` in one sentence."""
+    path = resolve_directory(path)
+    if path.is_file():
+        raise CheckpointError(_describe_foreign_file(path))
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass the directory written by `micronet train --out`")
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} has no {META_FILE}: it is not a micronet checkpoint directory")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{meta_path} is not valid JSON ({exc}): the checkpoint is corrupted") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path} is not a micronet checkpoint description (no format '{FORMAT}')")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer micronet (format {meta['format_version']}): upgrade micronet to read it"
+        )
+    wanted = [MODEL_FILE] + ([TRAIN_STATE_FILE] if with_train_state and TRAIN_STATE_FILE in meta.get("files", {}) else [])
+    loaded: dict[str, dict[str, torch.Tensor]] = {}
+    for name in wanted:
+        loaded[name] = _load_tensor_file(path / name, meta.get("files", {}).get(name))
+    return Checkpoint(path, meta, loaded[MODEL_FILE], loaded.get(TRAIN_STATE_FILE, {}))
+
+
+def _load_tensor_file(file: Path, record: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing: the checkpoint is incomplete, re-save it")
+    if record is not None and file.stat().st_size != record.get("bytes"):
+        raise CheckpointError(
+            f"{file} has {file.stat().st_size} bytes but {record.get('bytes')} were written: "
+            "the file is truncated or was replaced, re-save the checkpoint"
+        )
+    if record is not None and _sha256(file) != record.get("sha256"):
+        raise CheckpointError(f"{file} does not match the checksum recorded in {META_FILE}: the file is corrupted")
+    try:
+        return load_file(str(file))
+    except SafetensorError as exc:
+        if file.read_bytes()[:4].startswith(_PICKLE_MAGICS):
+            raise CheckpointError(_describe_foreign_file(file)) from exc
+        raise CheckpointError(f"{file} is not a readable safetensors file ({exc}): re-save the checkpoint") from exc
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """Rebuild a registry model from a checkpoint directory (or a training run directory)."""
+    return load_checkpoint(resolve_checkpoint(path)).build_model()
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a checkpoint's weights into a model built by the caller."""
+    return load_checkpoint(resolve_checkpoint(path)).load_into(model)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint directory or a training run directory (then its ``best/``, else ``last/``)."""
+    path = resolve_directory(path)
+    if (path / META_FILE).exists() or path.is_file():
+        return path
+    for child in ("best", "last"):
+        candidate = resolve_directory(path / child)
+        if (candidate / META_FILE).exists():
+            return candidate
+    return path

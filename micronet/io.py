@@ -1,0 +1,91 @@
+"""Atomic file and directory writes.
+
+A reader (or a resumed run after ``kill -9``) must never see a half-written artifact: files are
+written under a temporary name in the same folder, flushed to disk and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` and rename the result to ``path`` only once it is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def previous_version(path: str | os.PathLike) -> Path:
+    """Where :func:`atomic_directory` parks the old directory while swapping in the new one."""
+    path = Path(path)
+    return path.with_name(path.name + ".previous")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging directory; on success it replaces ``path`` as a whole.
+
+    POSIX cannot rename over a non-empty directory, so the swap is two renames: the old directory
+    moves to ``<path>.previous``, the staging one moves to ``<path>``, then the old one is deleted.
+    A crash between the two renames leaves ``<path>.previous`` intact, and readers fall back to it
+    (see :func:`resolve_directory`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".staging", dir=path.parent))
+    try:
+        yield staging
+        for child in staging.iterdir():
+            with open(child, "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(staging)
+        old = previous_version(path)
+        if path.exists():
+            if old.exists():  # stale leftover; ``path`` is the valid copy
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(staging, path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def resolve_directory(path: str | os.PathLike) -> Path:
+    """Return ``path``, or the parked previous version when a swap was interrupted."""
+    path = Path(path)
+    if not path.exists() and previous_version(path).is_dir():
+        return previous_version(path)
+    return path
