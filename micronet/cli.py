@@ -65,19 +65,16 @@ TRAIN_EXAMPLES = """examples:
 """
 
 
-def _train_parser(sub: Any) -> None:
-    p = sub.add_parser("train", help="train a model (FP32)", epilog=TRAIN_EXAMPLES, formatter_class=_Formatter,
-                       description="Train a registry model with the shared engine; writes OUT/last (resumable), OUT/best and OUT/log.jsonl.")
-    p.add_argument("--model", default="nin", help="registry model name (micronet info --list shows them)")
-    p.add_argument("--cfg", nargs="+", default=None, help="channel config (e.g. of a pruned model): 64,48,32 or 64 48 32")
-    _add_data_options(p)
-    p.add_argument("--epochs", type=int, default=None, help="number of epochs (default 10)")
+def _add_training_options(p: argparse.ArgumentParser, *, epochs: int = 10, lr: float = 0.05, optimizer: str = "sgd",
+                          weight_decay: float = 5e-4) -> None:
+    p.add_argument("--epochs", type=int, default=None, help=f"number of epochs (default {epochs})")
+    p.set_defaults(default_epochs=epochs)
     _add(p, "--batch-size", "--train-batch-size", dest="batch_size", type=int, default=128, help="training batch size")
     _add(p, "--eval-batch-size", type=int, default=512, help="evaluation batch size")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
-    p.add_argument("--lr", type=float, default=0.05, help="base learning rate")
+    p.add_argument("--optimizer", default=optimizer, choices=["sgd", "adam", "adamw"])
+    p.add_argument("--lr", type=float, default=lr, help="base learning rate")
     p.add_argument("--momentum", type=float, default=0.9)
-    _add(p, "--weight-decay", "--wd", dest="weight_decay", type=float, default=5e-4)
+    _add(p, "--weight-decay", "--wd", dest="weight_decay", type=float, default=weight_decay)
     p.add_argument("--schedule", default="cosine", choices=["cosine", "step", "multistep", "constant"])
     p.add_argument("--milestones", type=int, nargs="*", default=[], help="epochs where multistep multiplies the lr by --gamma")
     _add(p, "--step-size", type=int, default=30, help="epochs between decays of the step schedule")
@@ -89,12 +86,57 @@ def _train_parser(sub: Any) -> None:
     _add(p, "--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
-    p.add_argument("--out", default=None, help="run directory (default runs/<model>)")
     p.add_argument("--resume", default=None, help="continue the run in this directory (its last/ checkpoint)")
-    _add(p, "--init", "--refine", dest="init", default=None, help="start from the weights of this checkpoint (fine-tuning)")
     _add(p, "--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     _add_device_options(p)
+
+
+def _train_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a model (FP32)", epilog=TRAIN_EXAMPLES, formatter_class=_Formatter,
+                       description="Train a registry model with the shared engine; writes OUT/last (resumable), OUT/best and OUT/log.jsonl.")
+    p.add_argument("--model", default="nin", help="registry model name (micronet info --list shows them)")
+    p.add_argument("--cfg", nargs="+", default=None, help="channel config (e.g. of a pruned model): 64,48,32 or 64 48 32")
+    _add_data_options(p)
+    _add_training_options(p)
+    p.add_argument("--out", default=None, help="run directory (default runs/<model>)")
+    _add(p, "--init", "--refine", dest="init", default=None, help="start from the weights of this checkpoint (fine-tuning)")
     p.set_defaults(run=cmd_train)
+
+
+QUANTIZE_EXAMPLES = """examples:
+  micronet quantize iao --checkpoint runs/demo --ptq --ptq_batch 200 --percentile 0.9999 --out runs/demo_ptq
+  micronet quantize iao --checkpoint runs/demo --bn_fuse --epochs 2 --lr 0.002 --out runs/demo_qat
+  micronet quantize iao --checkpoint runs/demo --w_bits 4 --a_bits 4 --bn_fuse --epochs 3 --out runs/demo_w4a4
+  micronet quantize iao --checkpoint runs/demo_ptq --qaft --epochs 1 --lr 1e-4 --out runs/demo_qaft
+"""
+
+
+def _quantize_parser(sub: Any) -> None:
+    p = sub.add_parser("quantize", help="quantize a trained checkpoint (PTQ, QAT or QAFT)", epilog=QUANTIZE_EXAMPLES,
+                       formatter_class=_Formatter,
+                       description="Quantize a float checkpoint by calibration (--ptq) or quantization-aware training, "
+                                   "or fine-tune a quantized checkpoint with frozen scales (--qaft).")
+    p.add_argument("method", choices=["iao"], help="iao: integer-arithmetic-only affine quantization")
+    p.add_argument("--checkpoint", required=False, help="trained checkpoint or run directory to start from")
+    p.add_argument("--out", default=None, help="run directory for the quantized model (default <checkpoint>_<method>)")
+    _add(p, "--w-bits", type=int, default=8, help="weight bits (2-16)")
+    _add(p, "--a-bits", type=int, default=8, help="activation bits (2-16)")
+    _add(p, "--q-type", type=int, default=0, choices=[0, 1], help="0 symmetric, 1 asymmetric")
+    _add(p, "--q-level", type=int, default=0, choices=[0, 1], help="0 per-channel weights, 1 per-layer")
+    _add(p, "--weight-observer", type=int, default=0, choices=[0, 1], help="0 min/max of current weights, 1 moving average")
+    _add(p, "--activation-observer", default=None, choices=["minmax", "moving_average", "percentile", "histogram"],
+         help="override the activation observer (default: moving_average for QAT, percentile for --ptq)")
+    _add(p, "--bn-fuse", action="store_true", help="fold BatchNorm into the preceding conv during QAT")
+    _add(p, "--bn-fuse-calib", action="store_true", help="fold with running statistics while training")
+    _add(p, "--pretrained-model", action="store_true", help="accepted for compatibility: BN statistics always start from the checkpoint")
+    p.add_argument("--ptq", action="store_true", help="post-training quantization: calibrate, no training")
+    _add(p, "--ptq-batch", "--calibration-batches", dest="ptq_batch", type=int, default=200, help="calibration batches for --ptq")
+    p.add_argument("--percentile", type=float, default=0.9999, help="percentile of the PTQ activation observer")
+    p.add_argument("--qaft", action="store_true", help="fine-tune a quantized checkpoint with frozen scales and zero points")
+    p.add_argument("--skip", nargs="+", default=[], help="module names to keep in float")
+    _add_data_options(p, default=None)
+    _add_training_options(p, epochs=2, lr=0.002)
+    p.set_defaults(run=cmd_quantize)
 
 
 def _evaluate_parser(sub: Any) -> None:
@@ -129,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
     _evaluate_parser(sub)
+    _quantize_parser(sub)
     _info_parser(sub)
     return parser
 
@@ -164,74 +207,180 @@ def _maybe_relaunch(args: argparse.Namespace, argv: Sequence[str]) -> int | None
     return subprocess.call(cmd)
 
 
+def _config_from_args(args: argparse.Namespace):
+    from micronet.engine import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs if args.epochs is not None else args.default_epochs, batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, schedule=args.schedule, milestones=list(args.milestones),
+        step_size=args.step_size, gamma=args.gamma, warmup_epochs=args.warmup_epochs,
+        label_smoothing=args.label_smoothing, amp=args.amp, compile=args.compile,
+        channels_last=args.channels_last, seed=args.seed, deterministic=args.deterministic, progress=args.progress,
+    )
+
+
+def _resume_state(args: argparse.Namespace):
+    """(checkpoint meta of OUT/last, saved TrainConfig) when --resume is given, else (None, None)."""
+    from micronet.engine import TrainConfig, load_checkpoint
+    from micronet.engine.checkpoint import resolve_checkpoint
+
+    if not args.resume:
+        return None, None
+    last = load_checkpoint(resolve_checkpoint(Path(args.resume) / "last"))
+    saved = (last.training or {}).get("config")
+    if not saved:
+        from micronet.errors import CheckpointError
+
+        raise CheckpointError(f"{last.path} holds no training state: resume from the run directory `micronet train --out` wrote")
+    config = TrainConfig.from_json(saved)  # continue exactly as started; only --epochs may grow
+    if args.epochs is not None:
+        config.epochs = args.epochs
+    config.progress = args.progress
+    return last, config
+
+
+def _train_and_report(args, ctx, model, config, splits, run_dir: Path, label: str) -> None:
+    """Fit ``model`` with the shared engine, then test the best checkpoint once and print the summary."""
+    from micronet.data import BatchLoader, default_augment
+    from micronet.engine import Trainer, load_checkpoint, save_checkpoint
+    from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.errors import ConfigError
+
+    info = splits.info
+    if len(splits.train) == 0:
+        raise ConfigError("the training split is empty: lower --val-fraction or raise --train-subset")
+    train_loader = BatchLoader(splits.train, config.batch_size, shuffle=True, augment=default_augment(info.name),
+                               seed=config.seed, drop_last=True, rank=ctx.rank, world_size=ctx.world_size,
+                               channels_last=config.channels_last)
+    if len(train_loader) == 0:
+        raise ConfigError(f"batch size {config.batch_size} is larger than the {len(splits.train)} training images: lower --batch-size")
+    val_loader = BatchLoader(splits.val, config.eval_batch_size, channels_last=config.channels_last) if len(splits.val) else None
+    if ctx.is_main:
+        print(f"{label} | data {info.name}: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test "
+              f"| device {ctx.device} x{ctx.world_size}", flush=True)
+    result = Trainer(model, config, train_loader, val_loader, ctx=ctx, out_dir=run_dir, data_info=info).fit(resume=args.resume)
+    if ctx.is_main:
+        best = load_checkpoint(resolve_checkpoint(run_dir))
+        best_model = best.build_model()
+        test = _test_and_record(best_model, best, splits, ctx.device, config.eval_batch_size)
+        epoch = (result.best or {}).get("epoch")
+        print(f"best epoch {epoch} ({best.path}): test accuracy {test * 100:.2f}% on {len(splits.test)} images")
+        print(_summary_table(best_model.cpu(), (info.in_channels, *info.image_size),
+                             {"model": best.arch.name, "test acc (%)": f"{test * 100:.2f}"}))
+
+
+def _test_and_record(model, checkpoint, splits, device, batch_size: int, **extra_metrics: float) -> float:
+    """Test accuracy of ``model``, written into ``checkpoint``'s metrics (reporting only, never selection)."""
+    from micronet.data import BatchLoader
+    from micronet.engine import evaluate, save_checkpoint
+
+    stats = evaluate(model.to(device), BatchLoader(splits.test, batch_size), device)
+    metrics = {**checkpoint.metrics, **extra_metrics, "test_loss": stats["loss"], "test_acc": stats["acc"]}
+    save_checkpoint(checkpoint.path, model, data_info=splits.info, metrics=metrics, training=checkpoint.training,
+                    extra={k: v for k, v in (checkpoint.meta.get("extra") or {}).items() if k != "quantization"})
+    return stats["acc"]
+
+
 def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     relaunched = _maybe_relaunch(args, argv)
     if relaunched is not None:
         return relaunched
     import torch
 
-    from micronet.data import BatchLoader, default_augment
-    from micronet.engine import TrainConfig, Trainer, evaluate, load_checkpoint, save_checkpoint, setup, teardown
-    from micronet.engine.distributed import parse_gpu_ids
+    from micronet.engine import load_checkpoint, setup, teardown
     from micronet.engine.checkpoint import resolve_checkpoint
-    from micronet.errors import ConfigError
+    from micronet.engine.distributed import parse_gpu_ids
     from micronet.models import build_model
 
     ctx = setup(cpu=args.cpu, gpu_ids=parse_gpu_ids(args.gpu_id))
     try:
-        run_dir = Path(args.out or args.resume or f"runs/{args.model}")
-        resume_meta = None
-        if args.resume:
-            resume_meta = load_checkpoint(resolve_checkpoint(Path(args.resume) / "last")).meta
-        if resume_meta and resume_meta.get("training", {}).get("config"):
-            # Continue exactly as started; only the number of epochs may grow.
-            config = TrainConfig.from_json(resume_meta["training"]["config"])
-            if args.epochs is not None:
-                config.epochs = args.epochs
-            arch = resume_meta.get("arch") or {}
-            model_name, cfg = arch.get("name", args.model), arch.get("cfg")
-            data_name = (resume_meta.get("data") or {}).get("name", args.data)
+        last, config = _resume_state(args)
+        if last is not None:
+            arch, data_name = last.arch, (last.data_info.name if last.data_info else args.data)
+            model_name, cfg = arch.name, list(arch.cfg)
         else:
-            config = TrainConfig(
-                epochs=args.epochs if args.epochs is not None else 10, batch_size=args.batch_size,
-                eval_batch_size=args.eval_batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-                weight_decay=args.weight_decay, schedule=args.schedule, milestones=list(args.milestones),
-                step_size=args.step_size, gamma=args.gamma, warmup_epochs=args.warmup_epochs,
-                label_smoothing=args.label_smoothing, amp=args.amp, compile=args.compile,
-                channels_last=args.channels_last, seed=args.seed, deterministic=args.deterministic, progress=args.progress,
-            )
-            model_name, cfg, data_name = args.model, _cfg_list(args.cfg), args.data
-        config.progress = args.progress
+            config, model_name, cfg, data_name = _config_from_args(args), args.model, _cfg_list(args.cfg), args.data
+        run_dir = Path(args.out or args.resume or f"runs/{model_name}")
         splits = _load_data(args, data_name)
-        info = splits.info
-        if len(splits.train) == 0:
-            raise ConfigError("the training split is empty: lower --val-fraction or raise --train-subset")
         torch.manual_seed(config.seed)
-        model = build_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels, cfg=cfg)
-        if args.init and not args.resume:
+        model = build_model(model_name, num_classes=splits.info.num_classes, in_channels=splits.info.in_channels, cfg=cfg)
+        if args.init and last is None:
             load_checkpoint(resolve_checkpoint(args.init)).load_into(model)
-        train_loader = BatchLoader(splits.train, config.batch_size, shuffle=True, augment=default_augment(info.name),
-                                   seed=config.seed, drop_last=True, rank=ctx.rank, world_size=ctx.world_size,
-                                   channels_last=config.channels_last)
-        if len(train_loader) == 0:
-            raise ConfigError(f"batch size {config.batch_size} is larger than the {len(splits.train)} training images: lower --batch-size")
-        val_loader = BatchLoader(splits.val, config.eval_batch_size, channels_last=config.channels_last) if len(splits.val) else None
-        input_shape = (info.in_channels, *info.image_size)
-        if ctx.is_main:
-            print(f"model {model_name} cfg {list(model.arch.cfg)} | data {info.name}: {len(splits.train)} train, "
-                  f"{len(splits.val)} val, {len(splits.test)} test | device {ctx.device} x{ctx.world_size}", flush=True)
-        trainer = Trainer(model, config, train_loader, val_loader, ctx=ctx, out_dir=run_dir, data_info=info)
-        result = trainer.fit(resume=args.resume)
-        if ctx.is_main:
-            best_dir = resolve_checkpoint(run_dir)
-            best = load_checkpoint(best_dir)
-            best_model = best.build_model().to(ctx.device)
-            test = evaluate(best_model, BatchLoader(splits.test, config.eval_batch_size), ctx.device)
-            metrics = {**best.metrics, "test_loss": test["loss"], "test_acc": test["acc"]}
-            save_checkpoint(best_dir, best_model, data_info=info, metrics=metrics, training=best.training, extra=best.meta.get("extra"))
-            epoch = (result.best or {}).get("epoch")
-            print(f"best epoch {epoch} ({best_dir}): test accuracy {test['acc'] * 100:.2f}% on {test['samples']} images")
-            print(_summary_table(best_model.cpu(), input_shape, {"model": model_name, "test acc (%)": f"{test['acc'] * 100:.2f}"}))
+        _train_and_report(args, ctx, model, config, splits, run_dir, f"model {model_name} cfg {list(model.arch.cfg)}")
+        return 0
+    finally:
+        teardown()
+
+
+def cmd_quantize(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    relaunched = _maybe_relaunch(args, argv)
+    if relaunched is not None:
+        return relaunched
+    from micronet.compression.quantization.core import calibrate, freeze, is_prepared, prepare
+    from micronet.compression.quantization.wqaq.iao.quantize import iao_scheme
+    from micronet.data import BatchLoader
+    from micronet.engine import load_checkpoint, save_checkpoint, setup, teardown
+    from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.engine.distributed import parse_gpu_ids
+    from micronet.errors import ConfigError
+
+    ctx = setup(cpu=args.cpu, gpu_ids=parse_gpu_ids(args.gpu_id))
+    try:
+        last, config = _resume_state(args)
+        if last is not None:  # an interrupted QAT/QAFT run: rebuild the quantized model it was training
+            model, source = last.build_model(), last
+        else:
+            if not args.checkpoint:
+                raise ConfigError("pass --checkpoint (the trained model to quantize) or --resume (an interrupted run)")
+            source = load_checkpoint(resolve_checkpoint(args.checkpoint))
+            model = source.build_model()
+            config = _config_from_args(args)
+        held = source.data_info
+        data_name = args.data or (held.name if held else None)
+        if data_name is None:
+            raise ConfigError(f"{source.path} does not record its dataset: pass --data")
+        splits = _load_data(args, data_name)
+        run_dir = Path(args.out or args.resume or f"{Path(args.checkpoint).as_posix().rstrip('/')}_{args.method}")
+        float_acc = source.metrics.get("test_acc")
+
+        if last is None and args.qaft:
+            if not is_prepared(model):
+                raise ConfigError(f"--qaft fine-tunes a quantized model, but {source.path} is a float checkpoint: "
+                                  "quantize it first (micronet quantize iao --ptq or QAT)")
+            freeze(model)
+            label = f"QAFT of {source.path} ({model.quant_scheme.name})"
+        elif last is None:
+            if is_prepared(model):
+                raise ConfigError(f"{source.path} is already quantized ({model.quant_scheme.name}): "
+                                  "use --qaft to fine-tune it, or start from the float checkpoint")
+            scheme = iao_scheme(args.a_bits, args.w_bits, args.q_type, args.q_level, args.weight_observer, args.bn_fuse,
+                                args.bn_fuse_calib, pretrained_model=True, ptq=args.ptq, percentile=args.percentile,
+                                activation_observer=args.activation_observer)
+            model = prepare(model, scheme, skip=args.skip)
+            if ctx.is_main:
+                print(model.quantization_report.summary(), flush=True)
+            label = f"QAT {scheme.name}"
+            if args.ptq:
+                model.to(ctx.device)
+                calibration = BatchLoader(splits.train, config.batch_size, shuffle=True, seed=config.seed)
+                calibrate(model, calibration, num_batches=args.ptq_batch)
+                save_checkpoint(run_dir / "best", model, data_info=splits.info,
+                                metrics={"calibration_batches": model.calibrated_batches})
+                best = load_checkpoint(run_dir / "best")
+                extra = {"float_test_acc": float_acc} if float_acc is not None else {}
+                acc = _test_and_record(model, best, splits, ctx.device, config.eval_batch_size, **extra)
+                line = f"PTQ {scheme.name}: {model.calibrated_batches} calibration batches of {config.batch_size}, " \
+                       f"test accuracy {acc * 100:.2f}%"
+                if float_acc is not None:
+                    line += f" (float {float_acc * 100:.2f}%, loss {(float_acc - acc) * 100:.2f} pt)"
+                print(line)
+                print(_summary_table(model.cpu(), (splits.info.in_channels, *splits.info.image_size),
+                                     {"model": model.arch.name, "test acc (%)": f"{acc * 100:.2f}"}))
+                return 0
+        else:
+            label = f"resumed {model.quant_scheme.name if is_prepared(model) else 'float'} run"
+        _train_and_report(args, ctx, model, config, splits, run_dir, label)
         return 0
     finally:
         teardown()

@@ -25,3 +25,7 @@ class CheckpointError(MicronetError):
 
 class ConfigError(MicronetError):
     """A training or command-line option has an impossible value."""
+
+
+class QuantizationError(MicronetError):
+    """An impossible quantization setting, or a quantization step used out of order."""

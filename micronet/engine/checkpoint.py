@@ -85,8 +85,26 @@ class Checkpoint:
                 "yourself and call load_weights(model, checkpoint)"
             )
         model = build_model(arch.name, arch.num_classes, arch.in_channels, list(arch.cfg))
+        scheme = self.quant_scheme
+        if scheme is not None:  # re-create the quantized structure, then load its statistics
+            from micronet.compression.quantization.core import prepare
+
+            model = prepare(model, scheme, inplace=True)
         self.load_into(model)
         return model
+
+    @property
+    def quant_scheme(self):
+        """The quantization scheme the model was prepared with, or None for a float model."""
+        held = (self.meta.get("extra") or {}).get("quantization")
+        if not held:
+            return None
+        from micronet.compression.quantization.core import QuantScheme
+
+        try:
+            return QuantScheme.from_json(held["scheme"])
+        except (KeyError, TypeError, MicronetError) as exc:
+            raise CheckpointError(f"{self.path / META_FILE} has an invalid quantization entry: {exc}") from exc
 
     def load_into(self, model: nn.Module) -> nn.Module:
         """Copy the weights into ``model`` after checking every name and shape."""
@@ -114,7 +132,10 @@ class Checkpoint:
                 f"checkpoint {self.path} holds {described}, which does not fit {target} ({details}): "
                 "build the model the checkpoint was saved from"
             )
-        model.load_state_dict(self.state_dict)
+        try:
+            model.load_state_dict(self.state_dict)
+        except MicronetError as exc:  # e.g. a quantizer refusing other bit widths
+            raise CheckpointError(f"checkpoint {self.path} does not fit the model: {exc}") from exc
         return model
 
 
@@ -154,6 +175,10 @@ def save_checkpoint(
 ) -> Path:
     """Write ``model`` (and optionally the training state) as a checkpoint directory, atomically."""
     arch = getattr(model, "arch", None)
+    extra = dict(extra or {})
+    scheme = getattr(model, "quant_scheme", None)
+    if scheme is not None:
+        extra["quantization"] = {"scheme": scheme.to_json()}
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -161,7 +186,7 @@ def save_checkpoint(
         "data": data_info.to_json() if data_info is not None else None,
         "metrics": metrics or {},
         "training": training,
-        "extra": extra or {},
+        "extra": extra,
         "versions": _versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -1,0 +1,1 @@
+"""Compression methods: quantization (and, as they land, pruning and fusion)."""

@@ -1,0 +1,61 @@
+"""Affine (uniform integer) quantization arithmetic, shared by quantizers, observers and export.
+
+Conventions are those of ONNX ``QuantizeLinear`` and torch.ao, so fake-quant, exported graphs and the
+integer reference agree bit for bit:
+
+* ``q = clamp(round_half_to_even(x / scale) + zero_point, quant_min, quant_max)``, ``x̂ = (q − zero_point) · scale``
+* the range always contains 0 exactly (``lo ≤ 0 ≤ hi``), so zero padding is exact;
+* symmetric: ``zero_point = 0`` and ``scale = max(|lo|, |hi|) / quant_max`` (the largest magnitude maps
+  to the largest code, e.g. 127 — not 127.5 as in the original micronet, which clipped half a step);
+* asymmetric: ``scale = (hi − lo) / (quant_max − quant_min)``, ``zero_point = quant_min − round(lo / scale)``;
+* ``scale ≥ eps`` (float32 machine epsilon), so an all-zero tensor is representable without dividing by 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from micronet.errors import QuantizationError
+
+EPS = torch.finfo(torch.float32).eps
+MIN_BITS, MAX_BITS = 2, 16
+
+
+def quant_range(bits: int, signed: bool, narrow_range: bool = False) -> tuple[int, int]:
+    """Integer code range: signed ``[-2^(b-1), 2^(b-1)-1]`` (narrow: ``-2^(b-1)+1``), unsigned ``[0, 2^b-1]``."""
+    if not MIN_BITS <= int(bits) <= MAX_BITS:
+        raise QuantizationError(
+            f"affine quantization supports {MIN_BITS} to {MAX_BITS} bits (got {bits}): "
+            "use the binary/ternary presets for 1-2 bits or leave the layer in float"
+        )
+    bits = int(bits)
+    if signed:
+        low = -(2 ** (bits - 1))
+        return (low + 1 if narrow_range else low), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def affine_qparams(
+    lo: torch.Tensor, hi: torch.Tensor, quant_min: int, quant_max: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale float32, zero_point int32) mapping ``[lo, hi]`` (widened to include 0) onto the code range."""
+    lo = torch.clamp(lo.float(), max=0.0)
+    hi = torch.clamp(hi.float(), min=0.0)
+    if symmetric:
+        bound = torch.maximum(lo.abs(), hi)
+        scale = torch.clamp(bound / quant_max, min=EPS)
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        scale = torch.clamp((hi - lo) / (quant_max - quant_min), min=EPS)
+        zero_point = torch.clamp(quant_min - torch.round(lo / scale), quant_min, quant_max).to(torch.int32)
+    return scale, zero_point
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int, ch_axis: int | None
+) -> torch.Tensor:
+    """Quantize-dequantize with torch's kernels; the gradient is the straight-through estimator masked to
+    the values that fall inside ``[quant_min, quant_max]`` after rounding (the "clip STE")."""
+    if ch_axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), zero_point.reshape(1), quant_min, quant_max)
+    return torch.fake_quantize_per_channel_affine(x, scale, zero_point, ch_axis, quant_min, quant_max)

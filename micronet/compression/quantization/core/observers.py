@@ -1,0 +1,229 @@
+"""Observers: streaming range statistics for quantizers, with bounded memory.
+
+An observer only collects statistics; the quantizer that owns it turns them into a scale and zero point.
+All statistics are buffers, so checkpoints, resumed runs and DDP broadcasts carry them. Under
+``torch.distributed`` each update first reduces the batch statistics across ranks, so every rank ends
+with identical observer state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from micronet.compression.quantization.core.affine import affine_qparams
+from micronet.errors import QuantizationError
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    if _distributed():
+        reduce_op = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op]
+        dist.all_reduce(tensor, op=reduce_op)
+    return tensor
+
+
+class Observer(nn.Module):
+    """Base class: per-tensor (``ch_axis=None``) or per-channel statistics of what it is shown."""
+
+    per_channel_supported = True
+
+    def __init__(self, ch_axis: int | None = None, num_channels: int | None = None) -> None:
+        super().__init__()
+        if ch_axis is not None and not self.per_channel_supported:
+            raise QuantizationError(f"{type(self).__name__} is per-tensor only: use minmax or moving_average per channel")
+        if (ch_axis is None) != (num_channels is None):
+            raise QuantizationError("a per-channel observer needs both ch_axis and num_channels")
+        self.ch_axis = ch_axis
+        shape = () if num_channels is None else (num_channels,)
+        self.register_buffer("min_val", torch.full(shape, math.inf))
+        self.register_buffer("max_val", torch.full(shape, -math.inf))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
+
+    @property
+    def is_initialized(self) -> bool:
+        return bool(self.initialized.item())
+
+    def batch_min_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.detach()
+        if self.ch_axis is None:
+            lo, hi = torch.aminmax(x.float())
+        else:
+            flat = x.float().transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1)
+            if flat.shape[0] != self.min_val.shape[0]:
+                raise QuantizationError(
+                    f"observer expects {self.min_val.shape[0]} channels on axis {self.ch_axis}, got {flat.shape[0]}"
+                )
+            lo, hi = torch.aminmax(flat, dim=1)
+        return _all_reduce(lo.clone(), "min"), _all_reduce(hi.clone(), "max")
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        self.update(x)
+        self.initialized.fill_(1)
+
+    def update(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def range(self, quant_min: int, quant_max: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (min, max) float range to map onto [quant_min, quant_max]."""
+        return self.min_val, self.max_val
+
+    def extra_repr(self) -> str:
+        return "per-tensor" if self.ch_axis is None else f"per-channel (axis {self.ch_axis})"
+
+
+class MinMaxObserver(Observer):
+    """Extremes of the data. ``running=False`` keeps only the latest batch: right for weights, which change
+    every step; ``running=True`` keeps the extremes of everything seen (calibration of activations)."""
+
+    def __init__(self, ch_axis: int | None = None, num_channels: int | None = None, running: bool = True) -> None:
+        super().__init__(ch_axis, num_channels)
+        self.running = running
+
+    def update(self, x: torch.Tensor) -> None:
+        lo, hi = self.batch_min_max(x)
+        if self.running and self.is_initialized:
+            lo, hi = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
+
+
+class MovingAverageMinMaxObserver(Observer):
+    """Exponential moving average of batch extremes (the first batch is copied)."""
+
+    def __init__(self, ch_axis: int | None = None, num_channels: int | None = None, momentum: float = 0.1) -> None:
+        super().__init__(ch_axis, num_channels)
+        if not 0 < momentum <= 1:
+            raise QuantizationError(f"moving-average momentum must be in (0, 1] (got {momentum})")
+        self.momentum = momentum
+
+    def update(self, x: torch.Tensor) -> None:
+        lo, hi = self.batch_min_max(x)
+        if self.is_initialized:
+            lo = self.min_val + self.momentum * (lo - self.min_val)
+            hi = self.max_val + self.momentum * (hi - self.max_val)
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
+
+
+class PercentileObserver(Observer):
+    """Mean over batches of the ``percentile`` and ``1 − percentile`` quantiles of the data.
+
+    Each batch costs one selection (``kthvalue``), memory stays that of one batch, and every batch weighs
+    the same, so the result does not depend on the order of calibration batches.
+    """
+
+    per_channel_supported = False
+
+    def __init__(self, ch_axis: int | None = None, num_channels: int | None = None, percentile: float = 0.9999) -> None:
+        super().__init__(ch_axis, num_channels)
+        if not 0 < percentile <= 1:
+            raise QuantizationError(f"percentile must be in (0, 1] (got {percentile})")
+        self.percentile = percentile
+        self.register_buffer("batches", torch.zeros((), dtype=torch.float64))
+
+    def update(self, x: torch.Tensor) -> None:
+        flat = x.detach().float().flatten()
+        n = flat.numel()
+        k_hi = min(max(int(math.ceil(self.percentile * n)), 1), n)
+        k_lo = min(max(n + 1 - k_hi, 1), n)
+        stats = torch.stack([flat.kthvalue(k_lo).values, flat.kthvalue(k_hi).values]).double()
+        count = torch.ones((), dtype=torch.float64, device=stats.device)
+        _all_reduce(stats, "sum"), _all_reduce(count, "sum")
+        seen = self.batches if self.is_initialized else torch.zeros_like(self.batches)
+        total = seen + count
+        lo = (self.min_val.double() * seen + stats[0]) / total if self.is_initialized else stats[0] / count
+        hi = (self.max_val.double() * seen + stats[1]) / total if self.is_initialized else stats[1] / count
+        self.min_val.copy_(lo.float())
+        self.max_val.copy_(hi.float())
+        self.batches.copy_(total)
+
+
+class HistogramObserver(Observer):
+    """A fixed-size histogram of everything seen, and the clipping range with the least L2 error.
+
+    Memory is ``bins`` counters whatever the batch size or number of batches. When new data falls outside
+    the current range, the histogram is re-binned onto the wider range. :meth:`range` searches clipping
+    ranges that shrink the observed one and keeps the one whose quantization (at the quantizer's bit
+    width) has the smallest expected squared error over the histogram.
+    """
+
+    per_channel_supported = False
+
+    def __init__(self, ch_axis: int | None = None, num_channels: int | None = None, bins: int = 2048, candidates: int = 128) -> None:
+        super().__init__(ch_axis, num_channels)
+        if bins < 16:
+            raise QuantizationError(f"a histogram needs at least 16 bins (got {bins})")
+        self.candidates = candidates
+        self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64))
+
+    def update(self, x: torch.Tensor) -> None:
+        lo, hi = self.batch_min_max(x)
+        if self.is_initialized:
+            lo, hi = torch.minimum(lo, self.min_val), torch.maximum(hi, self.max_val)
+            if lo < self.min_val or hi > self.max_val:
+                self._rebin(lo, hi)
+        else:
+            self.histogram.zero_()
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
+        if hi <= lo:  # constant data: everything in the first bin
+            counts = torch.zeros_like(self.histogram)
+            counts[0] = x.numel()
+        else:
+            counts = torch.histc(x.detach().float(), bins=self.histogram.numel(), min=lo.item(), max=hi.item()).double()
+        self.histogram.add_(_all_reduce(counts, "sum"))
+
+    def _rebin(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        bins = self.histogram.numel()
+        old_width = (self.max_val - self.min_val).double() / bins
+        centers = self.min_val.double() + old_width * (torch.arange(bins, dtype=torch.float64, device=lo.device) + 0.5)
+        new_width = (hi - lo).double() / bins
+        index = ((centers - lo.double()) / new_width).floor().clamp_(0, bins - 1).long()
+        rebinned = torch.zeros_like(self.histogram).index_add_(0, index, self.histogram)
+        self.histogram.copy_(rebinned)
+
+    def range(self, quant_min: int, quant_max: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self.min_val.double(), self.max_val.double()
+        if not self.is_initialized or hi <= lo:
+            return self.min_val, self.max_val
+        bins = self.histogram.numel()
+        width = (hi - lo) / bins
+        centers = lo + width * (torch.arange(bins, dtype=torch.float64, device=lo.device) + 0.5)
+        ratios = torch.linspace(1.0 / self.candidates, 1.0, self.candidates, dtype=torch.float64, device=lo.device)
+        if symmetric:
+            bound = torch.maximum(lo.abs(), hi.abs())
+            cand_lo, cand_hi = -bound * ratios, bound * ratios
+        else:
+            cand_lo, cand_hi = torch.clamp(lo, max=0) * ratios, torch.clamp(hi, min=0) * ratios
+        scale, zero = affine_qparams(cand_lo.float(), cand_hi.float(), quant_min, quant_max, symmetric)
+        scale, zero = scale.double()[:, None], zero.double()[:, None]
+        q = torch.clamp(torch.round(centers[None, :] / scale) + zero, quant_min, quant_max)
+        error = ((q - zero) * scale - centers[None, :]) ** 2
+        best = torch.argmin((error * self.histogram[None, :]).sum(dim=1))
+        return cand_lo[best].float(), cand_hi[best].float()
+
+
+OBSERVERS: dict[str, type[Observer]] = {
+    "minmax": MinMaxObserver,
+    "moving_average": MovingAverageMinMaxObserver,
+    "percentile": PercentileObserver,
+    "histogram": HistogramObserver,
+}
+
+
+def build_observer(kind: str, ch_axis: int | None = None, num_channels: int | None = None, **options) -> Observer:
+    try:
+        cls = OBSERVERS[kind]
+    except KeyError:
+        raise QuantizationError(f"unknown observer {kind!r}: choose one of {', '.join(OBSERVERS)}") from None
+    return cls(ch_axis, num_channels, **options)

@@ -1,0 +1,282 @@
+"""prepare / calibrate / freeze: turn a float model into a fake-quantized one and move it between modes.
+
+``prepare`` (1) rewrites functional calls (``x + y``, ``torch.cat``, ``F.relu`` ...) into modules with a
+torch.fx pass when the model is traceable, (2) folds Conv2d→BatchNorm2d pairs into a BN-folding QAT conv
+when the scheme asks for it, and (3) swaps modules through explicit mapping tables. Everything it could
+not quantize is listed in ``model.quantization_report`` — nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from micronet.compression.quantization.core.modules import (
+    ACTIVATION_MAPPING,
+    JOIN_MAPPING,
+    POOL_MAPPING,
+    WEIGHTED_MAPPING,
+    QuantizedModule,
+)
+from micronet.compression.quantization.core.quantizers import CALIBRATE, FROZEN, QAT, Quantizer
+from micronet.compression.quantization.core.scheme import QuantScheme
+from micronet.errors import QuantizationError
+
+_NORMALIZATION = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclass
+class QuantizationReport:
+    """What ``prepare`` did: quantized modules, float modules and why, functional ops left in float."""
+
+    scheme: str
+    quantized: list[tuple[str, str]] = field(default_factory=list)  # (module name, quantized type)
+    folded_bn: list[tuple[str, str]] = field(default_factory=list)  # (conv name, bn name)
+    kept_float: list[tuple[str, str]] = field(default_factory=list)  # (module name, reason)
+    unsupported: list[tuple[str, str]] = field(default_factory=list)  # (module name, type) with weights we cannot quantize
+    functional: list[tuple[str, str]] = field(default_factory=list)  # (graph node, op) left as float functional calls
+    traced: bool = False
+    trace_error: str | None = None
+
+    def count(self, type_name: str) -> int:
+        return sum(1 for _, t in self.quantized if t == type_name)
+
+    def summary(self) -> str:
+        lines = [f"scheme {self.scheme}: {len(self.quantized)} modules quantized, {len(self.folded_bn)} BatchNorms folded"]
+        by_type: dict[str, int] = {}
+        for _, t in self.quantized:
+            by_type[t] = by_type.get(t, 0) + 1
+        lines += [f"  {t}: {n}" for t, n in sorted(by_type.items())]
+        lines += [f"  float: {name} ({reason})" for name, reason in self.kept_float]
+        lines += [f"  unsupported layer left in float: {name} ({t})" for name, t in self.unsupported]
+        lines += [f"  functional op left in float: {node} ({op})" for node, op in self.functional]
+        if not self.traced:
+            lines.append(f"  torch.fx could not trace the model, functional ops were not converted: {self.trace_error}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (list(map(list, v)) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
+
+
+def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Quantizer)]
+
+
+def is_prepared(model: nn.Module) -> bool:
+    return any(True for _ in quantizers(model))
+
+
+def _mapping(scheme: QuantScheme) -> dict[type[nn.Module], type[QuantizedModule]]:
+    mapping: dict[type[nn.Module], type[QuantizedModule]] = {**WEIGHTED_MAPPING, **JOIN_MAPPING}
+    if scheme.quantize_pools:
+        mapping.update(POOL_MAPPING)
+    mapping.update({k: v for k, v in ACTIVATION_MAPPING.items() if k.__name__ in scheme.quantize_activations})
+    return mapping
+
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    return any(name == s or name.startswith(s + ".") for s in skip)
+
+
+def _modularize(model: nn.Module, report: QuantizationReport) -> nn.Module:
+    from micronet.graph import modularize
+
+    rewritten, graph_report = modularize(model, inplace=True)
+    report.traced = graph_report.traced
+    report.trace_error = graph_report.trace_error
+    report.functional = [tuple(x) for x in graph_report.left_functional]
+    if graph_report.converted:
+        for attribute in ("arch",):
+            if hasattr(model, attribute):
+                setattr(rewritten, attribute, getattr(model, attribute))
+        return rewritten
+    return model
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """Conv2d→BatchNorm2d pairs where the BN is the conv's only consumer.
+
+    Uses the torch.fx graph when the model traces (true dataflow); otherwise falls back to adjacent
+    siblings in a parent's module order, which holds for Sequential-style blocks.
+    """
+    modules = dict(model.named_modules())
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - untraceable models use the structural fallback
+        graph = None
+    pairs: list[tuple[str, str]] = []
+    if graph is not None:
+        for node in graph.nodes:
+            if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+                continue
+            source = node.args[0] if node.args else None
+            if (
+                isinstance(source, torch.fx.Node)
+                and source.op == "call_module"
+                and type(modules.get(source.target)) is nn.Conv2d
+                and len(source.users) == 1
+            ):
+                pairs.append((source.target, node.target))
+        return pairs
+    for parent_name, parent in model.named_modules():
+        children = list(parent.named_children())
+        for (a_name, a), (b_name, b) in zip(children, children[1:]):
+            if type(a) is nn.Conv2d and isinstance(b, nn.BatchNorm2d):
+                prefix = f"{parent_name}." if parent_name else ""
+                pairs.append((prefix + a_name, prefix + b_name))
+    return pairs
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _first_last_weighted(model: nn.Module) -> tuple[str | None, str | None]:
+    names = [n for n, m in model.named_modules() if type(m) in WEIGHTED_MAPPING]
+    return (names[0], names[-1]) if names else (None, None)
+
+
+def prepare(
+    model: nn.Module,
+    scheme: QuantScheme,
+    *,
+    inplace: bool = False,
+    skip: Iterable[str] = (),
+    mapping: dict[type[nn.Module], type[QuantizedModule]] | None = None,
+) -> nn.Module:
+    """Return a fake-quantized copy of ``model`` (or ``model`` itself with ``inplace=True``) in QAT mode.
+
+    ``skip`` lists module names (prefixes match their children) to keep in float. ``mapping`` overrides
+    the float → quantized class table. The result carries ``quant_scheme`` and ``quantization_report``.
+    """
+    if is_prepared(model):
+        raise QuantizationError("the model is already prepared for quantization: prepare the float model once")
+    scheme = scheme.with_skip(list(skip))
+    model = model if inplace else copy.deepcopy(model)
+    report = QuantizationReport(scheme.name)
+    model = _modularize(model, report)
+    first, last = _first_last_weighted(model)
+    policy_skips = [n for n, keep in ((first, scheme.keep_first_float), (last, scheme.keep_last_float)) if keep and n]
+    skip_names = (*scheme.skip, *policy_skips)
+
+    if scheme.fold_bn:
+        from micronet.compression.quantization.core.bn_fold import QuantBNFuseConv2d
+
+        for conv_name, bn_name in _conv_bn_pairs(model):
+            if _skipped(conv_name, skip_names):
+                continue
+            fused = QuantBNFuseConv2d.from_conv_bn(model.get_submodule(conv_name), model.get_submodule(bn_name), scheme)
+            _set_module(model, conv_name, fused)
+            _set_module(model, bn_name, nn.Identity())
+            report.folded_bn.append((conv_name, bn_name))
+            report.quantized.append((conv_name, type(fused).__name__))
+
+    table = mapping or _mapping(scheme)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (QuantizedModule, Quantizer)) or name == "":
+            continue
+        target = table.get(type(module))
+        if target is None:
+            if isinstance(module, _NORMALIZATION):
+                report.kept_float.append((name, f"{type(module).__name__} not folded"))
+            elif any(True for _ in module.parameters(recurse=False)):
+                report.unsupported.append((name, type(module).__name__))
+            continue
+        if _skipped(name, skip_names):
+            reason = "first layer" if name == first and name in policy_skips else "last layer" if name in policy_skips else "skipped"
+            report.kept_float.append((name, reason))
+            continue
+        target.from_float(module, scheme)
+        report.quantized.append((name, target.__name__))
+
+    for name, quantizer in quantizers(model):
+        quantizer.qualified_name = name
+    if report.unsupported:
+        warnings.warn(
+            "layers left in float because micronet has no quantized version of them: "
+            + ", ".join(f"{n} ({t})" for n, t in report.unsupported),
+            stacklevel=2,
+        )
+    model.quant_scheme = scheme
+    model.quantization_report = report
+    return model
+
+
+def _require_quantizers(model: nn.Module, action: str) -> list[tuple[str, Quantizer]]:
+    found = quantizers(model)
+    if not found:
+        raise QuantizationError(f"cannot {action}: the model has no quantizers, prepare() it first")
+    return found
+
+
+def set_mode(model: nn.Module, mode: int) -> nn.Module:
+    for _, quantizer in _require_quantizers(model, "change the quantization mode"):
+        quantizer.set_mode(mode)
+    return model
+
+
+def enable_qat(model: nn.Module) -> nn.Module:
+    """Observers update while the model trains (and never in eval mode)."""
+    return set_mode(model, QAT)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Fix every scale and zero point (QAFT, deployment); the weights may still train."""
+    return set_mode(model, FROZEN)
+
+
+def set_fake_quant(model: nn.Module, enabled: bool, names: Iterable[str] | None = None) -> nn.Module:
+    """Switch fake-quantization on or off (all quantizers, or those under the given module names)."""
+    wanted = list(names) if names is not None else None
+    for name, quantizer in _require_quantizers(model, "switch fake-quantization"):
+        if wanted is None or _skipped(name, wanted):
+            quantizer.enabled.fill_(int(enabled))
+    return model
+
+
+def _batches(data: Iterable[Any]) -> Iterable[torch.Tensor]:
+    for item in data:
+        yield item[0] if isinstance(item, (tuple, list)) else item
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = None) -> nn.Module:
+    """Post-training calibration: observe ``num_batches`` batches (all when None) in eval mode under
+    no_grad — BatchNorm statistics and dropout are untouched — then freeze the quantization parameters.
+
+    ``data`` yields input tensors or (input, target) pairs.
+    """
+    if num_batches is not None and num_batches < 1:
+        raise QuantizationError(f"num_batches must be at least 1 (got {num_batches})")
+    _require_quantizers(model, "calibrate")
+    was_training = model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    set_mode(model, CALIBRATE)
+    model.eval()
+    seen = 0
+    try:
+        for inputs in _batches(data):
+            if num_batches is not None and seen >= num_batches:
+                break
+            model(inputs.to(device))
+            seen += 1
+    except BaseException:
+        set_mode(model, QAT)
+        raise
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        set_mode(model, QAT)
+        raise QuantizationError("calibration data is empty: pass a loader that yields at least one batch")
+    if num_batches is not None and seen < num_batches:
+        warnings.warn(f"calibration asked for {num_batches} batches but the data had only {seen}", stacklevel=2)
+    freeze(model)
+    model.calibrated_batches = seen
+    return model

@@ -1,0 +1,164 @@
+"""Quantizers: small modules that observe, derive their parameters and fake-quantize.
+
+Every quantizer family (affine integer here; DoReFa, binary, ternary and sign build on the same base)
+shares the :class:`Quantizer` mode machinery, and everything that matters lives in buffers:
+
+* ``mode`` — ``QAT`` (observe while the module trains), ``CALIBRATE`` (observe in any mode; set by
+  :func:`~micronet.compression.quantization.core.calibrate`) or ``FROZEN`` (never observe: QAFT and deployment);
+* ``enabled`` — fake-quantization on/off (off = identity, for sensitivity analysis);
+* ``bits`` — checked against the checkpoint on load: a checkpoint never silently changes a bit width.
+
+Observers update only in ``CALIBRATE`` mode or in ``QAT`` mode while training, never in eval mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from micronet.compression.quantization.core.affine import affine_qparams, fake_quantize, quant_range
+from micronet.compression.quantization.core.observers import Observer
+from micronet.errors import QuantizationError
+
+QAT, CALIBRATE, FROZEN = 0, 1, 2
+MODE_NAMES = {QAT: "qat", CALIBRATE: "calibrate", FROZEN: "frozen"}
+
+
+class Quantizer(nn.Module):
+    """Base class. Subclasses implement :meth:`observe` and :meth:`quantize`."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.register_buffer("bits", torch.tensor(int(bits), dtype=torch.int32))
+        self.register_buffer("mode", torch.tensor(QAT, dtype=torch.uint8))
+        self.register_buffer("enabled", torch.ones((), dtype=torch.uint8))
+        self.qualified_name = ""  # set by prepare(); only used in error messages
+
+    # ------------------------------------------------------------------ modes
+    def set_mode(self, mode: int) -> None:
+        self.mode.fill_(mode)
+
+    @property
+    def observing(self) -> bool:
+        mode = int(self.mode.item())
+        return mode == CALIBRATE or (mode == QAT and self.training)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled.item():
+            return x
+        if self.observing:
+            self._check_finite(x)
+            self.observe(x)
+        return self.quantize(x)
+
+    def forward_shared(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Quantize several tensors with one set of parameters (inputs of an add or a concat)."""
+        if not self.enabled.item():
+            return list(tensors)
+        if self.observing:
+            joined = torch.cat([t.detach().flatten() for t in tensors])
+            self._check_finite(joined)
+            self.observe(joined)
+        return [self.quantize(t) for t in tensors]
+
+    def _check_finite(self, x: torch.Tensor) -> None:
+        if not torch.isfinite(x).all():
+            kind = "NaN" if torch.isnan(x).any() else "infinite"
+            raise QuantizationError(
+                f"quantizer {self.qualified_name or type(self).__name__} received {kind} values: "
+                "fix the model or data upstream (e.g. lower the learning rate) before quantizing"
+            )
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Update statistics and parameters from ``x``."""
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ loading
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "bits"
+        if key in state_dict and int(state_dict[key]) != int(self.bits):
+            raise QuantizationError(
+                f"checkpoint has {int(state_dict[key])}-bit values for {self.qualified_name or prefix.rstrip('.')} "
+                f"but the model was prepared with {int(self.bits)} bits: prepare with the checkpoint's bit widths"
+            )
+        frozen = int(self.mode.item()) == FROZEN
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if frozen:  # loading statistics never un-freezes a quantizer the user froze (QAFT after QAT)
+            self.mode.fill_(FROZEN)
+
+    def describe(self) -> dict[str, Any]:
+        return {"bits": int(self.bits), "mode": MODE_NAMES[int(self.mode)], "enabled": bool(self.enabled)}
+
+
+class AffineQuantizer(Quantizer):
+    """Uniform integer quantization (symmetric or asymmetric, per tensor or per channel).
+
+    ``signed=None`` decides from the data: unsigned codes (e.g. uint8, zero point 0 when symmetric) as long
+    as everything observed is non-negative, as after a ReLU; signed codes otherwise. ``narrow_range`` drops
+    the most negative code (−127..127), as symmetric int8 weights usually do.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        observer: Observer,
+        *,
+        symmetric: bool = True,
+        signed: bool | None = None,
+        narrow_range: bool = False,
+    ) -> None:
+        quant_range(bits, True, narrow_range)  # validates the bit width
+        super().__init__(bits)
+        self.observer = observer
+        self.symmetric = symmetric
+        self.signed_policy = signed
+        self.narrow_range = narrow_range
+        shape = observer.min_val.shape
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        self.register_buffer("signed", torch.tensor(1 if signed is None or signed else 0, dtype=torch.uint8))
+
+    @property
+    def ch_axis(self) -> int | None:
+        return self.observer.ch_axis
+
+    @property
+    def quant_min_max(self) -> tuple[int, int]:
+        return quant_range(int(self.bits), bool(self.signed.item()), self.narrow_range)
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        self.observer(x)
+        self.calculate_qparams()
+
+    @torch.no_grad()
+    def calculate_qparams(self) -> None:
+        if self.signed_policy is None:
+            self.signed.fill_(int(bool((self.observer.min_val < 0).any())))
+        quant_min, quant_max = self.quant_min_max
+        lo, hi = self.observer.range(quant_min, quant_max, self.symmetric)
+        scale, zero_point = affine_qparams(lo, hi, quant_min, quant_max, self.symmetric)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.observer.is_initialized:
+            raise QuantizationError(
+                f"quantizer {self.qualified_name or 'AffineQuantizer'} has no range yet: calibrate the model "
+                "(calibrate(model, data)) or train it in QAT mode before evaluating"
+            )
+        quant_min, quant_max = self.quant_min_max
+        return fake_quantize(x, self.scale, self.zero_point, quant_min, quant_max, self.ch_axis)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "symmetric": self.symmetric, "signed": bool(self.signed), "ch_axis": self.ch_axis}
+
+    def extra_repr(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        sign = "auto-signed" if self.signed_policy is None else ("signed" if self.signed_policy else "unsigned")
+        return f"bits={int(self.bits)}, {kind}, {sign}" + (", narrow" if self.narrow_range else "")

@@ -1,0 +1,111 @@
+"""A quantization scheme is data: which quantizer for weights, which for activations, which layers.
+
+Presets (IAO, DoReFa, binary/ternary) are functions that return a :class:`QuantScheme`; the modules and
+``prepare`` never branch on the preset. New quantizer families register a builder with
+:func:`register_quantizer_family`. A scheme serialises to JSON, so a checkpoint rebuilds the exact
+quantized model before loading its statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from micronet.compression.quantization.core.observers import build_observer
+from micronet.compression.quantization.core.quantizers import AffineQuantizer, Quantizer
+from micronet.errors import QuantizationError
+
+QuantizerBuilder = Callable[["QuantizerSpec", "int | None", "int | None"], Quantizer]
+_FAMILIES: dict[str, QuantizerBuilder] = {}
+
+
+def register_quantizer_family(name: str, builder: QuantizerBuilder) -> None:
+    """``builder(spec, ch_axis, num_channels)`` returns a :class:`Quantizer`."""
+    _FAMILIES[name] = builder
+
+
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """How to quantize one kind of tensor (weights or activations)."""
+
+    family: str = "affine"
+    bits: int = 8
+    symmetric: bool = True
+    per_channel: bool = False
+    narrow_range: bool = False
+    signed: bool | None = None  # None: unsigned while the observed data is non-negative
+    observer: str = "minmax"
+    observer_options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # family-specific settings
+
+    def build(self, ch_axis: int | None = None, num_channels: int | None = None) -> Quantizer:
+        try:
+            builder = _FAMILIES[self.family]
+        except KeyError:
+            raise QuantizationError(
+                f"unknown quantizer family {self.family!r}: choose one of {', '.join(sorted(_FAMILIES))}"
+            ) from None
+        if not self.per_channel:
+            ch_axis = num_channels = None
+        return builder(self, ch_axis, num_channels)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> QuantizerSpec:
+        return cls(**_known(cls, data, "quantizer spec"))
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """Everything ``prepare`` needs to know; stored in checkpoints as JSON."""
+
+    name: str
+    weight: QuantizerSpec
+    activation: QuantizerSpec
+    fold_bn: bool = False
+    bn_fold_running: bool = False  # fold with running statistics while training (the original's bn_fuse_calib)
+    bn_stats_from_model: bool = True  # start BN-fold statistics from the trained BN (pretrained_model)
+    quantize_pools: bool = True
+    quantize_activations: tuple[str, ...] = ("LeakyReLU", "Sigmoid", "Hardswish")
+    keep_first_float: bool = False
+    keep_last_float: bool = False
+    skip: tuple[str, ...] = ()
+
+    def with_skip(self, names: list[str] | tuple[str, ...]) -> QuantScheme:
+        return replace(self, skip=tuple(dict.fromkeys((*self.skip, *names))))
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["quantize_activations"] = list(self.quantize_activations)
+        data["skip"] = list(self.skip)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> QuantScheme:
+        data = _known(cls, data, "quantization scheme")
+        data["weight"] = QuantizerSpec.from_json(data["weight"])
+        data["activation"] = QuantizerSpec.from_json(data["activation"])
+        data["quantize_activations"] = tuple(data.get("quantize_activations", ()))
+        data["skip"] = tuple(data.get("skip", ()))
+        return cls(**data)
+
+
+def _known(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise QuantizationError(f"a {what} must be a JSON object (got {type(data).__name__})")
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise QuantizationError(f"unknown {what} entries: {', '.join(sorted(unknown))}")
+    return dict(data)
+
+
+def _build_affine(spec: QuantizerSpec, ch_axis: int | None, num_channels: int | None) -> Quantizer:
+    observer = build_observer(spec.observer, ch_axis, num_channels, **spec.observer_options)
+    return AffineQuantizer(spec.bits, observer, symmetric=spec.symmetric, signed=spec.signed, narrow_range=spec.narrow_range)
+
+
+register_quantizer_family("affine", _build_affine)

@@ -1,0 +1,150 @@
+"""The integer-arithmetic-only (IAO) preset, with the original micronet's API.
+
+``prepare(model, a_bits=8, w_bits=8, q_type=0, q_level=0, ...)`` keeps the original keyword meanings and
+returns a model prepared by the shared mechanism (:mod:`micronet.compression.quantization.core`):
+
+* ``q_type``: 0 symmetric, 1 asymmetric (weights and activations);
+* ``q_level``: 0 per-channel weights, 1 one scale per layer;
+* ``weight_observer``: 0 min/max of the current weights, 1 moving average of weight extremes;
+* ``bn_fuse``: fold Conv2d→BatchNorm2d into :class:`QuantBNFuseConv2d`; ``bn_fuse_calib``: fold with running
+  statistics while training (the whitepaper's correction); ``pretrained_model``: start the folded BN
+  statistics from the model's BN instead of the first batch;
+* ``ptq``: activation ranges from a percentile observer (``percentile``), for :func:`calibrate`;
+* ``qaft``: freeze every scale and zero point (quantization-aware fine-tuning after QAT or PTQ).
+
+Differences from the original, on purpose: rounding is half-to-even (as ONNX and torch.ao), symmetric
+activations map their maximum to 127 (not 127.5), ranges always contain 0, observers never update in eval
+mode, and ``q_type`` is honoured in PTQ too (the original forced symmetric).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from micronet.base_module.op import Add, Concat  # noqa: F401 - re-exported for the original's imports
+from micronet.compression.quantization.core import modules as _core
+from micronet.compression.quantization.core.prepare import calibrate, freeze
+from micronet.compression.quantization.core.prepare import prepare as _prepare
+from micronet.compression.quantization.core.scheme import QuantizerSpec, QuantScheme
+from micronet.errors import QuantizationError
+
+
+def iao_scheme(
+    a_bits: int = 8,
+    w_bits: int = 8,
+    q_type: int = 0,
+    q_level: int = 0,
+    weight_observer: int = 0,
+    bn_fuse: bool = False,
+    bn_fuse_calib: bool = False,
+    pretrained_model: bool = False,
+    ptq: bool = False,
+    percentile: float = 0.9999,
+    activation_observer: str | None = None,
+) -> QuantScheme:
+    """The :class:`QuantScheme` the original's flags describe."""
+    for flag, value in (("q_type", q_type), ("q_level", q_level), ("weight_observer", weight_observer)):
+        if value not in (0, 1):
+            raise QuantizationError(f"{flag} must be 0 or 1 (got {value})")
+    if not 0 < percentile <= 1:
+        raise QuantizationError(f"percentile must be in (0, 1] (got {percentile})")
+    symmetric = q_type == 0
+    weight = QuantizerSpec(
+        bits=w_bits,
+        symmetric=symmetric,
+        per_channel=q_level == 0,
+        narrow_range=symmetric,
+        signed=True if symmetric else None,
+        observer="minmax" if weight_observer == 0 else "moving_average",
+        observer_options={"running": False} if weight_observer == 0 else {},
+    )
+    observer = activation_observer or ("percentile" if ptq else "moving_average")
+    activation = QuantizerSpec(
+        bits=a_bits,
+        symmetric=symmetric,
+        observer=observer,
+        observer_options={"percentile": percentile} if observer == "percentile" else {},
+    )
+    parts = [f"iao-w{w_bits}a{a_bits}", "sym" if symmetric else "asym", "per-channel" if q_level == 0 else "per-layer"]
+    if bn_fuse:
+        parts.append("bn-fold")
+    if ptq:
+        parts.append("ptq")
+    return QuantScheme(
+        name="-".join(parts),
+        weight=weight,
+        activation=activation,
+        fold_bn=bn_fuse,
+        bn_fold_running=bn_fuse_calib,
+        bn_stats_from_model=pretrained_model or ptq,
+    )
+
+
+def prepare(
+    model: nn.Module,
+    inplace: bool = False,
+    a_bits: int = 8,
+    w_bits: int = 8,
+    q_type: int = 0,
+    q_level: int = 0,
+    weight_observer: int = 0,
+    bn_fuse: bool = False,
+    bn_fuse_calib: bool = False,
+    quant_inference: bool = False,
+    pretrained_model: bool = False,
+    qaft: bool = False,
+    ptq: bool = False,
+    percentile: float = 0.9999,
+    skip: tuple[str, ...] = (),
+) -> nn.Module:
+    """Prepare ``model`` with the IAO preset (the original's signature; ``quant_inference`` is accepted
+    and ignored: use :mod:`micronet.deploy` for integer inference)."""
+    scheme = iao_scheme(a_bits, w_bits, q_type, q_level, weight_observer, bn_fuse, bn_fuse_calib, pretrained_model, ptq, percentile)
+    prepared = _prepare(model, scheme, inplace=inplace, skip=skip)
+    return freeze(prepared) if qaft else prepared
+
+
+def _with_iao_options(core_class: type) -> type:
+    """A subclass of ``core_class`` whose constructor takes the original's keyword arguments."""
+
+    def __init__(self, *args, a_bits=8, w_bits=8, q_type=0, q_level=0, weight_observer=0, qaft=False, ptq=False,
+                 percentile=0.9999, quant_inference=False, **kwargs):
+        core_class.__init__(self, *args, scheme=iao_scheme(a_bits, w_bits, q_type, q_level, weight_observer,
+                                                           ptq=ptq, percentile=percentile), **kwargs)
+        if qaft:
+            for quantizer in self.quantizers().values():
+                quantizer.set_mode(2)
+
+    return type(core_class.__name__, (core_class,), {"__init__": __init__, "__module__": __name__,
+                                                      "__doc__": f"{core_class.__name__} with the IAO preset's keyword arguments."})
+
+
+QuantConv1d = _with_iao_options(_core.QuantConv1d)
+QuantConv2d = _with_iao_options(_core.QuantConv2d)
+QuantConvTranspose2d = _with_iao_options(_core.QuantConvTranspose2d)
+QuantLinear = _with_iao_options(_core.QuantLinear)
+QuantMaxPool2d = _with_iao_options(_core.QuantMaxPool2d)
+QuantAvgPool2d = _with_iao_options(_core.QuantAvgPool2d)
+QuantAdaptiveAvgPool2d = _with_iao_options(_core.QuantAdaptiveAvgPool2d)
+QuantReLU = _with_iao_options(_core.QuantReLU)
+QuantReLU6 = _with_iao_options(_core.QuantReLU6)
+QuantLeakyReLU = _with_iao_options(_core.QuantLeakyReLU)
+QuantSigmoid = _with_iao_options(_core.QuantSigmoid)
+QuantHardswish = _with_iao_options(_core.QuantHardswish)
+QuantAdd = _with_iao_options(_core.QuantAdd)
+QuantConcat = _with_iao_options(_core.QuantConcat)
+
+
+def __getattr__(name: str):
+    if name == "QuantBNFuseConv2d":  # imported lazily: it lives beside the core modules
+        from micronet.compression.quantization.core.bn_fold import QuantBNFuseConv2d
+
+        return QuantBNFuseConv2d
+    raise AttributeError(name)
+
+
+__all__ = [
+    "QuantAdaptiveAvgPool2d", "QuantAdd", "QuantAvgPool2d", "QuantConcat", "QuantConv1d", "QuantConv2d",
+    "QuantConvTranspose2d", "QuantHardswish", "QuantLeakyReLU", "QuantLinear", "QuantMaxPool2d", "QuantReLU",
+    "QuantReLU6", "QuantSigmoid", "calibrate", "freeze", "iao_scheme", "prepare",
+]
