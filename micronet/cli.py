@@ -227,7 +227,8 @@ def _resume_state(args: argparse.Namespace):
 
     if not args.resume:
         return None, None
-    last = load_checkpoint(resolve_checkpoint(Path(args.resume) / "last"))
+    run = Path(args.resume)
+    last = load_checkpoint(run / "last" if (run / "last").exists() else run)
     saved = (last.training or {}).get("config")
     if not saved:
         from micronet.errors import CheckpointError
@@ -243,7 +244,7 @@ def _resume_state(args: argparse.Namespace):
 def _train_and_report(args, ctx, model, config, splits, run_dir: Path, label: str) -> None:
     """Fit ``model`` with the shared engine, then test the best checkpoint once and print the summary."""
     from micronet.data import BatchLoader, default_augment
-    from micronet.engine import Trainer, load_checkpoint, save_checkpoint
+    from micronet.engine import Trainer, load_checkpoint
     from micronet.engine.checkpoint import resolve_checkpoint
     from micronet.errors import ConfigError
 
@@ -282,108 +283,114 @@ def _test_and_record(model, checkpoint, splits, device, batch_size: int, **extra
     return stats["acc"]
 
 
-def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    relaunched = _maybe_relaunch(args, argv)
-    if relaunched is not None:
-        return relaunched
+def _with_devices(command):
+    """Run ``command(args, ctx)`` on the chosen devices: one DDP process per GPU when several are given,
+    the process group joined under torchrun, and always torn down."""
+
+    def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+        relaunched = _maybe_relaunch(args, argv)
+        if relaunched is not None:
+            return relaunched
+        from micronet.engine import setup, teardown
+        from micronet.engine.distributed import parse_gpu_ids
+
+        ctx = setup(cpu=args.cpu, gpu_ids=parse_gpu_ids(args.gpu_id))
+        try:
+            return command(args, ctx)
+        finally:
+            teardown()
+
+    return run
+
+
+@_with_devices
+def cmd_train(args: argparse.Namespace, ctx) -> int:
     import torch
 
-    from micronet.engine import load_checkpoint, setup, teardown
+    from micronet.engine import load_checkpoint
     from micronet.engine.checkpoint import resolve_checkpoint
-    from micronet.engine.distributed import parse_gpu_ids
     from micronet.models import build_model
 
-    ctx = setup(cpu=args.cpu, gpu_ids=parse_gpu_ids(args.gpu_id))
-    try:
-        last, config = _resume_state(args)
-        if last is not None:
-            arch, data_name = last.arch, (last.data_info.name if last.data_info else args.data)
-            model_name, cfg = arch.name, list(arch.cfg)
-        else:
-            config, model_name, cfg, data_name = _config_from_args(args), args.model, _cfg_list(args.cfg), args.data
-        run_dir = Path(args.out or args.resume or f"runs/{model_name}")
-        splits = _load_data(args, data_name)
-        torch.manual_seed(config.seed)
-        model = build_model(model_name, num_classes=splits.info.num_classes, in_channels=splits.info.in_channels, cfg=cfg)
-        if args.init and last is None:
-            load_checkpoint(resolve_checkpoint(args.init)).load_into(model)
-        _train_and_report(args, ctx, model, config, splits, run_dir, f"model {model_name} cfg {list(model.arch.cfg)}")
-        return 0
-    finally:
-        teardown()
+    last, config = _resume_state(args)
+    if last is not None:
+        arch, data_name = last.arch, (last.data_info.name if last.data_info else args.data)
+        model_name, cfg = arch.name, list(arch.cfg)
+    else:
+        config, model_name, cfg, data_name = _config_from_args(args), args.model, _cfg_list(args.cfg), args.data
+    run_dir = Path(args.out or args.resume or f"runs/{model_name}")
+    splits = _load_data(args, data_name)
+    torch.manual_seed(config.seed)
+    model = build_model(model_name, num_classes=splits.info.num_classes, in_channels=splits.info.in_channels, cfg=cfg)
+    if args.init and last is None:
+        load_checkpoint(resolve_checkpoint(args.init)).load_into(model)
+    _train_and_report(args, ctx, model, config, splits, run_dir, f"model {model_name} cfg {list(model.arch.cfg)}")
+    return 0
 
 
-def cmd_quantize(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    relaunched = _maybe_relaunch(args, argv)
-    if relaunched is not None:
-        return relaunched
+@_with_devices
+def cmd_quantize(args: argparse.Namespace, ctx) -> int:
     from micronet.compression.quantization.core import calibrate, freeze, is_prepared, prepare
     from micronet.compression.quantization.wqaq.iao.quantize import iao_scheme
     from micronet.data import BatchLoader
-    from micronet.engine import load_checkpoint, save_checkpoint, setup, teardown
+    from micronet.engine import load_checkpoint, save_checkpoint
     from micronet.engine.checkpoint import resolve_checkpoint
-    from micronet.engine.distributed import parse_gpu_ids
     from micronet.errors import ConfigError
 
-    ctx = setup(cpu=args.cpu, gpu_ids=parse_gpu_ids(args.gpu_id))
-    try:
-        last, config = _resume_state(args)
-        if last is not None:  # an interrupted QAT/QAFT run: rebuild the quantized model it was training
-            model, source = last.build_model(), last
-        else:
-            if not args.checkpoint:
-                raise ConfigError("pass --checkpoint (the trained model to quantize) or --resume (an interrupted run)")
-            source = load_checkpoint(resolve_checkpoint(args.checkpoint))
-            model = source.build_model()
-            config = _config_from_args(args)
-        held = source.data_info
-        data_name = args.data or (held.name if held else None)
-        if data_name is None:
-            raise ConfigError(f"{source.path} does not record its dataset: pass --data")
-        splits = _load_data(args, data_name)
-        run_dir = Path(args.out or args.resume or f"{Path(args.checkpoint).as_posix().rstrip('/')}_{args.method}")
-        float_acc = source.metrics.get("test_acc")
+    last, config = _resume_state(args)
+    if last is not None:  # an interrupted QAT/QAFT run: rebuild the quantized model it was training
+        model, source = last.build_model(), last
+    else:
+        if not args.checkpoint:
+            raise ConfigError("pass --checkpoint (the trained model to quantize) or --resume (an interrupted run)")
+        source = load_checkpoint(resolve_checkpoint(args.checkpoint))
+        model = source.build_model()
+        config = _config_from_args(args)
+    held = source.data_info
+    data_name = args.data or (held.name if held else None)
+    if data_name is None:
+        raise ConfigError(f"{source.path} does not record its dataset: pass --data")
+    splits = _load_data(args, data_name)
+    run_dir = Path(args.out or args.resume or f"{Path(args.checkpoint).as_posix().rstrip('/')}_{args.method}")
+    float_acc = source.metrics.get("test_acc")
 
-        if last is None and args.qaft:
-            if not is_prepared(model):
-                raise ConfigError(f"--qaft fine-tunes a quantized model, but {source.path} is a float checkpoint: "
-                                  "quantize it first (micronet quantize iao --ptq or QAT)")
-            freeze(model)
-            label = f"QAFT of {source.path} ({model.quant_scheme.name})"
-        elif last is None:
-            if is_prepared(model):
-                raise ConfigError(f"{source.path} is already quantized ({model.quant_scheme.name}): "
-                                  "use --qaft to fine-tune it, or start from the float checkpoint")
-            scheme = iao_scheme(args.a_bits, args.w_bits, args.q_type, args.q_level, args.weight_observer, args.bn_fuse,
-                                args.bn_fuse_calib, pretrained_model=True, ptq=args.ptq, percentile=args.percentile,
-                                activation_observer=args.activation_observer)
-            model = prepare(model, scheme, skip=args.skip)
-            if ctx.is_main:
-                print(model.quantization_report.summary(), flush=True)
-            label = f"QAT {scheme.name}"
-            if args.ptq:
-                model.to(ctx.device)
-                calibration = BatchLoader(splits.train, config.batch_size, shuffle=True, seed=config.seed)
-                calibrate(model, calibration, num_batches=args.ptq_batch)
-                save_checkpoint(run_dir / "best", model, data_info=splits.info,
-                                metrics={"calibration_batches": model.calibrated_batches})
-                best = load_checkpoint(run_dir / "best")
-                extra = {"float_test_acc": float_acc} if float_acc is not None else {}
-                acc = _test_and_record(model, best, splits, ctx.device, config.eval_batch_size, **extra)
-                line = f"PTQ {scheme.name}: {model.calibrated_batches} calibration batches of {config.batch_size}, " \
-                       f"test accuracy {acc * 100:.2f}%"
-                if float_acc is not None:
-                    line += f" (float {float_acc * 100:.2f}%, loss {(float_acc - acc) * 100:.2f} pt)"
-                print(line)
-                print(_summary_table(model.cpu(), (splits.info.in_channels, *splits.info.image_size),
-                                     {"model": model.arch.name, "test acc (%)": f"{acc * 100:.2f}"}))
-                return 0
-        else:
-            label = f"resumed {model.quant_scheme.name if is_prepared(model) else 'float'} run"
-        _train_and_report(args, ctx, model, config, splits, run_dir, label)
-        return 0
-    finally:
-        teardown()
+    if last is None and args.qaft:
+        if not is_prepared(model):
+            raise ConfigError(f"--qaft fine-tunes a quantized model, but {source.path} is a float checkpoint: "
+                              "quantize it first (micronet quantize iao --ptq or QAT)")
+        freeze(model)
+        label = f"QAFT of {source.path} ({model.quant_scheme.name})"
+    elif last is None:
+        if is_prepared(model):
+            raise ConfigError(f"{source.path} is already quantized ({model.quant_scheme.name}): "
+                              "use --qaft to fine-tune it, or start from the float checkpoint")
+        scheme = iao_scheme(args.a_bits, args.w_bits, args.q_type, args.q_level, args.weight_observer, args.bn_fuse,
+                            args.bn_fuse_calib, pretrained_model=True, ptq=args.ptq, percentile=args.percentile,
+                            activation_observer=args.activation_observer)
+        model = prepare(model, scheme, skip=args.skip)
+        if ctx.is_main:
+            print(model.quantization_report.summary(), flush=True)
+        label = f"QAT {scheme.name}"
+        if args.ptq:
+            model.to(ctx.device)
+            calibration = BatchLoader(splits.train, config.batch_size, shuffle=True, seed=config.seed)
+            calibrate(model, calibration, num_batches=args.ptq_batch)
+            save_checkpoint(run_dir / "best", model, data_info=splits.info,
+                            metrics={"calibration_batches": model.calibrated_batches})
+            best = load_checkpoint(run_dir / "best")
+            extra = {"float_test_acc": float_acc} if float_acc is not None else {}
+            acc = _test_and_record(model, best, splits, ctx.device, config.eval_batch_size, **extra)
+            line = f"PTQ {scheme.name}: {model.calibrated_batches} calibration batches of {config.batch_size}, " \
+                   f"test accuracy {acc * 100:.2f}%"
+            if float_acc is not None:
+                line += f" (float {float_acc * 100:.2f}%, loss {(float_acc - acc) * 100:.2f} pt)"
+            print(line)
+            print(_summary_table(model.cpu(), (splits.info.in_channels, *splits.info.image_size),
+                                 {"model": model.arch.name, "test acc (%)": f"{acc * 100:.2f}"}))
+            return 0
+    else:
+        label = f"resumed {model.quant_scheme.name if is_prepared(model) else 'float'} run"
+    _train_and_report(args, ctx, model, config, splits, run_dir, label)
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:

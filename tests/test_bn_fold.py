@@ -341,7 +341,7 @@ def test_invalid_inputs():
 
 def test_prepare_folds_conv_bn(monkeypatch):
     # the package re-exports the function ``prepare`` under the submodule's name
-    prepare_module = importlib.import_module("micronet.compression.quantization.core.prepare")
+    prepare_module = importlib.import_module("micronet.compression.quantization.core.workflow")
 
     # the functional-op rewrite (micronet.graph) is not what this test is about: leave the model as is
     monkeypatch.setattr(prepare_module, "_modularize", lambda model, report: model)

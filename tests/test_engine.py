@@ -1,9 +1,7 @@
 """The training loop: schedules, hooks, learning on real-ish data, exact resume after SIGKILL, DDP."""
 
 import json
-import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from micronet.data import BatchLoader, load_dataset
-from micronet.engine import Hook, TrainConfig, Trainer, evaluate, fit, lr_factor
+from micronet.engine import Hook, TrainConfig, evaluate, fit, lr_factor
 from micronet.errors import ConfigError
 from micronet.models import build_model
 
@@ -159,6 +157,11 @@ def test_ddp_two_cpu_processes_hold_identical_weights(tmp_path):
     initial = load_file(str(tmp_path / "initial.safetensors"))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert any(not torch.equal(rank0[k], initial[k]) for k in rank0), "training changed nothing"
+    for observer in ("moving_average", "percentile", "histogram"):
+        a = load_file(str(tmp_path / f"observers_{observer}_rank0.safetensors"))
+        b = load_file(str(tmp_path / f"observers_{observer}_rank1.safetensors"))
+        assert a.keys() == b.keys() and any("observer" in k for k in a)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{observer} observers differ between ranks"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps_per_rank"] * 2 * 16 >= summary["train_images"] - 32
     assert summary["val_acc"] > 0.8

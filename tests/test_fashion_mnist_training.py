@@ -1,7 +1,6 @@
 """Real data: a small model trained for a bounded time on a Fashion-MNIST subset clears an accuracy floor."""
 
 import time
-from pathlib import Path
 
 import pytest
 import torch

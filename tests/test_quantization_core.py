@@ -1,14 +1,13 @@
 """The quantization mechanism against references: torch's fake-quant kernels, hand-computed observer
 statistics, STE masks, mode rules (observers never update in eval or frozen mode) and bad inputs."""
 
-import math
 
 import pytest
 import torch
 from torch import nn
 
 from micronet.compression.quantization.core import (
-    CALIBRATE,
+
     FROZEN,
     AffineQuantizer,
     HistogramObserver,

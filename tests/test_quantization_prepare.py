@@ -108,3 +108,97 @@ def test_qaft_freezes_after_prepare_and_weights_still_train():
         opt.step()
     assert all(torch.equal(a, q.scale) for a, (_, q) in zip(scales, quantizers(model)))
     assert not torch.equal(before, model.fc1.weight)
+
+
+class _FunctionalResidual(nn.Module):
+    """Functional ops everywhere: prepare must reach them through the fx pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = torch.nn.functional.relu(self.conv1(x))
+        z = self.conv2(y) + y
+        z = torch.cat([z, y], dim=1)
+        z = torch.nn.functional.adaptive_avg_pool2d(z, 1)
+        return self.fc(torch.flatten(z, 1))
+
+
+class _Untraceable(_FunctionalResidual):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow defeats torch.fx
+            x = x * 2
+        return super().forward(x)
+
+
+def test_functional_ops_are_quantized_through_the_fx_pass():
+    torch.manual_seed(0)
+    float_model = _FunctionalResidual()
+    model = prepare(float_model, default_scheme())
+    report = model.quantization_report
+    assert report.traced
+    assert report.count("QuantAdd") == 1 and report.count("QuantConcat") == 1
+    assert report.count("QuantAdaptiveAvgPool2d") == 1 and report.count("QuantConv2d") == 2
+    model.train()
+    x = torch.randn(4, 1, 8, 8)
+    model(x).sum().backward()
+    model.eval()
+    # fake-quant output stays close to the float model's (8 bits, one observed batch)
+    assert (model(x) - float_model(x)).abs().max().item() < 0.05
+
+
+def test_untraceable_models_are_still_quantized_by_module_swapping():
+    model = prepare(_Untraceable(), default_scheme())
+    report = model.quantization_report
+    assert not report.traced and "control flow" in report.trace_error
+    assert report.count("QuantConv2d") == 2 and report.count("QuantLinear") == 1
+    assert "could not trace" in report.summary()
+    model.train()
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+
+
+def test_conv_transpose_and_conv1d_are_quantized():
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Unflatten(1, (4, 2, 3)),
+                          nn.ConvTranspose2d(4, 6, 2, stride=2))
+    q = prepare(model, default_scheme())
+    assert type(q[0]).__name__ == "QuantConv1d" and type(q[4]).__name__ == "QuantConvTranspose2d"
+    assert q[4].weight_quantizer.ch_axis == 1 and q[4].weight_quantizer.scale.shape == (6,)
+    q.train()
+    out = q(torch.randn(3, 2, 8))
+    out.sum().backward()
+    assert out.shape == (3, 6, 4, 6) and q[4].weight.grad is not None
+
+
+def test_nan_activations_during_calibration_are_an_error():
+    from micronet.errors import QuantizationError
+
+    model = prepare(build_model("lenet", 10, 1), default_scheme())
+    bad = torch.randn(2, 1, 28, 28)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(QuantizationError, match="NaN"):
+        calibrate(model, [bad])
+
+
+def test_cli_ptq_equals_the_python_flow(tmp_path, capsys):
+    """`micronet quantize iao --ptq` and prepare(ptq=True) + calibrate on the same batches give the same model."""
+    from micronet.cli import main
+    from micronet.data import BatchLoader, load_dataset
+    from micronet.engine import load_checkpoint
+
+    run = tmp_path / "lenet"
+    assert main(["train", "--model", "lenet", "--data", "synthetic", "--epochs", "3", "--batch-size", "32", "--out", str(run), "--no-progress"]) == 0
+    assert main(["quantize", "iao", "--checkpoint", str(run), "--ptq", "--ptq_batch", "5", "--batch-size", "32",
+                 "--percentile", "0.999", "--out", str(tmp_path / "ptq")]) == 0
+    assert "PTQ iao-w8a8-sym-per-channel-ptq: 5 calibration batches" in capsys.readouterr().out
+    cli_model = load_model(tmp_path / "ptq")
+    splits = load_dataset("synthetic", val_fraction=0.1, seed=0)
+    python_model = iao.prepare(load_model(run), ptq=True, percentile=0.999, pretrained_model=True)
+    calibrate(python_model, BatchLoader(splits.train, 32, shuffle=True, seed=0), num_batches=5)
+    a, b = cli_model.state_dict(), python_model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = load_checkpoint(tmp_path / "ptq" / "best").metrics
+    assert metrics["calibration_batches"] == 5 and metrics["float_test_acc"] >= 0.9
+    assert metrics["float_test_acc"] - metrics["test_acc"] <= 0.02

@@ -31,7 +31,7 @@ from micronet.compression.quantization.core.observers import (
     PercentileObserver,
     build_observer,
 )
-from micronet.compression.quantization.core.prepare import (
+from micronet.compression.quantization.core.workflow import (
     QuantizationReport,
     calibrate,
     enable_qat,
@@ -44,4 +44,46 @@ from micronet.compression.quantization.core.prepare import (
 from micronet.compression.quantization.core.quantizers import CALIBRATE, FROZEN, QAT, AffineQuantizer, Quantizer
 from micronet.compression.quantization.core.scheme import QuantizerSpec, QuantScheme, register_quantizer_family
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "register_quantizer_family",
+    "QuantScheme",
+    "QuantizerSpec",
+    "Quantizer",
+    "AffineQuantizer",
+    "QAT",
+    "FROZEN",
+    "CALIBRATE",
+    "HistogramObserver",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "Observer",
+    "PercentileObserver",
+    "QuantAdaptiveAvgPool2d",
+    "QuantAdd",
+    "QuantAvgPool2d",
+    "QuantConcat",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantConvTranspose2d",
+    "QuantHardswish",
+    "QuantLeakyReLU",
+    "QuantLinear",
+    "QuantMaxPool2d",
+    "QuantReLU",
+    "QuantReLU6",
+    "QuantSigmoid",
+    "QuantizationReport",
+    "QuantizedModule",
+    "affine_qparams",
+    "build_observer",
+    "calibrate",
+    "default_scheme",
+    "enable_qat",
+    "fake_quantize",
+    "freeze",
+    "is_prepared",
+    "prepare",
+    "quant_range",
+    "quantizers",
+    "set_fake_quant",
+]

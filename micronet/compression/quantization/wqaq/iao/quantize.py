@@ -22,9 +22,10 @@ from __future__ import annotations
 from torch import nn
 
 from micronet.base_module.op import Add, Concat  # noqa: F401 - re-exported for the original's imports
+from micronet.compression.quantization.core import bn_fold as _bn_fold
 from micronet.compression.quantization.core import modules as _core
-from micronet.compression.quantization.core.prepare import calibrate, freeze
-from micronet.compression.quantization.core.prepare import prepare as _prepare
+from micronet.compression.quantization.core.workflow import calibrate, freeze
+from micronet.compression.quantization.core.workflow import prepare as _prepare
 from micronet.compression.quantization.core.scheme import QuantizerSpec, QuantScheme
 from micronet.errors import QuantizationError
 
@@ -108,9 +109,10 @@ def _with_iao_options(core_class: type) -> type:
     """A subclass of ``core_class`` whose constructor takes the original's keyword arguments."""
 
     def __init__(self, *args, a_bits=8, w_bits=8, q_type=0, q_level=0, weight_observer=0, qaft=False, ptq=False,
-                 percentile=0.9999, quant_inference=False, **kwargs):
-        core_class.__init__(self, *args, scheme=iao_scheme(a_bits, w_bits, q_type, q_level, weight_observer,
-                                                           ptq=ptq, percentile=percentile), **kwargs)
+                 percentile=0.9999, quant_inference=False, bn_fuse_calib=False, pretrained_model=False, **kwargs):
+        scheme = iao_scheme(a_bits, w_bits, q_type, q_level, weight_observer, bn_fuse=True, bn_fuse_calib=bn_fuse_calib,
+                            pretrained_model=pretrained_model, ptq=ptq, percentile=percentile)
+        core_class.__init__(self, *args, scheme=scheme, **kwargs)
         if qaft:
             for quantizer in self.quantizers().values():
                 quantizer.set_mode(2)
@@ -135,16 +137,10 @@ QuantAdd = _with_iao_options(_core.QuantAdd)
 QuantConcat = _with_iao_options(_core.QuantConcat)
 
 
-def __getattr__(name: str):
-    if name == "QuantBNFuseConv2d":  # imported lazily: it lives beside the core modules
-        from micronet.compression.quantization.core.bn_fold import QuantBNFuseConv2d
-
-        return QuantBNFuseConv2d
-    raise AttributeError(name)
-
+QuantBNFuseConv2d = _with_iao_options(_bn_fold.QuantBNFuseConv2d)
 
 __all__ = [
-    "QuantAdaptiveAvgPool2d", "QuantAdd", "QuantAvgPool2d", "QuantConcat", "QuantConv1d", "QuantConv2d",
+    "Add", "Concat", "QuantAdaptiveAvgPool2d", "QuantAdd", "QuantAvgPool2d", "QuantBNFuseConv2d", "QuantConcat", "QuantConv1d", "QuantConv2d",
     "QuantConvTranspose2d", "QuantHardswish", "QuantLeakyReLU", "QuantLinear", "QuantMaxPool2d", "QuantReLU",
     "QuantReLU6", "QuantSigmoid", "calibrate", "freeze", "iao_scheme", "prepare",
 ]

@@ -1,0 +1,446 @@
+"""QAT training-step overhead: FP32 vs micronet IAO W8A8 QAT vs torch.ao eager QAT, in one process.
+
+For each model (``nin`` with its default cfg, ``resnet20``) it times one training step — forward,
+cross-entropy, backward, SGD-momentum step — of four configurations built from the *same* float model:
+
+1. ``fp32``          the float model;
+2. ``iao``           ``iao.prepare(model)``: W8A8, symmetric per-channel weights, moving-average
+                     activation observers, train (QAT) mode;
+3. ``iao-bnfold``    ``iao.prepare(model, bn_fuse=True)``: the same with Conv→BN folded (QuantBNFuseConv2d);
+4. ``torch.ao``      torch.ao eager QAT: ``get_default_qat_qconfig("x86")``, conv-bn(-relu) fused with
+                     ``fuse_modules_qat`` where the model's structure allows it, ``QuantWrapper`` (so the
+                     input is fake-quantized, as micronet does), ``prepare_qat``. Skipped (with the reason
+                     in its row) when torch.ao is missing or fails on the model.
+
+Noise control (docs: /work/shared/PEERS.md §6): pinned threads, warm-up steps, configurations interleaved
+round-robin (A B C D A B C D ...) so machine noise hits all alike, medians and p90 over the timed steps,
+ratios to FP32 of the same model, and the CPU capability, load average and torch version logged.
+Never assert on these numbers in tests.
+
+    .venv/bin/python bench/quant_overhead.py                       # defaults: ~2-3 min on 2 cores
+    .venv/bin/python bench/quant_overhead.py --steps 5 --batch-size 16 --models resnet20   # smoke
+    .venv/bin/python bench/quant_overhead.py --json /tmp/quant_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from micronet.models import build_model  # noqa: E402
+
+# torch.ao.quantization is deprecated (pytorch/pytorch PR #153892) and says so on import and on use.
+warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*")
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao.*")
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.ao.*")
+warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao.*")
+
+CONFIGS = ("fp32", "iao", "iao-bnfold", "torch.ao")
+LABELS = {
+    "fp32": "FP32",
+    "iao": "micronet IAO W8A8 QAT",
+    "iao-bnfold": "micronet IAO W8A8 QAT + BN fold",
+    "torch.ao": "torch.ao eager QAT (x86)",
+}
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def _micronet_iao(model: nn.Module, bn_fuse: bool) -> tuple[nn.Module, str]:
+    from micronet.compression.quantization.core.quantizers import Quantizer
+    from micronet.compression.quantization.wqaq.iao import quantize as iao
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepared = iao.prepare(model, bn_fuse=bn_fuse)
+    prepared.train()
+    names = [n for n, m in prepared.named_modules() if isinstance(m, Quantizer)]
+    weights = sum(1 for n in names if n.endswith("weight_quantizer"))
+    report = getattr(prepared, "quantization_report", None)
+    folded = len(report.folded_bn) if report is not None else 0
+    note = f"{weights} weight + {len(names) - weights} activation quantizers"
+    if bn_fuse:
+        note += f", {folded} BN folded"
+    if report is not None and report.kept_float:
+        note += f", {len(report.kept_float)} float: " + ",".join(sorted({r for _, r in report.kept_float}))
+    if caught:
+        note += f" [prepare warned: {str(caught[0].message)[:80]}]"
+    return prepared, note
+
+
+def _ao_fusion_groups(model: nn.Module) -> tuple[list[list[str]], list[str]]:
+    """conv-bn(-relu) groups of micronet's models that fuse_modules_qat can fuse, and the Conv2d names
+    left unfused (an unfused conv keeps its float BatchNorm in torch.ao QAT)."""
+    from micronet.models.layers import ConvBNAct
+    from micronet.models.resnet import BasicBlock, CifarResNet
+
+    groups: list[list[str]] = []
+
+    def pre(name: str) -> str:
+        return f"{name}." if name else ""
+
+    for name, m in model.named_modules():
+        p = pre(name)
+        if isinstance(m, ConvBNAct):
+            if isinstance(m.act, nn.ReLU):
+                groups.append([p + "conv", p + "bn", p + "act"])
+            elif m.act is None:
+                groups.append([p + "conv", p + "bn"])
+            # ReLU6 has no fused torch.ao QAT module: left unfused
+        elif isinstance(m, CifarResNet):
+            groups.append([p + "conv1", p + "bn1", p + "relu"])
+        elif isinstance(m, BasicBlock):
+            groups.append([p + "conv1", p + "bn1", p + "relu1"])
+            groups.append([p + "conv2", p + "bn2"])  # relu2 follows the residual add: not fusable
+            if isinstance(m.shortcut, nn.Sequential):
+                groups.append([p + "shortcut.0", p + "shortcut.1"])
+    fused_convs = {g[0] for g in groups}
+    unfused = [n for n, m in model.named_modules() if type(m) is nn.Conv2d and n not in fused_convs]
+    return groups, unfused
+
+
+def _torch_ao(model: nn.Module) -> tuple[nn.Module, str]:
+    import torch.ao.quantization as tq
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = copy.deepcopy(model).train()
+        groups, unfused = _ao_fusion_groups(model)
+        fuse_note = f"{len(groups)} conv-bn(-relu) fused"
+        try:
+            if groups:
+                tq.fuse_modules_qat(model, groups, inplace=True)
+        except Exception as exc:  # noqa: BLE001 - fall back to unfused QAT and say so
+            model = copy.deepcopy(model).train()
+            fuse_note = f"UNFUSED (fusion failed: {type(exc).__name__}: {exc})"
+        if unfused and "UNFUSED" not in fuse_note:
+            fuse_note += f", {len(unfused)} conv unfused"
+        wrapped = tq.QuantWrapper(model)
+        wrapped.qconfig = tq.get_default_qat_qconfig("x86")
+        prepared = tq.prepare_qat(wrapped.train(), inplace=False)
+    fq = [n for n, m in prepared.named_modules() if isinstance(m, tq.FakeQuantizeBase)]
+    weights = sum(1 for n in fq if n.endswith("weight_fake_quant"))
+    note = f"{fuse_note}; {weights} weight + {len(fq) - weights} activation fake-quants"
+    return prepared, note
+
+
+def build_configs(float_model: nn.Module) -> dict[str, tuple[nn.Module | None, str]]:
+    """name -> (model or None when it could not be built, note/reason)."""
+    builders: dict[str, Callable[[], tuple[nn.Module, str]]] = {
+        "fp32": lambda: (copy.deepcopy(float_model).train(), ""),
+        "iao": lambda: _micronet_iao(float_model, bn_fuse=False),
+        "iao-bnfold": lambda: _micronet_iao(float_model, bn_fuse=True),
+        "torch.ao": lambda: _torch_ao(float_model),
+    }
+    out: dict[str, tuple[nn.Module | None, str]] = {}
+    for name, build in builders.items():
+        try:
+            out[name] = build()
+        except ImportError as exc:
+            out[name] = (None, f"not importable: {exc}")
+        except Exception as exc:  # noqa: BLE001 - report the reason in the row, keep benchmarking the rest
+            out[name] = (None, f"failed to prepare: {type(exc).__name__}: {exc}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- timing
+class Runner:
+    """One configuration: its model, optimizer and per-step timings."""
+
+    def __init__(self, name: str, model: nn.Module, lr: float, channels_last: bool) -> None:
+        self.name = name
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
+        self.times: list[float] = []
+        self.error: str | None = None
+        self.last_loss = math.nan
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        start = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        self.opt.step()
+        elapsed = time.perf_counter() - start
+        self.last_loss = float(loss.detach())  # outside the timed region
+        return elapsed
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    s = sorted(values)
+    if not s:
+        return math.nan
+    pos = (len(s) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def bench_model(name: str, args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    float_model = build_model(name, 10, 3, None).train()
+    built = build_configs(float_model)
+    runners: list[Runner] = []
+    rows: dict[str, dict] = {}
+    for cfg in CONFIGS:
+        model, note = built[cfg]
+        rows[cfg] = {"label": LABELS[cfg], "note": note, "error": None if model is not None else note}
+        if model is not None:
+            runners.append(Runner(cfg, model, args.lr, args.channels_last))
+
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    x = torch.randn(args.batch_size, 3, 32, 32, generator=gen)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch_size,), generator=gen)
+
+    busy_before, waited = wait_idle(args.wait_idle) if args.wait_idle > 0 else (cpu_busy(), 0.0)
+    load_before = os.getloadavg()
+    ticks0 = _busy_ticks()
+    t0 = time.perf_counter()
+    for i in range(args.warmup + args.steps):
+        for r in runners:  # round-robin: A B C D A B C D ...
+            if r.error is not None:
+                continue
+            try:
+                dt = r.step(x, y)
+            except Exception as exc:  # noqa: BLE001
+                r.error = f"failed at step {i}: {type(exc).__name__}: {exc}"
+                if args.verbose:
+                    traceback.print_exc()
+                continue
+            if i >= args.warmup:
+                r.times.append(dt)
+    wall = time.perf_counter() - t0
+    ticks1 = _busy_ticks()
+    load_after = os.getloadavg()
+
+    fp32 = next((r for r in runners if r.name == "fp32" and r.error is None and r.times), None)
+    base = statistics.median(fp32.times) if fp32 else math.nan
+    for r in runners:
+        row = rows[r.name]
+        row["error"] = r.error
+        row["final_loss"] = r.last_loss
+        if r.times and r.error is None:
+            med = statistics.median(r.times)
+            row.update(
+                median_ms=med * 1e3,
+                p90_ms=percentile(r.times, 0.9) * 1e3,
+                min_ms=min(r.times) * 1e3,
+                ratio_to_fp32=med / base if base == base else math.nan,
+                samples_ms=[round(t * 1e3, 3) for t in r.times],
+            )
+    ao = rows["torch.ao"].get("median_ms")
+    summary = {
+        cfg: (rows[cfg]["median_ms"] / ao if ao and rows[cfg].get("median_ms") else None)
+        for cfg in ("iao", "iao-bnfold")
+    }
+    return {
+        "model": name,
+        "params_M": sum(p.numel() for p in float_model.parameters()) / 1e6,
+        "rows": rows,
+        "micronet_over_torch_ao": summary,
+        "loadavg_before": load_before,
+        "cpu_busy_before": busy_before,
+        "waited_idle_s": waited,
+        "other_processes_cores": others_cores(ticks0, ticks1, wall),
+        "loadavg_after": load_after,
+        "wall_s": wall,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- output
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_flags() -> str:
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in wanted if f in have) or "none of " + ",".join(wanted)
+    except OSError:
+        pass
+    return "unknown"
+
+
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Fraction of all CPUs busy (any process, ours included) over ``seconds``, from /proc/stat."""
+    def read() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields[:8]), idle
+    try:
+        t0, i0 = read()
+        time.sleep(seconds)
+        t1, i1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def _busy_ticks() -> tuple[int, int] | None:
+    """(non-idle clock ticks of all CPUs, ticks used by this process) — their difference over an interval
+    is what *other* processes took from the machine while we were timing."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return busy, int(own[11]) + int(own[12])  # utime, stime (fields 14, 15)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def others_cores(before: tuple[int, int] | None, after: tuple[int, int] | None, wall_s: float) -> float | None:
+    """Average number of cores used by other processes between two :func:`_busy_ticks` readings."""
+    if before is None or after is None or wall_s <= 0:
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    other = (after[0] - before[0]) - (after[1] - before[1])
+    return max(other, 0) / hz / wall_s
+
+
+def wait_idle(limit_s: float, threshold: float = 0.25) -> tuple[float | None, float]:
+    """Wait (up to ``limit_s``) until the CPUs are less than ``threshold`` busy for two seconds in a row.
+    Returns (last busy fraction seen, seconds waited). Other jobs holding a core make 2-thread OpenMP
+    regions wait on a descheduled thread: steps then run several times slower, and models with many
+    small ops (fake-quant) suffer most, which distorts the ratios too."""
+    start = time.perf_counter()
+    busy = cpu_busy()
+    calm = 0
+    while busy is not None and time.perf_counter() - start < limit_s:
+        calm = calm + 1 if busy < threshold else 0
+        if calm >= 2:
+            break
+        busy = cpu_busy()
+    return busy, time.perf_counter() - start
+
+
+def print_model(result: dict, args: argparse.Namespace) -> None:
+    name = result["model"]
+    lb, la = result["loadavg_before"], result["loadavg_after"]
+    busy = result["cpu_busy_before"]
+    busy_txt = "?" if busy is None else f"{100 * busy:.0f}%"
+    print(f"\n## {name} ({result['params_M']:.3f} M params), batch {args.batch_size}, "
+          f"load avg {lb[0]:.2f} before / {la[0]:.2f} after, CPUs {busy_txt} busy before start"
+          f" (waited {result['waited_idle_s']:.0f} s), {result['wall_s']:.0f} s")
+    others = result["other_processes_cores"]
+    if others is not None:
+        print(f"other processes used {others:.2f} cores on average while this model was timed")
+    if (busy is not None and busy >= 0.25) or (others is not None and others >= 0.25):
+        print("!! the machine was shared: 2-thread OpenMP steps slow down several times when another job holds a"
+              " core, and small-op-heavy configurations (fake-quant) suffer most; rerun idle before trusting these")
+    print(f"| {'configuration':<32} | {'median ms':>9} | {'p90 ms':>8} | {'x FP32':>6} | notes")
+    print(f"|{'-' * 34}|{'-' * 11}|{'-' * 10}|{'-' * 8}|------")
+    for cfg in CONFIGS:
+        row = result["rows"][cfg]
+        if row.get("median_ms") is None:
+            print(f"| {row['label']:<32} | {'-':>9} | {'-':>8} | {'-':>6} | {row['error'] or 'no timings'}")
+            continue
+        print(f"| {row['label']:<32} | {row['median_ms']:>9.1f} | {row['p90_ms']:>8.1f} | "
+              f"{row['ratio_to_fp32']:>6.2f} | {row['note']}")
+    s = result["micronet_over_torch_ao"]
+    if s["iao"] is None and s["iao-bnfold"] is None:
+        reason = result["rows"]["torch.ao"]["error"] or result["rows"]["iao"]["error"] or "missing timings"
+        print(f"{name}: micronet QAT / torch.ao QAT = n/a ({reason})")
+    else:
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        print(f"{name}: micronet QAT / torch.ao QAT = {fmt(s['iao'])} (with BN folding: {fmt(s['iao-bnfold'])})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--models", default="nin,resnet20", help="comma-separated registry names")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration")
+    ap.add_argument("--steps", type=int, default=15, help="timed steps per configuration (median, p90)")
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--channels-last", action="store_true", help="models and input in channels_last")
+    ap.add_argument("--wait-idle", type=float, default=60.0, metavar="S",
+                    help="before each model, wait up to S seconds for the CPUs to be <25%% busy (0: don't wait)")
+    ap.add_argument("--json", metavar="PATH", help="write the results (with every step's time) as JSON")
+    ap.add_argument("--verbose", action="store_true", help="print tracebacks of failing configurations")
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 2 or args.threads < 1:
+        ap.error("need --steps >= 1, --warmup >= 0, --batch-size >= 2 (BatchNorm), --threads >= 1")
+
+    torch.set_num_threads(args.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    load = os.getloadavg()
+    meta = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "os_cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "loadavg": load,
+        "batch_size": args.batch_size,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "channels_last": args.channels_last,
+        "input": "random 3x32x32, 10 classes",
+        "step": "forward + cross-entropy + backward + SGD(momentum 0.9)",
+    }
+    print(f"# quant_overhead  {meta['date']}")
+    print(f"torch {meta['torch']} | cpu capability {meta['cpu_capability']} | {meta['cpu']} | flags: {meta['cpu_flags']}")
+    print(f"threads {meta['threads']} (OMP_NUM_THREADS={meta['OMP_NUM_THREADS']}, {meta['os_cpu_count']} CPUs) | "
+          f"load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+          + ("  << machine busy: trust the ratios, not the absolute ms" if load[0] >= 0.5 * (os.cpu_count() or 1) else ""))
+    print(f"batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps per configuration, round-robin, "
+          f"{'channels_last' if args.channels_last else 'NCHW'}")
+
+    results = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        result = bench_model(name, args)
+        results.append(result)
+        print_model(result, args)
+    end_load = os.getloadavg()
+    print(f"\nload avg at end {end_load[0]:.2f} {end_load[1]:.2f} {end_load[2]:.2f}")
+    if args.json:
+        meta["loadavg_end"] = end_load
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
