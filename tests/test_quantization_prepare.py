@@ -202,3 +202,18 @@ def test_cli_ptq_equals_the_python_flow(tmp_path, capsys):
     metrics = load_checkpoint(tmp_path / "ptq" / "best").metrics
     assert metrics["calibration_batches"] == 5 and metrics["float_test_acc"] >= 0.9
     assert metrics["float_test_acc"] - metrics["test_acc"] <= 0.02
+
+
+def test_qat_run_resumes_as_a_quantized_model(tmp_path, capsys):
+    from micronet.cli import main
+
+    run = tmp_path / "lenet"
+    assert main(["train", "--model", "lenet", "--data", "synthetic", "--epochs", "3", "--batch-size", "32", "--out", str(run), "--no-progress"]) == 0
+    qat = tmp_path / "qat"
+    assert main(["quantize", "iao", "--checkpoint", str(run), "--bn_fuse", "--w_bits", "6", "--epochs", "1", "--batch-size", "32",
+                 "--out", str(qat), "--no-progress"]) == 0
+    assert main(["quantize", "iao", "--resume", str(qat), "--epochs", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed at epoch 1/2" in out
+    model = load_model(qat)
+    assert int(model.conv1.weight_quantizer.bits) == 6 and model.quant_scheme.weight.bits == 6
