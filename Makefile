@@ -26,7 +26,7 @@ demo: setup data
 	$(BIN)/micronet train --model nin --cfg 64,48,32,64,64,64,128,128 --epochs 8 --out runs/demo
 
 test: setup data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 test-slow: setup data
 	$(BIN)/python -m pytest -q -m slow

@@ -128,6 +128,8 @@ def _quantize_parser(sub: Any) -> None:
          help="override the activation observer (default: moving_average for QAT, percentile for --ptq)")
     _add(p, "--bn-fuse", action="store_true", help="fold BatchNorm into the preceding conv during QAT")
     _add(p, "--bn-fuse-calib", action="store_true", help="fold with running statistics while training")
+    _add(p, "--freeze-bn-after", type=int, default=None,
+         help="with --bn_fuse: train with running BN statistics from this epoch on (0-based)")
     _add(p, "--pretrained-model", action="store_true", help="accepted for compatibility: BN statistics always start from the checkpoint")
     p.add_argument("--ptq", action="store_true", help="post-training quantization: calibrate, no training")
     _add(p, "--ptq-batch", "--calibration-batches", dest="ptq_batch", type=int, default=200, help="calibration batches for --ptq")
@@ -241,7 +243,7 @@ def _resume_state(args: argparse.Namespace):
     return last, config
 
 
-def _train_and_report(args, ctx, model, config, splits, run_dir: Path, label: str) -> None:
+def _train_and_report(args, ctx, model, config, splits, run_dir: Path, label: str, hooks=()) -> None:
     """Fit ``model`` with the shared engine, then test the best checkpoint once and print the summary."""
     from micronet.data import BatchLoader, default_augment
     from micronet.engine import Trainer, load_checkpoint
@@ -260,7 +262,8 @@ def _train_and_report(args, ctx, model, config, splits, run_dir: Path, label: st
     if ctx.is_main:
         print(f"{label} | data {info.name}: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test "
               f"| device {ctx.device} x{ctx.world_size}", flush=True)
-    result = Trainer(model, config, train_loader, val_loader, ctx=ctx, out_dir=run_dir, data_info=info).fit(resume=args.resume)
+    result = Trainer(model, config, train_loader, val_loader, hooks=hooks, ctx=ctx, out_dir=run_dir,
+                     data_info=info).fit(resume=args.resume)
     if ctx.is_main:
         best = load_checkpoint(resolve_checkpoint(run_dir))
         best_model = best.build_model()
@@ -389,7 +392,12 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
             return 0
     else:
         label = f"resumed {model.quant_scheme.name if is_prepared(model) else 'float'} run"
-    _train_and_report(args, ctx, model, config, splits, run_dir, label)
+    hooks = []
+    if getattr(args, "freeze_bn_after", None) is not None:
+        from micronet.compression.quantization.core.schedule import FreezeBNStatistics
+
+        hooks.append(FreezeBNStatistics(args.freeze_bn_after))
+    _train_and_report(args, ctx, model, config, splits, run_dir, label, hooks)
     return 0
 
 

@@ -355,3 +355,27 @@ def test_prepare_folds_conv_bn(monkeypatch):
     assert sum(isinstance(m, nn.BatchNorm2d) for m in layers.values()) == 0
     assert len(prepared.quantization_report.folded_bn) == 1
     assert model[0] is conv and torch.equal(model[1].weight, GAMMA)  # the float model is untouched
+
+
+def test_freeze_bn_hook_switches_at_the_requested_epoch():
+    from micronet.compression.quantization.core.schedule import FreezeBNStatistics
+    from micronet.compression.quantization.wqaq.iao.quantize import prepare as iao_prepare
+    from micronet.data import BatchLoader, load_dataset
+    from micronet.engine import Hook, TrainConfig, fit
+    from micronet.models import build_model
+
+    splits = load_dataset("synthetic", val_fraction=0.0, num_train=128)
+    model = iao_prepare(build_model("nin", 10, 1, cfg=[8] * 8), bn_fuse=True)
+    snapshots = {}
+
+    class Snapshot(Hook):
+        def on_epoch_start(self, trainer, epoch):
+            snapshots[epoch] = trainer.model.features[0].conv.running_mean.clone()
+
+    fit(model, TrainConfig(epochs=3, lr=0.01), BatchLoader(splits.train, 32, shuffle=True),
+        hooks=[FreezeBNStatistics(after_epochs=1), Snapshot()])
+    folded = [m for m in model.modules() if isinstance(m, QuantBNFuseConv2d)]
+    assert len(folded) == 9 and all(int(m.freeze_bn_stats) == 1 for m in folded)
+    assert not torch.equal(snapshots[0], snapshots[1])  # epoch 0 still updated the statistics
+    assert torch.equal(snapshots[1], snapshots[2])  # frozen from epoch 1 on
+    assert torch.equal(snapshots[2], model.features[0].conv.running_mean)

@@ -68,7 +68,7 @@ def iao_scheme(
     )
     parts = [f"iao-w{w_bits}a{a_bits}", "sym" if symmetric else "asym", "per-channel" if q_level == 0 else "per-layer"]
     if bn_fuse:
-        parts.append("bn-fold")
+        parts.append("bn-fold-running" if bn_fuse_calib else "bn-fold")
     if ptq:
         parts.append("ptq")
     return QuantScheme(
