@@ -219,7 +219,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     load_before = os.getloadavg()
     ticks0 = _busy_ticks()
     t0 = time.perf_counter()
+    round_others: list[float | None] = []  # cores other processes used during each timed round
     for i in range(args.warmup + args.steps):
+        round_ticks, round_t0 = _busy_ticks(), time.perf_counter()
         for r in runners:  # round-robin: A B C D A B C D ...
             if r.error is not None:
                 continue
@@ -232,6 +234,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
                 continue
             if i >= args.warmup:
                 r.times.append(dt)
+        if i >= args.warmup:
+            round_others.append(others_cores(round_ticks, _busy_ticks(), time.perf_counter() - round_t0))
     wall = time.perf_counter() - t0
     ticks1 = _busy_ticks()
     load_after = os.getloadavg()
@@ -265,6 +269,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
         "cpu_busy_before": busy_before,
         "waited_idle_s": waited,
         "other_processes_cores": others_cores(ticks0, ticks1, wall),
+        "other_processes_cores_per_round": round_others,
         "loadavg_after": load_after,
         "wall_s": wall,
     }
@@ -355,7 +360,10 @@ def print_model(result: dict, args: argparse.Namespace) -> None:
           f" (waited {result['waited_idle_s']:.0f} s), {result['wall_s']:.0f} s")
     others = result["other_processes_cores"]
     if others is not None:
-        print(f"other processes used {others:.2f} cores on average while this model was timed")
+        rounds = [c for c in result["other_processes_cores_per_round"] if c is not None]
+        shared = sum(1 for c in rounds if c >= 0.25)
+        print(f"other processes used {others:.2f} cores on average while this model was timed; "
+              f"{shared} of {len(rounds)} timed rounds shared the CPUs (>= 0.25 core)")
     if (busy is not None and busy >= 0.25) or (others is not None and others >= 0.25):
         print("!! the machine was shared: 2-thread OpenMP steps slow down several times when another job holds a"
               " core, and small-op-heavy configurations (fake-quant) suffer most; rerun idle before trusting these")
@@ -402,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError:
         pass
     load = os.getloadavg()
+    busy = cpu_busy()
     meta = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -413,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "loadavg": load,
+        "cpu_busy_at_start": busy,
         "batch_size": args.batch_size,
         "warmup": args.warmup,
         "steps": args.steps,
@@ -423,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# quant_overhead  {meta['date']}")
     print(f"torch {meta['torch']} | cpu capability {meta['cpu_capability']} | {meta['cpu']} | flags: {meta['cpu_flags']}")
     print(f"threads {meta['threads']} (OMP_NUM_THREADS={meta['OMP_NUM_THREADS']}, {meta['os_cpu_count']} CPUs) | "
-          f"load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-          + ("  << machine busy: trust the ratios, not the absolute ms" if load[0] >= 0.5 * (os.cpu_count() or 1) else ""))
+          f"load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} | CPUs "
+          + ("?" if busy is None else f"{100 * busy:.0f}%") + " busy now (load avg lags by a minute or more)")
     print(f"batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps per configuration, round-robin, "
           f"{'channels_last' if args.channels_last else 'NCHW'}")
 
