@@ -46,28 +46,22 @@ def _exercise(model: nn.Module) -> None:
         raise RuntimeError("the quantized LeNet produced a wrong output")
 
 
-def quant_test_manual() -> nn.Module:
+def _report(quantized: nn.Module) -> nn.Module:
     print("***ori_model***")
     print(LeNet())
-    model = LeNet(conv=iao.QuantConv2d, linear=iao.QuantLinear, pool=iao.QuantMaxPool2d)
     print("***quant_model_iao***")
-    print(model)
-    _exercise(model)
+    print(quantized)
+    _exercise(quantized)
     print("quant_model is ready")
     print("micronet is ready")
-    return model
+    return quantized
+
+
+def quant_test_manual() -> nn.Module:
+    return _report(LeNet(conv=iao.QuantConv2d, linear=iao.QuantLinear, pool=iao.QuantMaxPool2d))
 
 
 def quant_test_auto() -> nn.Module:
-    lenet = LeNet()
-    print("***ori_model***")
-    print(lenet)
-    model = iao.prepare(lenet, inplace=False, a_bits=8, w_bits=8, q_type=0, q_level=0, weight_observer=0,
-                        bn_fuse=False, bn_fuse_calib=False, pretrained_model=False, qaft=False, ptq=False,
-                        percentile=0.9999)
-    print("***quant_model_iao***")
-    print(model)
-    _exercise(model)
-    print("quant_model is ready")
-    print("micronet is ready")
-    return model
+    return _report(iao.prepare(LeNet(), inplace=False, a_bits=8, w_bits=8, q_type=0, q_level=0, weight_observer=0,
+                               bn_fuse=False, bn_fuse_calib=False, pretrained_model=False, qaft=False, ptq=False,
+                               percentile=0.9999))
