@@ -13,6 +13,7 @@ Observers update only in ``CALIBRATE`` mode or in ``QAT`` mode while training, n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +24,25 @@ from micronet.compression.quantization.core.observers import Observer
 from micronet.errors import QuantizationError
 
 QAT, CALIBRATE, FROZEN = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class WeightCodes:
+    """A quantized tensor as integer codes: ``dequantized = (codes − zero_point) · scale``.
+
+    ``codes`` are non-negative integers below ``2**bits`` (int64); ``scale`` and ``zero_point`` are float32
+    tensors that broadcast against ``codes`` (shape (C, 1, ...) along the channel axis, or scalars).
+    Every quantizer family computes its fake-quant output with exactly this formula, so unpacking the
+    codes reproduces the quantized weight bit for bit (packed artifacts, export, integer inference).
+    """
+
+    codes: torch.Tensor
+    bits: int
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.codes.to(torch.float32) - self.zero_point) * self.scale
 MODE_NAMES = {QAT: "qat", CALIBRATE: "calibrate", FROZEN: "frozen"}
 
 
@@ -77,6 +97,10 @@ class Quantizer(nn.Module):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def weight_codes(self, w: torch.Tensor) -> WeightCodes:
+        """The integer codes of ``quantize(w)`` with the current parameters (no observation)."""
+        raise QuantizationError(f"{type(self).__name__} does not produce integer codes")
 
     # ------------------------------------------------------------------ loading
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -154,6 +178,17 @@ class AffineQuantizer(Quantizer):
             )
         quant_min, quant_max = self.quant_min_max
         return fake_quantize(x, self.scale, self.zero_point, quant_min, quant_max, self.ch_axis)
+
+    @torch.no_grad()
+    def weight_codes(self, w: torch.Tensor) -> WeightCodes:
+        quant_min, quant_max = self.quant_min_max
+        scale, zero_point = self.scale.float(), self.zero_point.float()
+        if self.ch_axis is not None:
+            shape = [1] * w.dim()
+            shape[self.ch_axis] = -1
+            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        q = torch.clamp(torch.round(w.float() * (1.0 / scale)) + zero_point, quant_min, quant_max)  # as torch's kernel
+        return WeightCodes((q - quant_min).to(torch.int64), int(self.bits), scale, zero_point - quant_min)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "symmetric": self.symmetric, "signed": bool(self.signed), "ch_axis": self.ch_axis}
