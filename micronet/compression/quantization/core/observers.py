@@ -29,6 +29,24 @@ def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
     return tensor
 
 
+class NonFiniteInputError(QuantizationError):
+    """An observer was shown NaN or infinite values (its quantizer re-raises this with its own name)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"observer received {kind} values")
+        self.kind = kind
+
+
+def check_finite(lo: torch.Tensor, hi: torch.Tensor, data: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteInputError` unless the batch extremes are finite.
+
+    Extremes are NaN when the data holds a NaN and ±inf when it holds an infinity, so checking the two
+    reductions costs nothing next to scanning the data again; ``data`` is only read to name the problem.
+    """
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise NonFiniteInputError("NaN" if bool(torch.isnan(data).any()) else "infinite")
+
+
 class Observer(nn.Module):
     """Base class: per-tensor (``ch_axis=None``) or per-channel statistics of what it is shown."""
 
@@ -61,6 +79,7 @@ class Observer(nn.Module):
                     f"observer expects {self.min_val.shape[0]} channels on axis {self.ch_axis}, got {flat.shape[0]}"
                 )
             lo, hi = torch.aminmax(flat, dim=1)
+        check_finite(lo, hi, x)
         return _all_reduce(lo.clone(), "min"), _all_reduce(hi.clone(), "max")
 
     @torch.no_grad()
@@ -133,6 +152,7 @@ class PercentileObserver(Observer):
 
     def update(self, x: torch.Tensor) -> None:
         flat = x.detach().float().flatten()
+        check_finite(*torch.aminmax(flat), flat)
         n = flat.numel()
         k_hi = min(max(int(math.ceil(self.percentile * n)), 1), n)
         k_lo = min(max(n + 1 - k_hi, 1), n)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from micronet.compression.quantization.core.affine import affine_qparams, fake_quantize, quant_range
-from micronet.compression.quantization.core.observers import Observer
+from micronet.compression.quantization.core.observers import NonFiniteInputError, Observer
 from micronet.errors import QuantizationError
 
 QAT, CALIBRATE, FROZEN = 0, 1, 2
@@ -70,8 +70,7 @@ class Quantizer(nn.Module):
         if not self.enabled.item():
             return x
         if self.observing:
-            self._check_finite(x)
-            self.observe(x)
+            self._observe_checked(x)
         return self.quantize(x)
 
     def forward_shared(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -79,18 +78,17 @@ class Quantizer(nn.Module):
         if not self.enabled.item():
             return list(tensors)
         if self.observing:
-            joined = torch.cat([t.detach().flatten() for t in tensors])
-            self._check_finite(joined)
-            self.observe(joined)
+            self._observe_checked(torch.cat([t.detach().flatten() for t in tensors]))
         return [self.quantize(t) for t in tensors]
 
-    def _check_finite(self, x: torch.Tensor) -> None:
-        if not torch.isfinite(x).all():
-            kind = "NaN" if torch.isnan(x).any() else "infinite"
+    def _observe_checked(self, x: torch.Tensor) -> None:
+        try:
+            self.observe(x)
+        except NonFiniteInputError as error:
             raise QuantizationError(
-                f"quantizer {self.qualified_name or type(self).__name__} received {kind} values: "
+                f"quantizer {self.qualified_name or type(self).__name__} received {error.kind} values: "
                 "fix the model or data upstream (e.g. lower the learning rate) before quantizing"
-            )
+            ) from None
 
     def observe(self, x: torch.Tensor) -> None:
         """Update statistics and parameters from ``x``."""
