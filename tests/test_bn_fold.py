@@ -108,10 +108,11 @@ def train_steps_match(ref, m, steps=3, lr=1e-3):
 
 
 # ---------------------------------------------------------------------------------------------- equivalence
+@pytest.mark.parametrize("method", ["one_conv", "batch"])
 @pytest.mark.parametrize("bias,groups,stride,eps", GRID, ids=GRID_IDS)
-def test_train_batch_fold_matches_conv_bn(bias, groups, stride, eps):
+def test_train_fold_matches_conv_bn(bias, groups, stride, eps, method):
     conv, bn = make_pair(bias, groups, stride, eps)
-    ref, m = reference(conv, bn).train(), fused(conv, bn).train()
+    ref, m = reference(conv, bn).train(), fused(conv, bn, bn_fold_method=method).train()
     train_steps_match(ref, m, steps=3)
 
 
@@ -131,7 +132,7 @@ def test_eval_fold_matches_conv_bn(bias, groups, stride, eps):
 @pytest.mark.parametrize("bias,groups,stride,eps", GRID[::3], ids=GRID_IDS[::3])
 def test_train_running_fold_matches_conv_bn(bias, groups, stride, eps):
     conv, bn = make_pair(bias, groups, stride, eps)
-    ref, m = reference(conv, bn).train(), fused(conv, bn, bn_fold_running=True).train()
+    ref, m = reference(conv, bn).train(), fused(conv, bn, bn_fold_method="running").train()
     train_steps_match(ref, m, steps=3)
 
 
@@ -245,14 +246,14 @@ def step_bound(m, x):
     return bound.reshape(1, -1, 1, 1)
 
 
-@pytest.mark.parametrize("running_fold", [False, True])
-def test_quantized_close_to_float_and_inputs_untouched(running_fold):
+@pytest.mark.parametrize("method", ["one_conv", "batch", "running"])
+def test_quantized_close_to_float_and_inputs_untouched(method):
     conv, bn = make_pair(bias=True, groups=4)
     float_state = lambda: [(f"conv.{k}", t) for k, t in conv.state_dict().items()] + [  # noqa: E731
         (f"bn.{k}", t) for k, t in bn.state_dict().items()]
     originals = {name: t.detach().clone() for name, t in float_state()}
     ref = reference(conv, bn).train()
-    m = fused(conv, bn, quantize=True, bn_fold_running=running_fold).train()
+    m = fused(conv, bn, quantize=True, bn_fold_method=method).train()
     for a, b in itertools.chain(zip(conv.parameters(), m.parameters()), [(bn.weight, m.bn_weight), (bn.running_var, m.running_var)]):
         assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
     assert int(m.weight_quantizer.bits) == 8 and int(m.input_quantizer.bits) == 8
@@ -271,7 +272,7 @@ def test_quantized_close_to_float_and_inputs_untouched(running_fold):
         with torch.no_grad():  # keep the reference's parameters equal to the trained ones
             for p_ref, p in pairs(ref, m):
                 p_ref.copy_(p)
-    if not running_fold:  # the recommended end of batch-fold QAT: learn the weight scale on W·γ/σ_R
+    if method == "batch":  # the recommended end of batch-fold QAT: learn the weight scale on W·γ/σ_R
         freeze_bn_statistics(m)
         m(x)
     m.eval(), ref.eval()
@@ -283,15 +284,21 @@ def test_quantized_close_to_float_and_inputs_untouched(running_fold):
         assert torch.equal(t, originals[name]), name
 
 
-@pytest.mark.parametrize("running_fold", [False, True])
-def test_weight_observer_sees_folded_weight(running_fold):
+@pytest.mark.parametrize("method", ["one_conv", "batch", "running"])
+def test_weight_observer_sees_folded_weight(method):
     conv, bn = make_pair(bias=False)
-    m = fused(conv, bn, quantize=True, bn_fold_running=running_fold).train()
+    m = fused(conv, bn, quantize=True, bn_fold_method=method).train()
     x = torch.randn(4, CHANNELS, 7, 7)
+    with torch.no_grad():  # one_conv quantizes with σ_R from before the step, folding γ = 0 channels with γ = 1
+        inv_std_r = torch.rsqrt(m.running_var + m.eps)
+        fold = torch.where(m.bn_weight == 0, inv_std_r, m.bn_weight * inv_std_r)
+        w_before = conv.weight * fold.reshape(-1, 1, 1, 1)
     m(x)
     m.eval()  # from here on nothing observes
     with torch.no_grad():
-        if running_fold:
+        if method == "one_conv":
+            w_f = w_before
+        elif method == "running":
             w_f = m.folded_weight_and_bias()[0]
         else:
             y0 = conv(m.input_quantizer(x))  # the batch statistics of conv(x̂)

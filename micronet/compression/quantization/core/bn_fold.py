@@ -12,27 +12,31 @@ Notation: μ_B, var_B are the per-channel mean and *biased* variance of ``conv(x
 exactly what ``nn.BatchNorm2d`` normalises with; σ_B = sqrt(var_B + eps); μ_R, σ_R are the same from the
 running statistics; x̂ = ``input_quantizer(x)``; Wq = ``weight_quantizer``.
 
-* Training, BN statistics live (the default, "batch fold"): ``y = conv(x̂, Wq(W·γ/σ_B)) + β + (b − μ_B)·γ/σ_B``.
-  With the quantizers disabled this *is* conv→BN in training mode, gradients included (they flow through
-  μ_B and σ_B, Jacob et al. Fig. C.8).
-* Training with ``scheme.bn_fold_running`` (the original's ``bn_fuse_calib``, the whitepaper's
-  "correction"): ``y = conv(x̂, Wq(W·γ/σ_R)) · σ_R/σ_B + β + (b − μ_B)·γ/σ_B`` — the quantized weight uses
-  the stable running scale, the output is still batch-normalised.
+Three ways to train with the fold (``scheme.bn_fold_method``; eval is the same for all):
+
+* ``"one_conv"`` (the default, as torch.ao and the whitepaper's practical recipe): ``z = conv(x̂, Wq(W·γ/σ_R))
+  / (γ/σ_R) + b`` (≈ the unfolded conv's output), then ``y = (z − μ_B(z))·γ/σ_B(z) + β``. One convolution;
+  the batch statistics include the weight's quantization noise. With the quantizers disabled this is
+  conv→BN in training mode, gradients included.
+* ``"batch"`` (Jacob et al. 2018 §3.2, Fig. C.8): a float convolution gives μ_B, σ_B, then
+  ``y = conv(x̂, Wq(W·γ/σ_B)) + β + (b − μ_B)·γ/σ_B``. Exact batch statistics; two convolutions.
+* ``"running"`` (the original's ``bn_fuse_calib``, the whitepaper's "correction"): μ_B, σ_B from a float
+  convolution, ``y = conv(x̂, Wq(W·γ/σ_R)) · σ_R/σ_B + β + (b − μ_B)·γ/σ_B``. Two convolutions.
 * Eval mode, ``freeze_bn_stats == 1`` or a FROZEN weight quantizer (QAFT): ``y = conv(x̂, Wq(W·γ/σ_R)) + β +
   (b − μ_R)·γ/σ_R`` — exactly :meth:`QuantBNFuseConv2d.folded_weight_and_bias`, what export writes.
 
 In the live-statistics training paths the running statistics are updated exactly as ``nn.BatchNorm2d``
 updates them (momentum, or the cumulative average when ``momentum is None``; the *unbiased* batch variance
-goes into ``running_var``; ``num_batches_tracked`` counts), so they equal those of the unfolded conv→BN fed
-the same inputs. σ_R in the ``bn_fold_running`` path is taken after this step's update (as in the original).
+goes into ``running_var``; ``num_batches_tracked`` counts), so without quantization they equal those of the
+unfolded conv→BN fed the same inputs. σ_R in ``"one_conv"`` is taken before this step's update (the weight
+must be quantized before the statistics exist); in ``"running"`` after it (as in the original).
 
 Fixed on purpose relative to the original micronet: the variance that normalises is the biased one (the
 original used ``torch.var``'s unbiased estimate, so folded and unfolded outputs differed); "copy the first
 batch's statistics" (``bn_stats_from_model=False``) is tracked by a buffer, so it survives checkpoints
 (the original kept a Python counter); BN statistics can be frozen (:func:`freeze_bn_statistics`).
 
-Cost: two convolutions per training step (one for the batch statistics, one with the quantized folded
-weight); one in eval mode or with frozen statistics.
+Measured cost per QAT step: see bench/quant_overhead.py.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from micronet.compression.quantization.core.modules import WeightedQuantizedModule, default_scheme
@@ -76,12 +81,12 @@ class QuantBNFuseConv2d(WeightedQuantizedModule, nn.Conv2d):
     running statistics consistent with the deployed integer conv, and sends the statistics' gradient
     through the same input-quantizer STE as the output's.
 
-    **Weight quantizer range.** In the batch-fold path the weight observer sees W·γ/σ_B, which moves with
-    every batch; in eval the weight is W·γ/σ_R with the scale from the last training step. Freeze the BN
-    statistics (:func:`freeze_bn_statistics`) for the last part of QAT, or use ``bn_fold_running``, so that
-    the scale is learnt on the weight that is deployed.
+    **Weight quantizer range.** In the ``"batch"`` path the weight observer sees W·γ/σ_B, which moves with
+    every batch; in eval the weight is W·γ/σ_R with the scale from the last training step. ``"one_conv"``
+    and ``"running"`` quantize the deployed running-statistics weight throughout; with ``"batch"``, freeze
+    the BN statistics (:func:`freeze_bn_statistics`) for the last part of QAT.
 
-    ``bn_fold_running`` comes from the scheme (stored in checkpoints with it). BatchNorm statistics are
+    ``bn_fold_method`` comes from the scheme (stored in checkpoints with it). BatchNorm statistics are
     per process, as in ``nn.BatchNorm2d`` (not synchronised under DDP).
     """
 
@@ -120,7 +125,7 @@ class QuantBNFuseConv2d(WeightedQuantizedModule, nn.Conv2d):
 
     def attach_quantizers(self, scheme: QuantScheme) -> None:
         super().attach_quantizers(scheme)
-        self.bn_fold_running = bool(scheme.bn_fold_running)
+        self.bn_fold_method = scheme.bn_fold_method
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -223,19 +228,41 @@ class QuantBNFuseConv2d(WeightedQuantizedModule, nn.Conv2d):
         if not self.training or self.bn_stats_frozen:
             weight, bias = self.folded_weight_and_bias()
             return self._conv_forward(x, self.weight_quantizer(weight), bias)
+        if self.bn_fold_method == "one_conv":
+            return self._forward_one_conv(x)
+        return self._forward_two_convs(x)
 
-        # Batch statistics of the unfolded conv's output, with their gradient paths.
-        y = self._conv_forward(x, self.weight, self.bias)
+    def _batch_statistics(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, inverse std) of ``y`` per channel as BN normalises (biased variance), updating the
+        running statistics on the way; both keep their gradient paths."""
         count = y.numel() // y.shape[1]
         if count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(y.shape)}")
         var_b, mean_b = torch.var_mean(y, dim=(0, 2, 3), correction=0)
         self._update_running_stats(mean_b.detach(), var_b.detach(), count)
-        inv_std_b = torch.rsqrt(var_b + self.eps)
+        return mean_b, torch.rsqrt(var_b + self.eps)
+
+    def _forward_one_conv(self, x: Tensor) -> Tensor:
+        """Quantize W·γ/σ_R, convolve once, divide the fold back out (≈ conv(x̂, W) + b) and batch-normalise
+        that: the statistics carry the weight's quantization noise, the price of the second convolution."""
+        inv_std_r = torch.rsqrt(self.running_var + self.eps)
+        # A channel with γ = 0 folds to a zero weight; fold it with γ = 1 instead so that z still estimates
+        # the conv output and γ keeps its gradient (BN then multiplies it by 0 anyway).
+        scale_r = torch.where(self.bn_weight == 0, inv_std_r, self.bn_weight * inv_std_r)
+        z = self._conv_forward(x, self.weight_quantizer(self.weight * _per_filter(scale_r)), None)
+        y = z / _per_channel(scale_r)
+        if self.bias is not None:
+            y = y + _per_channel(self.bias)
+        # nn.BatchNorm2d's own kernel: batch statistics with their gradients, running statistics updated.
+        return F.batch_norm(y, self.running_mean, self.running_var, self.bn_weight, self.bn_bias, training=True,
+                            momentum=self._next_momentum(), eps=self.eps)
+
+    def _forward_two_convs(self, x: Tensor) -> Tensor:
+        """Exact batch statistics from a float convolution, then the quantized folded convolution."""
+        mean_b, inv_std_b = self._batch_statistics(self._conv_forward(x, self.weight, self.bias))
         scale_b = self.bn_weight * inv_std_b
         bias = self.bn_bias + self._centred_bias(mean_b) * scale_b
-
-        if self.bn_fold_running:
+        if self.bn_fold_method == "running":
             std_r = self._running_std()  # after this step's update
             weight = self.weight * _per_filter(self.bn_weight / std_r)
             out = self._conv_forward(x, self.weight_quantizer(weight), None)
@@ -244,22 +271,24 @@ class QuantBNFuseConv2d(WeightedQuantizedModule, nn.Conv2d):
         return self._conv_forward(x, self.weight_quantizer(weight), bias)
 
     @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, var_biased: Tensor, count: int) -> None:
-        """As ``nn.BatchNorm2d`` in training: the unbiased batch variance goes into ``running_var``."""
-        var_unbiased = var_biased * (count / (count - 1))
+    def _next_momentum(self) -> float:
+        """Count this batch and return the weight of its statistics in the running ones (1 = copy them)."""
         self.num_batches_tracked.add_(1)
         if not self.bn_stats_initialized.item():
-            self.running_mean.copy_(mean)
-            self.running_var.copy_(var_unbiased)
             self.bn_stats_initialized.fill_(1)
-            return
-        factor = 1.0 / float(self.num_batches_tracked.item()) if self.momentum is None else self.momentum
+            return 1.0
+        return 1.0 / float(self.num_batches_tracked.item()) if self.momentum is None else self.momentum
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var_biased: Tensor, count: int) -> None:
+        """As ``nn.BatchNorm2d`` in training: the unbiased batch variance goes into ``running_var``."""
+        factor = self._next_momentum()
+        var_unbiased = var_biased * (count / (count - 1))
         self.running_mean.mul_(1 - factor).add_(mean * factor)
         self.running_var.mul_(1 - factor).add_(var_unbiased * factor)
 
     def extra_repr(self) -> str:
-        fold = "running fold" if self.bn_fold_running else "batch fold"
-        return f"{super().extra_repr()}, eps={self.eps}, momentum={self.momentum}, {fold}"
+        return f"{super().extra_repr()}, eps={self.eps}, momentum={self.momentum}, fold={self.bn_fold_method}"
 
 
 def _set_bn_freeze(model: nn.Module, value: int) -> int:

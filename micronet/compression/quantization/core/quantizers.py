@@ -175,7 +175,8 @@ class AffineQuantizer(Quantizer):
                 "(calibrate(model, data)) or train it in QAT mode before evaluating"
             )
         quant_min, quant_max = self.quant_min_max
-        return fake_quantize(x, self.scale, self.zero_point, quant_min, quant_max, self.ch_axis)
+        zero_point = None if self.symmetric else self.zero_point
+        return fake_quantize(x, self.scale, zero_point, quant_min, quant_max, self.ch_axis)
 
     @torch.no_grad()
     def weight_codes(self, w: torch.Tensor) -> WeightCodes:

@@ -42,8 +42,13 @@ def iao_scheme(
     ptq: bool = False,
     percentile: float = 0.9999,
     activation_observer: str | None = None,
+    bn_fold_method: str | None = None,
 ) -> QuantScheme:
-    """The :class:`QuantScheme` the original's flags describe."""
+    """The :class:`QuantScheme` the original's flags describe.
+
+    ``bn_fold_method`` (see :data:`~micronet.compression.quantization.core.scheme.BN_FOLD_METHODS`) defaults
+    to ``"running"`` with ``bn_fuse_calib`` and to the one-convolution fold otherwise (the original folded
+    with exact batch statistics at the cost of a second convolution: ``bn_fold_method="batch"``)."""
     for flag, value in (("q_type", q_type), ("q_level", q_level), ("weight_observer", weight_observer)):
         if value not in (0, 1):
             raise QuantizationError(f"{flag} must be 0 or 1 (got {value})")
@@ -67,8 +72,9 @@ def iao_scheme(
         observer_options={"percentile": percentile} if observer == "percentile" else {},
     )
     parts = [f"iao-w{w_bits}a{a_bits}", "sym" if symmetric else "asym", "per-channel" if q_level == 0 else "per-layer"]
+    method = bn_fold_method or ("running" if bn_fuse_calib else "one_conv")
     if bn_fuse:
-        parts.append("bn-fold-running" if bn_fuse_calib else "bn-fold")
+        parts.append({"one_conv": "bn-fold", "batch": "bn-fold-batch", "running": "bn-fold-running"}.get(method, method))
     if ptq:
         parts.append("ptq")
     return QuantScheme(
@@ -76,7 +82,7 @@ def iao_scheme(
         weight=weight,
         activation=activation,
         fold_bn=bn_fuse,
-        bn_fold_running=bn_fuse_calib,
+        bn_fold_method=method,
         bn_stats_from_model=pretrained_model or ptq,
     )
 
