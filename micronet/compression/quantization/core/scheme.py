@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from micronet.compression.quantization.core import lowbit as _lowbit
 from micronet.compression.quantization.core.observers import build_observer
 from micronet.compression.quantization.core.quantizers import AffineQuantizer, Quantizer
 from micronet.errors import QuantizationError
@@ -73,6 +74,12 @@ class QuantScheme:
     keep_first_float: bool = False
     keep_last_float: bool = False
     skip: tuple[str, ...] = ()
+    quantize_joins: bool = True  # Add / Concat inputs share one activation quantizer
+    # Activations (by float type name) between the first and the last weighted layer that are *replaced*
+    # by a quantizer built from ``activation_replacement`` (e.g. ReLU → sign: a ReLU followed by a sign
+    # would make every activation +1). None: activations stay as they are.
+    activation_replacement: QuantizerSpec | None = None
+    replaced_activations: tuple[str, ...] = ("ReLU", "ReLU6")
 
     def with_skip(self, names: list[str] | tuple[str, ...]) -> QuantScheme:
         return replace(self, skip=tuple(dict.fromkeys((*self.skip, *names))))
@@ -81,6 +88,7 @@ class QuantScheme:
         data = asdict(self)
         data["quantize_activations"] = list(self.quantize_activations)
         data["skip"] = list(self.skip)
+        data["replaced_activations"] = list(self.replaced_activations)
         return data
 
     @classmethod
@@ -90,6 +98,10 @@ class QuantScheme:
         data["activation"] = QuantizerSpec.from_json(data["activation"])
         data["quantize_activations"] = tuple(data.get("quantize_activations", ()))
         data["skip"] = tuple(data.get("skip", ()))
+        if data.get("activation_replacement") is not None:
+            data["activation_replacement"] = QuantizerSpec.from_json(data["activation_replacement"])
+        if "replaced_activations" in data:
+            data["replaced_activations"] = tuple(data["replaced_activations"])
         return cls(**data)
 
 
@@ -109,3 +121,5 @@ def _build_affine(spec: QuantizerSpec, ch_axis: int | None, num_channels: int | 
 
 
 register_quantizer_family("affine", _build_affine)
+for _name, _builder in _lowbit.FAMILIES.items():
+    register_quantizer_family(_name, _builder)

@@ -73,7 +73,9 @@ def is_prepared(model: nn.Module) -> bool:
 
 
 def _mapping(scheme: QuantScheme) -> dict[type[nn.Module], type[QuantizedModule]]:
-    mapping: dict[type[nn.Module], type[QuantizedModule]] = {**WEIGHTED_MAPPING, **JOIN_MAPPING}
+    mapping: dict[type[nn.Module], type[QuantizedModule]] = dict(WEIGHTED_MAPPING)
+    if scheme.quantize_joins:
+        mapping.update(JOIN_MAPPING)
     if scheme.quantize_pools:
         mapping.update(POOL_MAPPING)
     mapping.update({k: v for k, v in ACTIVATION_MAPPING.items() if k.__name__ in scheme.quantize_activations})
@@ -138,9 +140,47 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _first_last_weighted(model: nn.Module) -> tuple[str | None, str | None]:
-    names = [n for n, m in model.named_modules() if type(m) in WEIGHTED_MAPPING]
+def _call_order(model: nn.Module) -> list[str]:
+    """Names of the modules in the order ``forward`` calls them (a module called twice appears twice).
+
+    Taken from a torch.fx trace, which follows the dataflow; an untraceable model falls back to the
+    registration order (the order ``named_modules`` lists).
+    """
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - untraceable models use the registration order
+        return [name for name, _ in model.named_modules() if name]
+    return [str(node.target) for node in graph.nodes if node.op == "call_module"]
+
+
+def _first_last_weighted(model: nn.Module, order: list[str]) -> tuple[str | None, str | None]:
+    modules = dict(model.named_modules())
+    names = [n for n in order if type(modules.get(n)) in WEIGHTED_MAPPING]
     return (names[0], names[-1]) if names else (None, None)
+
+
+def _replace_activations(model: nn.Module, scheme: QuantScheme, order: list[str], first: str | None,
+                         last: str | None, skip_names: Iterable[str], report: QuantizationReport) -> None:
+    """Put a quantizer built from ``scheme.activation_replacement`` in place of every activation of a
+    type in ``scheme.replaced_activations`` whose every call lies between the first call of the first
+    weighted layer and the last call of the last one (a shared module used outside stays float)."""
+    spec = scheme.activation_replacement
+    if spec is None or first is None:
+        return
+    start, end = order.index(first), len(order) - 1 - order[::-1].index(last)
+    modules = dict(model.named_modules())
+    for name in dict.fromkeys(order):
+        module = modules.get(name)
+        if type(module).__name__ not in scheme.replaced_activations or _skipped(name, skip_names):
+            continue
+        calls = [i for i, called in enumerate(order) if called == name]
+        if not all(start < i < end for i in calls):
+            if any(start < i < end for i in calls):
+                report.kept_float.append((name, "activation also used outside the quantized region"))
+            continue
+        replacement = spec.build()
+        _set_module(model, name, replacement)
+        report.quantized.append((name, type(replacement).__name__))
 
 
 def prepare(
@@ -162,9 +202,11 @@ def prepare(
     model = model if inplace else copy.deepcopy(model)
     report = QuantizationReport(scheme.name)
     model = _modularize(model, report)
-    first, last = _first_last_weighted(model)
+    order = _call_order(model)
+    first, last = _first_last_weighted(model, order)
     policy_skips = [n for n, keep in ((first, scheme.keep_first_float), (last, scheme.keep_last_float)) if keep and n]
     skip_names = (*scheme.skip, *policy_skips)
+    _replace_activations(model, scheme, order, first, last, scheme.skip, report)
 
     if scheme.fold_bn:
         from micronet.compression.quantization.core.bn_fold import QuantBNFuseConv2d

@@ -1,0 +1,1 @@
+"""Binary/ternary weights and binary activations (:mod:`.quantize`)."""

@@ -1,0 +1,1 @@
+"""DoReFa k-bit weights and activations (:mod:`.quantize`)."""
