@@ -108,6 +108,8 @@ QUANTIZE_EXAMPLES = """examples:
   micronet quantize iao --checkpoint runs/demo --bn_fuse --epochs 2 --lr 0.002 --out runs/demo_qat
   micronet quantize iao --checkpoint runs/demo --w_bits 4 --a_bits 4 --bn_fuse --epochs 3 --out runs/demo_w4a4
   micronet quantize iao --checkpoint runs/demo_ptq --qaft --epochs 1 --lr 1e-4 --out runs/demo_qaft
+  micronet quantize dorefa --checkpoint runs/demo --w_bits 4 --a_bits 4 --epochs 3 --out runs/demo_dorefa_w4a4
+  micronet quantize wbwtab --checkpoint runs/demo --W 3 --A 2 --epochs 3 --lr 0.01 --out runs/demo_ternary
 """
 
 
@@ -116,11 +118,17 @@ def _quantize_parser(sub: Any) -> None:
                        formatter_class=_Formatter,
                        description="Quantize a float checkpoint by calibration (--ptq) or quantization-aware training, "
                                    "or fine-tune a quantized checkpoint with frozen scales (--qaft).")
-    p.add_argument("method", choices=["iao"], help="iao: integer-arithmetic-only affine quantization")
+    p.add_argument("method", choices=["iao", "dorefa", "wbwtab"],
+                   help="iao: integer-arithmetic-only affine quantization; dorefa: DoReFa k-bit; "
+                        "wbwtab: binary/ternary weights and binary activations")
     p.add_argument("--checkpoint", required=False, help="trained checkpoint or run directory to start from")
     p.add_argument("--out", default=None, help="run directory for the quantized model (default <checkpoint>_<method>)")
-    _add(p, "--w-bits", type=int, default=8, help="weight bits (2-16)")
-    _add(p, "--a-bits", type=int, default=8, help="activation bits (2-16)")
+    _add(p, "--w-bits", type=int, default=8, help="weight bits (iao 2-16; dorefa 1-16, 32 = float)")
+    _add(p, "--a-bits", type=int, default=8, help="activation bits (iao 2-16; dorefa 1-16, 32 = float)")
+    p.add_argument("--W", type=int, default=None, help="wbwtab weights: 2 binary, 3 ternary, 32 float (default 2)")
+    p.add_argument("--A", type=int, default=None, help="wbwtab activations: 2 binary (sign), 32 float (default 2)")
+    _add(p, "--pre-scale", type=float, default=1.0,
+         help="dorefa: activations are clamp(x * pre_scale, 0, 1) on the k-bit grid (the original used 0.1)")
     _add(p, "--q-type", type=int, default=0, choices=[0, 1], help="0 symmetric, 1 asymmetric")
     _add(p, "--q-level", type=int, default=0, choices=[0, 1], help="0 per-channel weights, 1 per-layer")
     _add(p, "--weight-observer", type=int, default=0, choices=[0, 1], help="0 min/max of current weights, 1 moving average")
@@ -330,6 +338,31 @@ def cmd_train(args: argparse.Namespace, ctx) -> int:
     return 0
 
 
+def _lowbit_scheme(args: argparse.Namespace):
+    """The DoReFa or WbWtAb scheme the flags describe (None for iao), after refusing flags of other methods."""
+    from micronet.errors import ConfigError
+
+    if args.method != "wbwtab" and (args.W is not None or args.A is not None):
+        raise ConfigError(f"--W and --A belong to `micronet quantize wbwtab`; {args.method} takes --w_bits and --a_bits")
+    if args.method == "iao":
+        return None
+    if args.ptq:
+        raise ConfigError(f"{args.method} quantizers have no observers to calibrate: drop --ptq and train them (QAT)")
+    iao_only = [flag for flag, on in (("--bn_fuse", args.bn_fuse), ("--bn_fuse_calib", args.bn_fuse_calib),
+                                      ("--bn_fold_method", getattr(args, "bn_fold_method", None)),
+                                      ("--freeze_bn_after", args.freeze_bn_after is not None),
+                                      ("--lsq", getattr(args, "lsq", False))) if on]
+    if iao_only:
+        raise ConfigError(f"{' and '.join(iao_only)} apply to iao only: drop them for {args.method}")
+    if args.method == "dorefa":
+        from micronet.compression.quantization.wqaq.dorefa.quantize import dorefa_scheme
+
+        return dorefa_scheme(args.a_bits, args.w_bits, pre_scale=args.pre_scale)
+    from micronet.compression.quantization.wbwtab.quantize import wbwtab_scheme
+
+    return wbwtab_scheme(A=2 if args.A is None else args.A, W=2 if args.W is None else args.W)
+
+
 @_with_devices
 def cmd_quantize(args: argparse.Namespace, ctx) -> int:
     from micronet.compression.quantization.core import calibrate, freeze, is_prepared, prepare
@@ -340,6 +373,7 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
     from micronet.errors import ConfigError
 
     last, config = _resume_state(args)
+    lowbit = _lowbit_scheme(args) if last is None and not args.qaft else None  # bad flags fail before loading
     if last is not None:  # an interrupted QAT/QAFT run: rebuild the quantized model it was training
         model, source = last.build_model(), last
     else:
@@ -366,7 +400,7 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
         if is_prepared(model):
             raise ConfigError(f"{source.path} is already quantized ({model.quant_scheme.name}): "
                               "use --qaft to fine-tune it, or start from the float checkpoint")
-        scheme = iao_scheme(args.a_bits, args.w_bits, args.q_type, args.q_level, args.weight_observer, args.bn_fuse,
+        scheme = lowbit or iao_scheme(args.a_bits, args.w_bits, args.q_type, args.q_level, args.weight_observer, args.bn_fuse,
                             args.bn_fuse_calib, pretrained_model=True, ptq=args.ptq, percentile=args.percentile,
                             activation_observer=args.activation_observer)
         model = prepare(model, scheme, skip=args.skip)
