@@ -173,6 +173,39 @@ def _info_parser(sub: Any) -> None:
     p.set_defaults(run=cmd_info)
 
 
+FUSE_EXAMPLES = """examples:
+  micronet fuse --checkpoint runs/demo_qat_w8a8 --out runs/demo_qat_w8a8_fused
+  micronet fuse --checkpoint runs/demo --out runs/demo_fused --test_subset 2000
+  micronet pack --checkpoint runs/demo_qat_w8a8_fused --out runs/demo_w8a8_packed
+  micronet info --checkpoint runs/demo_w8a8_packed      # measured bytes per quantized layer
+"""
+
+
+def _fuse_parser(sub: Any) -> None:
+    p = sub.add_parser("fuse", help="fold BatchNorm into the convolutions of a trained checkpoint", epilog=FUSE_EXAMPLES,
+                       formatter_class=_Formatter,
+                       description="Fold every BatchNorm that follows a conv (standard fold; sign fold in front of "
+                                   "sign activations; QAT BN-folding convs become plain quantized convs), print what "
+                                   "was folded how and the test accuracy before and after, and write the fused checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    p.add_argument("--out", required=True, help="directory for the fused checkpoint")
+    _add_data_options(p, default=None)
+    _add(p, "--batch-size", type=int, default=512, help="evaluation batch size")
+    _add(p, "--no-eval", dest="evaluate", action="store_false", help="skip the accuracy comparison")
+    _add_device_options(p)
+    p.set_defaults(run=cmd_fuse)
+
+
+def _pack_parser(sub: Any) -> None:
+    p = sub.add_parser("pack", help="write a quantized checkpoint as a packed low-bit artifact", epilog=FUSE_EXAMPLES,
+                       formatter_class=_Formatter,
+                       description="Store every quantized weight as its integer codes (1-8 bits packed densely, 9-16 "
+                                   "bits as two bytes) plus scale and zero point; print measured bytes per layer.")
+    p.add_argument("--checkpoint", required=True, help="quantized checkpoint or run directory")
+    p.add_argument("--out", required=True, help="directory for the packed artifact")
+    p.set_defaults(run=cmd_pack)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import micronet
 
@@ -183,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluate_parser(sub)
     _quantize_parser(sub)
     _info_parser(sub)
+    _fuse_parser(sub)
+    _pack_parser(sub)
     return parser
 
 
@@ -463,9 +498,11 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def cmd_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from micronet.analysis import format_table
+    from micronet.compression.packing import is_packed_artifact, layer_size_rows
     from micronet.data import list_datasets
     from micronet.engine import load_checkpoint
-    from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.engine.checkpoint import MODEL_FILE, resolve_checkpoint
     from micronet.errors import ConfigError
     from micronet.models import build_model, default_cfg, list_models
 
@@ -483,9 +520,15 @@ def cmd_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
             shape = ()
         if len(shape) != 3 or min(shape) < 1:
             raise ConfigError(f"--input-shape takes C,H,W such as 3,32,32 (got {args.input_shape})")
-    if args.checkpoint:
+    sizes = None
+    if args.checkpoint and is_packed_artifact(args.checkpoint):
+        model, header, held, sizes = _packed_info(args.checkpoint)
+        if shape is None:
+            shape = (held.in_channels, *held.image_size) if held else (model.arch.in_channels, 28, 28)
+    elif args.checkpoint:
         checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
         model = checkpoint.build_model()
+        sizes = layer_size_rows(model, checkpoint.path / MODEL_FILE)
         held = checkpoint.data_info
         if shape is None:
             shape = (held.in_channels, *held.image_size) if held else (model.arch.in_channels, 28, 28)
@@ -502,6 +545,77 @@ def cmd_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise ConfigError(f"--input-shape has {shape[0]} channels but the model takes {model.arch.in_channels}")
     print(header)
     print(_summary_table(model, shape, {"input": "x".join(map(str, shape))}))
+    if sizes:
+        print("quantized layers (on disk: bytes in the tensor file, from its header):")
+        print(format_table(sizes))
+    return 0
+
+
+def _packed_info(path: str):
+    """(model, header line, dataset info, size rows) of a packed artifact."""
+    from micronet.compression.packing import TENSOR_FILE, layer_size_rows, load_packed, read_packed_meta
+    from micronet.data import DatasetInfo
+    from micronet.io import resolve_directory
+
+    directory = resolve_directory(path)
+    meta = read_packed_meta(directory)
+    model = load_packed(directory)
+    held = DatasetInfo.from_json(meta["data"]) if meta.get("data") else None
+    packed = sum(1 for layer in meta.get("layers", []) if layer.get("stored") == "packed")
+    header = f"{directory}: packed {model.arch.name} cfg {list(model.arch.cfg)} | {packed} packed layers, " \
+             f"{meta['files'][TENSOR_FILE]['bytes']} bytes"
+    return model, header, held, layer_size_rows(model, directory / TENSOR_FILE)
+
+
+def cmd_fuse(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from micronet.analysis import format_table
+    from micronet.compression.fusion import fuse
+    from micronet.data import BatchLoader
+    from micronet.engine import evaluate, load_checkpoint, save_checkpoint, setup
+    from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.engine.distributed import parse_gpu_ids
+
+    ctx = setup(cpu=args.cpu, gpu_ids=parse_gpu_ids(args.gpu_id)[:1])
+    checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    model = checkpoint.build_model().eval()
+    fused, report = fuse(model)
+    print(f"{checkpoint.path}: {report.summary()}")
+    if report.layers:
+        print(format_table(report.rows()))
+    metrics = dict(checkpoint.metrics)
+    held = checkpoint.data_info
+    name = args.data or (held.name if held else None)
+    if args.evaluate and name is None:
+        print("no dataset recorded in the checkpoint: pass --data to compare accuracy before and after")
+    elif args.evaluate:
+        splits = _load_data(args, name)
+        loader = BatchLoader(splits.test, args.batch_size)
+        before = evaluate(model.to(ctx.device), loader, ctx.device)
+        after = evaluate(fused.to(ctx.device), loader, ctx.device)
+        print(f"{splits.info.name} test ({before['samples']} images): accuracy {before['acc'] * 100:.2f}% before, "
+              f"{after['acc'] * 100:.2f}% after fusion (loss {before['loss']:.4f} / {after['loss']:.4f})")
+        metrics.update(unfused_test_acc=before["acc"], fused_test_acc=after["acc"], fused_test_images=after["samples"])
+    out = save_checkpoint(args.out, fused.cpu(), data_info=held, metrics=metrics, extra=checkpoint.meta.get("extra"))
+    print(f"fused checkpoint: {out}")
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from micronet.analysis import format_table
+    from micronet.compression.packing import TENSOR_FILE, layer_size_rows, read_packed_meta, save_packed
+    from micronet.engine import load_checkpoint
+    from micronet.engine.checkpoint import resolve_checkpoint
+
+    checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    model = checkpoint.build_model()
+    out = save_packed(model, args.out, data_info=checkpoint.data_info, metrics=checkpoint.metrics)
+    print(f"packed artifact: {out}")
+    rows = layer_size_rows(model, Path(out) / TENSOR_FILE)
+    if rows:
+        print(format_table(rows))
+    for layer in read_packed_meta(out)["layers"]:
+        if layer["stored"] != "packed":
+            print(f"kept in float32: {layer['name']} ({layer['reason']})")
     return 0
 
 

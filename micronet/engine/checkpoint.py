@@ -85,13 +85,28 @@ class Checkpoint:
                 "yourself and call load_weights(model, checkpoint)"
             )
         model = build_model(arch.name, arch.num_classes, arch.in_channels, list(arch.cfg))
+        fusion = self.fusion_record
+        if fusion is not None:  # BatchNorms folded before quantizing
+            from micronet.compression.fusion import apply_fusion_record
+
+            apply_fusion_record(model, fusion, "float")
         scheme = self.quant_scheme
         if scheme is not None:  # re-create the quantized structure, then load its statistics
             from micronet.compression.quantization.core import prepare
 
             model = prepare(model, scheme, inplace=True)
+        if fusion is not None:  # BatchNorms folded after quantizing (QAT folding convs, sign folds)
+            from micronet.compression.fusion import apply_fusion_record
+
+            apply_fusion_record(model, fusion, "quantized")
+            model.fusion_record = fusion
         self.load_into(model)
         return model
+
+    @property
+    def fusion_record(self) -> dict[str, Any] | None:
+        """What :func:`micronet.compression.fusion.fuse` changed in the model's structure, or None."""
+        return (self.meta.get("extra") or {}).get("fusion") or None
 
     @property
     def quant_scheme(self):
@@ -163,6 +178,20 @@ def _contiguous_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
+def structure_meta(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{"arch", "extra"}`` entries that rebuild ``model``'s structure: architecture, quantization scheme
+    (``extra.quantization``) and BatchNorm fusion (``extra.fusion``); other ``extra`` entries are kept."""
+    arch = getattr(model, "arch", None)
+    extra = {k: v for k, v in (extra or {}).items() if k not in ("quantization", "fusion")}
+    scheme = getattr(model, "quant_scheme", None)
+    if scheme is not None:
+        extra["quantization"] = {"scheme": scheme.to_json()}
+    fusion = getattr(model, "fusion_record", None)
+    if fusion:
+        extra["fusion"] = fusion
+    return {"arch": arch.to_json() if arch is not None else None, "extra": extra}
+
+
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -174,19 +203,15 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (and optionally the training state) as a checkpoint directory, atomically."""
-    arch = getattr(model, "arch", None)
-    extra = dict(extra or {})
-    scheme = getattr(model, "quant_scheme", None)
-    if scheme is not None:
-        extra["quantization"] = {"scheme": scheme.to_json()}
+    structure = structure_meta(model, extra)
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "arch": arch.to_json() if arch is not None else None,
+        "arch": structure["arch"],
         "data": data_info.to_json() if data_info is not None else None,
         "metrics": metrics or {},
         "training": training,
-        "extra": extra,
+        "extra": structure["extra"],
         "versions": _versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
