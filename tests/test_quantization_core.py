@@ -360,3 +360,17 @@ def test_quantizer_spec_round_trips_through_json():
     assert QuantizerSpec.from_json(spec.to_json()) == spec
     scheme = iao_scheme(w_bits=4, a_bits=6, q_type=1, bn_fuse=True)
     assert type(scheme).from_json(scheme.to_json()) == scheme
+
+
+@pytest.mark.parametrize("kind", ["minmax", "moving_average", "percentile", "histogram"])
+def test_observing_several_tensors_equals_observing_their_concatenation(kind):
+    """Add/Concat inputs are observed together without copying them into one tensor first."""
+    from micronet.compression.quantization.core import build_observer
+
+    torch.manual_seed(3)
+    batches = [(torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5) * 2 + 1) for _ in range(3)]
+    together, joined = build_observer(kind), build_observer(kind)
+    for a, b in batches:
+        together((a, b))
+        joined(torch.cat([a.flatten(), b.flatten()]))
+    assert torch.equal(together.min_val, joined.min_val) and torch.equal(together.max_val, joined.max_val)

@@ -9,6 +9,7 @@ with identical observer state.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -68,7 +69,7 @@ class Observer(nn.Module):
     def is_initialized(self) -> bool:
         return bool(self.initialized.item())
 
-    def batch_min_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _local_min_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.detach()
         if self.ch_axis is None:
             lo, hi = torch.aminmax(x.float())
@@ -80,11 +81,30 @@ class Observer(nn.Module):
                 )
             lo, hi = torch.aminmax(flat, dim=1)
         check_finite(lo, hi, x)
+        return lo, hi
+
+    def batch_min_max(self, x: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Extremes of ``x`` (or of several tensors together), reduced across DDP ranks."""
+        if isinstance(x, torch.Tensor):
+            lo, hi = self._local_min_max(x)
+        else:
+            extremes = [self._local_min_max(t) for t in x]
+            lo = torch.stack([e[0] for e in extremes]).amin(0)
+            hi = torch.stack([e[1] for e in extremes]).amax(0)
         return _all_reduce(lo.clone(), "min"), _all_reduce(hi.clone(), "max")
 
+    #: Whether :meth:`update` accepts a sequence of tensors (observed as one); others get them concatenated.
+    accepts_many = True
+
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> None:
-        if x.numel() == 0:
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Observe ``x``; a sequence of tensors (e.g. the inputs of an add) is observed as one tensor."""
+        if not isinstance(x, torch.Tensor):
+            if sum(t.numel() for t in x) == 0:
+                return
+            if not self.accepts_many:
+                x = torch.cat([t.detach().flatten() for t in x])
+        elif x.numel() == 0:
             return
         self.update(x)
         self.initialized.fill_(1)
@@ -142,6 +162,7 @@ class PercentileObserver(Observer):
     """
 
     per_channel_supported = False
+    accepts_many = False
 
     def __init__(self, ch_axis: int | None = None, num_channels: int | None = None, percentile: float = 0.9999) -> None:
         super().__init__(ch_axis, num_channels)
@@ -178,6 +199,7 @@ class HistogramObserver(Observer):
     """
 
     per_channel_supported = False
+    accepts_many = False
 
     def __init__(self, ch_axis: int | None = None, num_channels: int | None = None, bins: int = 2048, candidates: int = 128) -> None:
         super().__init__(ch_axis, num_channels)

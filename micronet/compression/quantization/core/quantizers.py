@@ -78,7 +78,7 @@ class Quantizer(nn.Module):
         if not self.enabled.item():
             return list(tensors)
         if self.observing:
-            self._observe_checked(torch.cat([t.detach().flatten() for t in tensors]))
+            self._observe_checked(tensors)  # observers take several tensors as one
         return [self.quantize(t) for t in tensors]
 
     def _observe_checked(self, x: torch.Tensor) -> None:
