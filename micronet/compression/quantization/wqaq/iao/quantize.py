@@ -43,19 +43,26 @@ def iao_scheme(
     percentile: float = 0.9999,
     activation_observer: str | None = None,
     bn_fold_method: str | None = None,
+    learned_scale: bool = False,
 ) -> QuantScheme:
     """The :class:`QuantScheme` the original's flags describe.
 
     ``bn_fold_method`` (see :data:`~micronet.compression.quantization.core.scheme.BN_FOLD_METHODS`) defaults
     to ``"running"`` with ``bn_fuse_calib`` and to the one-convolution fold otherwise (the original folded
-    with exact batch statistics at the cost of a second convolution: ``bn_fold_method="batch"``)."""
+    with exact batch statistics at the cost of a second convolution: ``bn_fold_method="batch"``).
+    ``learned_scale``: train the scales (LSQ, :mod:`~micronet.compression.quantization.core.learned`),
+    initialised from min/max for weights and from the least-squares histogram range for activations."""
     for flag, value in (("q_type", q_type), ("q_level", q_level), ("weight_observer", weight_observer)):
         if value not in (0, 1):
             raise QuantizationError(f"{flag} must be 0 or 1 (got {value})")
     if not 0 < percentile <= 1:
         raise QuantizationError(f"percentile must be in (0, 1] (got {percentile})")
     symmetric = q_type == 0
+    if learned_scale and not symmetric:
+        raise QuantizationError("learned scales (--lsq) need symmetric quantization: use q_type 0")
+    family = "lsq" if learned_scale else "affine"
     weight = QuantizerSpec(
+        family=family,
         bits=w_bits,
         symmetric=symmetric,
         per_channel=q_level == 0,
@@ -64,8 +71,9 @@ def iao_scheme(
         observer="minmax" if weight_observer == 0 else "moving_average",
         observer_options={"running": False} if weight_observer == 0 else {},
     )
-    observer = activation_observer or ("percentile" if ptq else "moving_average")
+    observer = activation_observer or ("percentile" if ptq else "histogram" if learned_scale else "moving_average")
     activation = QuantizerSpec(
+        family=family,
         bits=a_bits,
         symmetric=symmetric,
         observer=observer,
@@ -75,6 +83,8 @@ def iao_scheme(
     method = bn_fold_method or ("running" if bn_fuse_calib else "one_conv")
     if bn_fuse:
         parts.append({"one_conv": "bn-fold", "batch": "bn-fold-batch", "running": "bn-fold-running"}.get(method, method))
+    if learned_scale:
+        parts.append("lsq")
     if ptq:
         parts.append("ptq")
     return QuantScheme(
