@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from micronet.compression.quantization.core import learned as _learned
 from micronet.compression.quantization.core import lowbit as _lowbit
 from micronet.compression.quantization.core.observers import build_observer
 from micronet.compression.quantization.core.quantizers import AffineQuantizer, Quantizer
@@ -59,6 +60,15 @@ class QuantizerSpec:
         return cls(**_known(cls, data, "quantizer spec"))
 
 
+BN_FOLD_METHODS = {
+    "one_conv": "weight folded with the running σ, batch statistics estimated from the rescaled output of "
+                "that one quantized convolution (as torch.ao); one convolution per step",
+    "batch": "weight folded with the batch σ_B from an extra float convolution (Jacob et al. 2018); two per step",
+    "running": "weight folded with the running σ, output corrected by σ_R/σ_B from an extra float convolution "
+               "(the original's bn_fuse_calib); two per step",
+}
+
+
 @dataclass(frozen=True)
 class QuantScheme:
     """Everything ``prepare`` needs to know; stored in checkpoints as JSON."""
@@ -67,7 +77,7 @@ class QuantScheme:
     weight: QuantizerSpec
     activation: QuantizerSpec
     fold_bn: bool = False
-    bn_fold_running: bool = False  # fold with running statistics while training (the original's bn_fuse_calib)
+    bn_fold_method: str = "one_conv"  # how QAT folds BN while training: see BN_FOLD_METHODS
     bn_stats_from_model: bool = True  # start BN-fold statistics from the trained BN (pretrained_model)
     quantize_pools: bool = True
     quantize_activations: tuple[str, ...] = ("LeakyReLU", "Sigmoid", "Hardswish")
@@ -81,6 +91,12 @@ class QuantScheme:
     activation_replacement: QuantizerSpec | None = None
     replaced_activations: tuple[str, ...] = ("ReLU", "ReLU6")
 
+    def __post_init__(self) -> None:
+        if self.bn_fold_method not in BN_FOLD_METHODS:
+            raise QuantizationError(
+                f"unknown BN fold method {self.bn_fold_method!r}: choose one of {', '.join(BN_FOLD_METHODS)}"
+            )
+
     def with_skip(self, names: list[str] | tuple[str, ...]) -> QuantScheme:
         return replace(self, skip=tuple(dict.fromkeys((*self.skip, *names))))
 
@@ -93,6 +109,9 @@ class QuantScheme:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> QuantScheme:
+        data = dict(data) if isinstance(data, dict) else data
+        if isinstance(data, dict) and "bn_fold_running" in data:  # schemes written before bn_fold_method
+            data["bn_fold_method"] = "running" if data.pop("bn_fold_running") else "batch"
         data = _known(cls, data, "quantization scheme")
         data["weight"] = QuantizerSpec.from_json(data["weight"])
         data["activation"] = QuantizerSpec.from_json(data["activation"])
@@ -121,5 +140,6 @@ def _build_affine(spec: QuantizerSpec, ch_axis: int | None, num_channels: int | 
 
 
 register_quantizer_family("affine", _build_affine)
+register_quantizer_family("lsq", lambda spec, ch_axis, num_channels: _learned.build_learned(spec, ch_axis, num_channels))
 for _name, _builder in _lowbit.FAMILIES.items():
     register_quantizer_family(_name, _builder)
