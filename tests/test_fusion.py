@@ -245,7 +245,7 @@ def test_small_sign_net_keeps_every_sign():
     assert sum(isinstance(m, SignActivation) for m in model.modules()) == 3
     fused, report = fuse(model)
     assert [layer.kind for layer in report.layers] == ["sign_fold"] * 3
-    assert [layer.weight_baked for layer in report.layers] == [False, True, True]  # the first conv is float
+    assert [layer.weight_baked for layer in report.layers] == [False] * 3  # Q(−W) = −Q(W) held exactly
     assert all(layer.constant == 2 and layer.flipped > 0 for layer in report.layers)
     x = torch.randn(16, 3, 12, 12)
     mismatches, outside, _ = sign_fold_check(model, fused, report, x)
@@ -253,9 +253,30 @@ def test_small_sign_net_keeps_every_sign():
     assert all(torch.equal(a, b) for a, b in zip(sign_outputs(model, x), sign_outputs(fused, x)))
     with torch.no_grad():
         assert_close(model(x), fused(x), 1e-5)
-    binary = fused.get_submodule("features.3").weight  # baked ±α per channel, flipped where γ < 0, zero where γ = 0
+    binary = fused.get_submodule("features.3").quantized_weight()  # ±α per channel, 0 where γ = 0
     levels = [set(channel.abs().unique().tolist()) for channel in binary]
-    assert all(len(v) == 1 for v in levels)
+    assert all(len(v) == 1 for v in levels) and levels[0] == {0.0}
+
+
+def per_tensor_binary(model: nn.Module) -> nn.Module:
+    """Binary weights with one α per tensor: zeroing the γ = 0 channels changes α, so Q(s·W) ≠ s·Q(W)."""
+    from dataclasses import replace
+
+    from micronet.compression.quantization.core import prepare
+
+    scheme = wbwtab.wbwtab_scheme(W=2)
+    return prepare(model, replace(scheme, weight=replace(scheme.weight, per_channel=False)))
+
+
+def test_sign_fold_bakes_the_quantized_weight_when_the_flip_is_not_exact():
+    torch.manual_seed(0)
+    model = per_tensor_binary(randomize_bn(SmallSignNet())).eval()
+    fused, report = fuse(model)
+    assert [layer.weight_baked for layer in report.layers] == [False, True, True]
+    assert not fused.get_submodule("features.3").weight_quantizer.enabled.item()
+    x = torch.randn(16, 3, 12, 12)
+    assert sign_fold_check(model, fused, report, x)[:2] == (0, 0)
+    assert all(torch.equal(a, b) for a, b in zip(sign_outputs(model, x), sign_outputs(fused, x)))
 
 
 def test_sign_fold_math_on_float_conv_including_zero_gamma():
@@ -320,16 +341,18 @@ def test_sign_fold_only_in_front_of_sign_activations(tmp_path):
 
 
 def test_fused_sign_net_checkpoint_round_trip(tmp_path):
-    torch.manual_seed(0)
-    model = wbwtab.prepare(randomize_bn(build_model("nin", 10, 1, SMALL_NIN)), W=2).eval()
-    fused, _ = fuse(model)
-    save_checkpoint(tmp_path / "ck", fused)
-    rebuilt = load_checkpoint(tmp_path / "ck").build_model().eval()
-    x = torch.randn(3, 1, 28, 28)
-    with torch.no_grad():
-        assert torch.equal(rebuilt(x), fused(x))
-    baked = [m for m in rebuilt.modules() if hasattr(m, "weight_quantizer") and not m.weight_quantizer.enabled.item()]
-    assert len(baked) == 7  # the binary convs between the float first and last layers
+    for per_channel in (True, False):
+        torch.manual_seed(0)
+        net = randomize_bn(build_model("nin", 10, 1, SMALL_NIN))
+        model = (wbwtab.prepare(net, W=2) if per_channel else per_tensor_binary(net)).eval()
+        fused, _ = fuse(model)
+        save_checkpoint(tmp_path / "ck", fused)
+        rebuilt = load_checkpoint(tmp_path / "ck").build_model().eval()
+        x = torch.randn(3, 1, 28, 28)
+        with torch.no_grad():
+            assert torch.equal(rebuilt(x), fused(x))
+        off = [m for m in rebuilt.modules() if hasattr(m, "weight_quantizer") and not m.weight_quantizer.enabled.item()]
+        assert len(off) == (0 if per_channel else 7)  # the binary convs between the float first and last layers
 
 
 def test_sign_fold_mismatches_stay_inside_the_rounding_bound():

@@ -12,9 +12,12 @@ it can be folded into the convolution z = conv(x, W) + b that feeds it. Three fo
   on sign(γ) and the threshold μ − β·σ/γ, because the folded pre-activation z' is the BN output times the
   positive σ/|γ|. γ > 0: W' = W, b' = b − μ + β·σ/γ; γ < 0: W' = −W, b' = −(b − μ + β·σ/γ); γ = 0: the BN
   output is the constant β, so W' = 0 and b' = β (sign(0) = +1, as :class:`SignActivation`). Weights are
-  never rescaled, so binary/ternary weights stay binary/ternary: a quantized conv's weight is first
-  replaced by its quantized value and its weight quantizer switched off (``enabled`` = 0), which makes
-  the flip exact without assuming Q(−W) = −Q(W). Applied only when every consumer of the BN output
+  never rescaled, so binary/ternary weights stay binary/ternary. For a quantized conv the flip must act
+  on the quantized weight: when Q(s·W) equals s·Q(W) bit for bit on this layer (checked, never assumed;
+  binary and ternary per-channel quantizers are odd functions except at exact zeros) the flipped float
+  weight is kept with its quantizer, so the layer still packs to codes; otherwise the quantized weight
+  is baked in (W ← s·Q(W)) and the weight quantizer switched off (``enabled`` = 0), which is exact
+  too. Applied only when every consumer of the BN output
   applies an enabled sign (a :class:`SignActivation`, or a quantized layer whose input quantizer is one),
   possibly through Identity / Dropout / max-pool modules, which commute with a positive per-channel scale.
 
@@ -59,7 +62,7 @@ class FusedLayer:
     kind: str
     detail: str = ""
     bias_added: bool = False
-    weight_baked: bool = False  # the quantized weight replaced the float one, the weight quantizer is off
+    weight_baked: bool = False  # sign fold: the quantized weight replaced the float one, its quantizer is off
     flipped: int = 0  # sign fold: channels with γ < 0
     constant: int = 0  # sign fold: channels with γ = 0
 
@@ -299,24 +302,33 @@ def _standard_fold(conv: nn.Module, bn: nn.Module) -> FusedLayer:
 @torch.no_grad()
 def _sign_fold(conv: nn.Module, bn: nn.Module) -> FusedLayer:
     gamma, beta, mean, std = _bn_params(bn)
-    quantizer = getattr(conv, "weight_quantizer", None)
-    baked = quantizer is not None and bool(quantizer.enabled.item())
-    if baked:  # the flip must act on the weight the layer computes with
-        conv.weight.copy_(quantizer.quantize(conv.weight))
-        quantizer.enabled.fill_(0)
     bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(mean)
     added = _add_bias(conv)
     zero = gamma == 0
     sign = torch.where(gamma < 0, -1.0, 1.0).double()
     safe_gamma = torch.where(zero, torch.ones_like(gamma), gamma)
     threshold_bias = torch.where(zero, beta, sign * (bias - mean + beta * std / safe_gamma))
-    weight_sign = torch.where(zero, torch.zeros_like(sign), sign)
-    conv.weight.copy_(conv.weight * _per_out(conv, weight_sign).to(conv.weight.dtype))
+    weight_sign = _per_out(conv, torch.where(zero, torch.zeros_like(sign), sign)).to(conv.weight.dtype)
+    flipped_weight = conv.weight * weight_sign
+    quantizer = getattr(conv, "weight_quantizer", None)
+    baked = False
+    if quantizer is not None and bool(quantizer.enabled.item()):
+        wanted = quantizer.quantize(conv.weight) * weight_sign  # what the fused layer must compute with
+        if torch.equal(quantizer.quantize(flipped_weight), wanted):
+            conv.weight.copy_(flipped_weight)  # Q(s·W) = s·Q(W) checked on this very weight: keep the quantizer
+        else:
+            conv.weight.copy_(wanted)
+            quantizer.enabled.fill_(0)
+            baked = True
+    else:
+        conv.weight.copy_(flipped_weight)
     conv.bias.copy_(threshold_bias.to(conv.bias.dtype))
     flipped, constant = int((gamma < 0).sum()), int(zero.sum())
     detail = f"sign: {flipped} channels flipped (γ < 0), {constant} constant (γ = 0)"
     if baked:
         detail += "; quantized weight baked in, weight quantizer off"
+    elif quantizer is not None and bool(quantizer.enabled.item()):
+        detail += "; Q(s·W) = s·Q(W) verified, weight quantizer kept"
     return FusedLayer(None, None, "sign_fold", detail, bias_added=added, weight_baked=baked,
                       flipped=flipped, constant=constant)
 

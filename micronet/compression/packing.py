@@ -361,11 +361,11 @@ def layer_size_rows(model: nn.Module, tensor_file: str | Path) -> list[dict[str,
             totals[key] += value
         rows.append({"layer": name, "quantizer": f"{type(module.weight_quantizer).__name__} {bits}b",
                      "stored": "packed" if packed else "float32", "params": numel, "on disk (B)": disk,
-                     "bits x count (B)": f"{theory:.0f}", "FP32 (B)": fp32,
+                     "bits x count (B)": round(theory, 1), "FP32 (B)": fp32,
                      "FP32 / disk": f"{fp32 / disk:.2f}" if disk else "-"})
     if rows:
         rows.append({"layer": "total (quantized layers)", "quantizer": "", "stored": "", "params": totals["params"],
-                     "on disk (B)": totals["disk"], "bits x count (B)": f"{totals['theory']:.0f}",
+                     "on disk (B)": totals["disk"], "bits x count (B)": round(totals["theory"], 1),
                      "FP32 (B)": totals["fp32"],
                      "FP32 / disk": f"{totals['fp32'] / totals['disk']:.2f}" if totals["disk"] else "-"})
     return rows
