@@ -165,10 +165,9 @@ def quantized_layer_bytes(path) -> tuple[int, int, int]:
 
 
 def test_binary_packed_bytes_measured_from_the_file(tmp_path):
-    """Binary weights are 1 bit each; the per-channel scale 2α is a float32 per output channel. NIN's
-    layers have ≥ 1,536 weights per channel, so the whole layer stays under 1/28 of FP32. NIN-GC's
-    grouped 1×1 convs have only 128 weights (16 bytes of codes) per channel, so its 4-byte scales
-    bring the total to ~1/25.8: the codes alone are 1/32 there too."""
+    """Binary weights are 1 bit each; the per-channel scale 2α is stored as float16 (α is kept on the
+    float16 grid, so that is exact). NIN-GC's grouped 1×1 convs have only 128 weights (16 bytes of codes)
+    per channel: with float32 scales the total would be ~1/25.8 of FP32, with float16 scales ~1/28.6."""
     ratios = {}
     for name in ("nin", "nin_gc"):
         torch.manual_seed(0)
@@ -178,7 +177,7 @@ def test_binary_packed_bytes_measured_from_the_file(tmp_path):
         assert codes * 32 == fp32  # every binary layer here has a multiple of 8 weights
         ratios[name] = fp32 / total
     assert ratios["nin"] >= 28, ratios
-    assert 25.5 <= ratios["nin_gc"] < 28, ratios
+    assert ratios["nin_gc"] >= 28, ratios
 
 
 def test_corrupt_and_foreign_files_are_refused(tmp_path):

@@ -5,8 +5,9 @@ codes are written out. :func:`save_packed` writes a directory that holds them fo
 
     packed.safetensors   for every layer whose weight quantizer produces codes
                          (:meth:`Quantizer.weight_codes`): ``<layer>.weight.packed`` (uint8 bit stream),
-                         ``<layer>.weight.scale`` and ``<layer>.weight.zero_point`` (float32, one scalar when
-                         every channel shares it, else a per-channel vector); every other tensor of the
+                         ``<layer>.weight.scale`` and ``<layer>.weight.zero_point`` (float16 where that is
+                         exact, else float32; one scalar when every channel shares it, else a
+                         per-channel vector); every other tensor of the
                          state_dict (biases, BatchNorm, float layers, quantizer and observer buffers) as is
     packed.json          architecture, quantization scheme, fusion record, one entry per packed layer
                          (bits, shape, quantizer, bytes) and the size and SHA-256 of the tensor file
@@ -164,17 +165,25 @@ def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(getattr(m, "weight_quantizer", None), Quantizer) and isinstance(getattr(m, "weight", None), torch.Tensor)]
 
 
+def _smallest_exact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float16 when that stores every value exactly (binary and ternary α are kept on the float16
+    grid for this reason), else float32."""
+    half = t.to(torch.float16)
+    return half if bool(torch.isfinite(half).all()) and torch.equal(half.to(torch.float32), t) else t
+
+
 def _compact(t: torch.Tensor) -> tuple[torch.Tensor, int | None]:
-    """A broadcast scale / zero point as stored: a 0-dim scalar when all equal, else (C,) plus its axis."""
+    """A broadcast scale / zero point as stored: a 0-dim scalar when all equal, else (C,) plus its axis;
+    float16 when exact."""
     t = t.detach().to("cpu", torch.float32)
     flat = t.reshape(-1)
     if flat.numel() == 0 or bool((flat == flat[0]).all()):
-        return flat[0].clone() if flat.numel() else torch.zeros(()), None
+        return _smallest_exact(flat[0].clone() if flat.numel() else torch.zeros(())), None
     axes = [i for i, size in enumerate(t.shape) if size != 1]
     if len(axes) != 1:
         raise QuantizationError(f"a scale or zero point of shape {list(t.shape)} varies along several axes: "
                                 "only per-tensor and per-channel parameters can be packed")
-    return flat.clone(), axes[0]
+    return _smallest_exact(flat.clone()), axes[0]
 
 
 def _expand(t: torch.Tensor, axis: int | None, ndim: int) -> torch.Tensor:
@@ -309,8 +318,8 @@ def load_packed(path: str | Path) -> nn.Module:
         ndim = len(layer.shape)
         codes = unpack_bits(blob, int(layer.bits), layer.numel).reshape(layer.shape)
         try:
-            weight = (codes.to(torch.float32) - _expand(zero_point, layer.zero_point_axis, ndim)) \
-                * _expand(scale, layer.scale_axis, ndim)
+            weight = (codes.to(torch.float32) - _expand(zero_point.float(), layer.zero_point_axis, ndim)) \
+                * _expand(scale.float(), layer.scale_axis, ndim)
         except RuntimeError as exc:
             raise CheckpointError(f"scale or zero point of {layer.name} does not fit its weight ({exc}): "
                                   "the artifact is corrupted") from exc

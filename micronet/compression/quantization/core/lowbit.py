@@ -132,12 +132,22 @@ def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(value, dtype=like.dtype, device=like.device)
 
 
+def on_half_grid(alpha: torch.Tensor) -> torch.Tensor:
+    """α rounded to the nearest float16 value (straight-through gradient), so a packed artifact stores it
+    in 2 bytes exactly: with 1-bit codes a float32 α per channel would add 25 % to a grouped layer's size.
+    The relative change, ≤ 2⁻¹¹, is far below the binarization error. Values beyond float16's range are
+    left as they are."""
+    rounded = alpha.detach().to(torch.float16).to(alpha.dtype)
+    rounded = torch.where(torch.isfinite(rounded), rounded, alpha.detach())
+    return alpha + (rounded - alpha.detach())
+
+
 def _binary_codes(w: torch.Tensor, ch_axis: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """sign(w)·α as codes {0, 1}, zero point 0.5, scale 2α with α = mean|w| (per channel or per tensor).
 
     The codes are (sign + 1)/2 so that the identity STE through sign gives ∂output/∂w = α.
     """
-    alpha = _channel_mean(w.abs(), ch_axis)
+    alpha = on_half_grid(_channel_mean(w.abs(), ch_axis))
     codes = (_IdentitySTE.apply(w, _sign) + 1) / 2
     return codes, _scalar(0.5, w), 2 * alpha
 
@@ -208,7 +218,7 @@ class TernaryWeightQuantizer(LowBitWeightQuantizer):
         magnitude = w.abs()
         delta = TERNARY_THRESHOLD * _channel_mean(magnitude.detach(), self.ch_axis)
         above = (magnitude > delta).to(w.dtype)
-        alpha = _channel_sum(magnitude * above, self.ch_axis) / _channel_sum(above, self.ch_axis).clamp(min=1)
+        alpha = on_half_grid(_channel_sum(magnitude * above, self.ch_axis) / _channel_sum(above, self.ch_axis).clamp(min=1))
         ternary = _IdentitySTE.apply(w, lambda v: _ternary(v, delta))
         return ternary + 1, _scalar(1.0, w), alpha
 
