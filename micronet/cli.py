@@ -136,6 +136,11 @@ def _quantize_parser(sub: Any) -> None:
          help="override the activation observer (default: moving_average for QAT, percentile for --ptq)")
     _add(p, "--bn-fuse", action="store_true", help="fold BatchNorm into the preceding conv during QAT")
     _add(p, "--bn-fuse-calib", action="store_true", help="fold with running statistics while training")
+    _add(p, "--lsq", action="store_true",
+         help="iao QAT: learn the scales (LSQ); symmetric only; helps at 4 bits and below")
+    _add(p, "--bn-fold-method", default=None, choices=["one_conv", "batch", "running"],
+         help="how --bn_fuse trains: one_conv (default; one convolution, as torch.ao), batch (exact batch "
+              "statistics from a second float convolution), running (= --bn_fuse_calib)")
     _add(p, "--freeze-bn-after", type=int, default=None,
          help="with --bn_fuse: train with running BN statistics from this epoch on (0-based)")
     _add(p, "--pretrained-model", action="store_true", help="accepted for compatibility: BN statistics always start from the checkpoint")
@@ -437,7 +442,7 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
                               "use --qaft to fine-tune it, or start from the float checkpoint")
         scheme = lowbit or iao_scheme(args.a_bits, args.w_bits, args.q_type, args.q_level, args.weight_observer, args.bn_fuse,
                             args.bn_fuse_calib, pretrained_model=True, ptq=args.ptq, percentile=args.percentile,
-                            activation_observer=args.activation_observer)
+                            activation_observer=args.activation_observer, bn_fold_method=args.bn_fold_method, learned_scale=args.lsq)
         model = prepare(model, scheme, skip=args.skip)
         if ctx.is_main:
             print(model.quantization_report.summary(), flush=True)
