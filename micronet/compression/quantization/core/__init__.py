@@ -34,6 +34,7 @@ from micronet.compression.quantization.core.observers import (
 from micronet.compression.quantization.core.workflow import (
     QuantizationReport,
     calibrate,
+    convert,
     enable_qat,
     freeze,
     is_prepared,
@@ -77,6 +78,7 @@ __all__ = [
     "affine_qparams",
     "build_observer",
     "calibrate",
+    "convert",
     "default_scheme",
     "enable_qat",
     "fake_quantize",

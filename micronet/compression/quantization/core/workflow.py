@@ -322,3 +322,29 @@ def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = N
     freeze(model)
     model.calibrated_batches = seen
     return model
+
+
+@torch.no_grad()
+def convert(model: nn.Module) -> nn.Module:
+    """The inference form of a prepared model, with less work per forward: a copy in eval mode with
+    BatchNorm folded (:func:`micronet.compression.fusion.fuse`; QAT BN-folding convs become plain quantized
+    convs), every quantizer frozen, and each weight stored already quantized (``weight ←
+    weight_quantizer(weight)``, weight quantizer switched off). It saves and reloads like any quantized
+    model; the original ``model`` is not modified.
+
+    Eval outputs are bit-identical to ``model``'s, except where a float conv→BN pair (e.g. a first layer
+    kept float) is folded: that changes float rounding, which can move a value across a rounding boundary
+    of the next quantizer.
+    """
+    from micronet.compression.fusion import fuse
+
+    _require_quantizers(model, "convert")
+    converted, _ = fuse(model)
+    freeze(converted)
+    for module in converted.modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        weight = getattr(module, "weight", None)
+        if isinstance(quantizer, Quantizer) and isinstance(weight, torch.Tensor) and quantizer.enabled.item():
+            weight.copy_(quantizer(weight))
+            quantizer.enabled.fill_(0)
+    return converted
