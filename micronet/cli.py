@@ -61,6 +61,7 @@ TRAIN_EXAMPLES = """examples:
   micronet train --model nin --cfg 64,48,32,64,64,64,128,128 --epochs 8 --out runs/nin_small
   micronet train --model resnet20 --data cifar10 --data-root ~/cifar-10-batches-py --epochs 200 --gpu_id 0
   micronet train --resume runs/nin_small                 # continue an interrupted run
+  micronet train --model nin --cfg 64,48,32,64,64,64,128,128 --sr --s 1e-4 --out runs/nin_sparse   # network slimming
   torchrun --nproc_per_node 2 -m micronet.cli train --cpu --model lenet --epochs 2
 """
 
@@ -100,6 +101,10 @@ def _train_parser(sub: Any) -> None:
     _add_training_options(p)
     p.add_argument("--out", default=None, help="run directory (default runs/<model>)")
     _add(p, "--init", "--refine", dest="init", default=None, help="start from the weights of this checkpoint (fine-tuning)")
+    p.add_argument("--sr", "-sr", action="store_true",
+                   help="sparse training for network slimming: L1 penalty s*|gamma| on every BatchNorm scale")
+    p.add_argument("--s", type=float, default=1e-4, help="sparsity strength for --sr (1e-4; with SGD the push is lr*s per step)")
+    _add(p, "--sr-ramp", type=int, default=0, help="--sr: grow s linearly over this many first epochs (0: constant)")
     p.set_defaults(run=cmd_train)
 
 
@@ -374,7 +379,20 @@ def cmd_train(args: argparse.Namespace, ctx) -> int:
     model = build_model(model_name, num_classes=splits.info.num_classes, in_channels=splits.info.in_channels, cfg=cfg)
     if args.init and last is None:
         load_checkpoint(resolve_checkpoint(args.init)).load_into(model)
-    _train_and_report(args, ctx, model, config, splits, run_dir, f"model {model_name} cfg {list(model.arch.cfg)}")
+    from micronet.compression.pruning import BatchNormL1
+
+    if last is not None:  # a resumed run continues with the sparse training it was started with
+        hooks = [BatchNormL1.from_state(state) for state in (last.training or {}).get("hooks", [])
+                 if isinstance(state, dict) and state.get("kind") == "batchnorm_l1"]
+        if args.sr and not hooks:
+            from micronet.errors import ConfigError
+
+            raise ConfigError(f"{args.resume} was not started with --sr: sparse training cannot be added on resume")
+    else:
+        hooks = [BatchNormL1(args.s, ramp_epochs=args.sr_ramp)] if args.sr else []
+    label = f"model {model_name} cfg {list(model.arch.cfg)}" + "".join(
+        f" | sparse training s={hook.s:g}" for hook in hooks)
+    _train_and_report(args, ctx, model, config, splits, run_dir, label, hooks)
     return 0
 
 
