@@ -29,3 +29,7 @@ class ConfigError(MicronetError):
 
 class QuantizationError(MicronetError):
     """An impossible quantization setting, or a quantization step used out of order."""
+
+
+class PruningError(MicronetError):
+    """An impossible pruning setting, a model pruning cannot analyse, or a channel record that does not fit."""
