@@ -33,6 +33,11 @@ __all__ = ["LayerRow", "PruneReport", "UnprunableGroup", "plan_pruning", "prune"
 _EXPECTED = ("network output", "model input")
 
 
+def _expected(reason: str) -> bool:
+    """Reasons the caller asked for or cannot avoid: no warning for those."""
+    return reason.startswith(_EXPECTED) or reason.endswith("is in ignored_layers")
+
+
 @dataclass
 class LayerRow:
     """One analysed module: channels (or features) in and out, before and after."""
@@ -213,7 +218,7 @@ def prune(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor]
         work.arch = dataclasses.replace(arch, cfg=tuple(record["cfg"]))
     work.pruning_report = report
     work.channel_record = record
-    odd = [g for g in report.unprunable if not all(r.startswith(_EXPECTED) for r in g.reasons)]
+    odd = [g for g in report.unprunable if not all(_expected(r) for r in g.reasons)]
     if odd:
         warnings.warn("channel pruning left these layers whole: " + "; ".join(
             f"{', '.join(g.layers)} ({'; '.join(g.reasons)})" for g in odd), stacklevel=2)
