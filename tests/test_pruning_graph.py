@@ -34,7 +34,7 @@ def test_resnet20_residual_stages_are_one_group_each():
 
 
 def test_concat_maps_each_producer_to_an_offset_slice():
-    from tests.test_pruning_api import ConcatNet
+    from test_pruning_api import ConcatNet
 
     g = build_channel_graph(ConcatNet(), torch.randn(1, 3, 8, 8))
     a, b = _space(g, "a.0"), _space(g, "b.0")
@@ -45,7 +45,7 @@ def test_concat_maps_each_producer_to_an_offset_slice():
 
 
 def test_flatten_repeats_each_channel_over_its_spatial_block():
-    from tests.test_pruning_api import FunctionalNet
+    from test_pruning_api import FunctionalNet
 
     g = build_channel_graph(FunctionalNet(), torch.randn(1, 3, 16, 16))
     conv4 = _space(g, "conv4")
@@ -157,3 +157,13 @@ def test_plan_does_not_modify_the_model_and_matches_prune():
         m = pruned.get_submodule(path)
         width = m.out_channels if hasattr(m, "out_channels") else getattr(m, "out_features", None)
         assert (width or m.num_features) == len(keep_out)
+
+
+def test_depthwise_with_multiplier_is_listed_with_its_reason():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 8, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 2, 1))
+    with pytest.warns(UserWarning, match="one channel per group"):
+        pruned = prune(model, torch.randn(1, 3, 6, 6), percent=0.5)
+    assert pruned[0].out_channels == 4  # its consumer has one input channel per group
+    assert pruned[3].out_channels in (4, 8) and pruned[3].groups == 4 and pruned[3].out_channels < 8

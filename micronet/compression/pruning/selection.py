@@ -159,6 +159,10 @@ def select_channels(graph: ChannelGraph, percent: float, normal_regular: int | N
             if len(per_label) != c.groups or len(set(per_label.values())) > 1:
                 problem = (f"grouped conv '{c.path}' (groups={c.groups}, {c.side}) gets these channels in only "
                            f"{len(per_label)} of its groups, so its groups cannot stay equal")
+        if problem is None and fam[2] and sizes == {1}:
+            c = g.constraints[fam[2][0]]
+            problem = (f"grouped conv '{c.path}' (groups={c.groups}, {c.side}) has one channel per group, so a "
+                       "channel cannot go without emptying its group")
         if problem:
             _block(unprunable, fam[0], problem)
 
