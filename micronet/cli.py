@@ -62,6 +62,7 @@ TRAIN_EXAMPLES = """examples:
   micronet train --model resnet20 --data cifar10 --data-root ~/cifar-10-batches-py --epochs 200 --gpu_id 0
   micronet train --resume runs/nin_small                 # continue an interrupted run
   micronet train --model nin --cfg 64,48,32,64,64,64,128,128 --sr --s 1e-4 --out runs/nin_sparse   # network slimming
+  micronet train --prune_refine runs/nin_pruned --epochs 4 --lr 0.01 --out runs/nin_finetune   # after micronet prune
   torchrun --nproc_per_node 2 -m micronet.cli train --cpu --model lenet --epochs 2
 """
 
@@ -95,7 +96,7 @@ def _add_training_options(p: argparse.ArgumentParser, *, epochs: int = 10, lr: f
 def _train_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="train a model (FP32)", epilog=TRAIN_EXAMPLES, formatter_class=_Formatter,
                        description="Train a registry model with the shared engine; writes OUT/last (resumable), OUT/best and OUT/log.jsonl.")
-    p.add_argument("--model", default="nin", help="registry model name (micronet info --list shows them)")
+    p.add_argument("--model", default=None, help="registry model name (micronet info --list shows them; default nin)")
     p.add_argument("--cfg", nargs="+", default=None, help="channel config (e.g. of a pruned model): 64,48,32 or 64 48 32")
     _add_data_options(p)
     _add_training_options(p)
@@ -105,6 +106,10 @@ def _train_parser(sub: Any) -> None:
                    help="sparse training for network slimming: L1 penalty s*|gamma| on every BatchNorm scale")
     p.add_argument("--s", type=float, default=1e-4, help="sparsity strength for --sr (1e-4; with SGD the push is lr*s per step)")
     _add(p, "--sr-ramp", type=int, default=0, help="--sr: grow s linearly over this many first epochs (0: constant)")
+    _add(p, "--prune-refine", default=None, metavar="DIR",
+         help="fine-tune a pruned checkpoint (written by micronet prune): its architecture, channels and weights")
+    _add(p, "--gc-prune-refine", nargs="+", default=None, metavar="C",
+         help="train nin_gc with this (pruned) cfg from a fresh initialisation; same as --model nin_gc --cfg C ...")
     p.set_defaults(run=cmd_train)
 
 
@@ -216,6 +221,39 @@ def _pack_parser(sub: Any) -> None:
     p.set_defaults(run=cmd_pack)
 
 
+PRUNE_EXAMPLES = """examples:
+  micronet train --model nin --cfg 64,48,32,64,64,64,128,128 --sr --s 1e-4 --out runs/nin_sparse
+  micronet prune --checkpoint runs/nin_sparse --percent 0.5 --out runs/nin_pruned
+  micronet prune --checkpoint runs/nin_sparse --percent 0.5 --normal_regular 8 --out runs/nin_pruned8
+  micronet train --prune_refine runs/nin_pruned --epochs 4 --lr 0.01 --out runs/nin_finetune
+  micronet quantize iao --checkpoint runs/nin_finetune --ptq --out runs/nin_pruned_ptq
+"""
+
+
+def _prune_parser(sub: Any) -> None:
+    p = sub.add_parser("prune", help="remove channels from a trained float checkpoint", epilog=PRUNE_EXAMPLES,
+                       formatter_class=_Formatter,
+                       description="Prune the least important channels (global threshold over BatchNorm |gamma| by "
+                                   "default, best after sparse training with `micronet train --sr`), print channels, "
+                                   "parameters and GFLOPs before and after and the test accuracy before and after "
+                                   "(no fine-tuning), and write OUT/best for `micronet train --prune_refine OUT`.")
+    p.add_argument("--checkpoint", required=True, help="float checkpoint or run directory (prune before quantizing)")
+    p.add_argument("--out", required=True, help="run directory for the pruned model (its checkpoint goes to OUT/best)")
+    p.add_argument("--percent", type=float, default=0.5, help="share of the prunable channels to remove, in [0, 1)")
+    _add(p, "--normal-regular", type=int, default=None, metavar="N",
+         help="round each layer's kept channels to a multiple of N (hardware-friendly widths; 1 = plain)")
+    p.add_argument("--importance", default="bn_gamma", choices=["bn_gamma", "l1"],
+                   help="channel importance: |gamma| of the BatchNorm after the conv, or the L1 norm of the conv's filters")
+    p.add_argument("--ignore", nargs="+", default=[], metavar="NAME", help="module names whose output channels stay")
+    _add(p, "--min-channels", type=int, default=1, help="keep at least this many channels in every layer")
+    _add(p, "--input-shape", default=None, help="C,H,W of the example input (default: the checkpoint's dataset)")
+    _add_data_options(p, default=None)
+    _add(p, "--batch-size", type=int, default=512, help="evaluation batch size")
+    _add(p, "--no-eval", dest="evaluate", action="store_false", help="skip the accuracy before and after pruning")
+    _add_device_options(p)
+    p.set_defaults(run=cmd_prune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import micronet
 
@@ -224,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
     _evaluate_parser(sub)
+    _prune_parser(sub)
     _quantize_parser(sub)
     _info_parser(sub)
     _fuse_parser(sub)
@@ -278,7 +317,6 @@ def _config_from_args(args: argparse.Namespace):
 def _resume_state(args: argparse.Namespace):
     """(checkpoint meta of OUT/last, saved TrainConfig) when --resume is given, else (None, None)."""
     from micronet.engine import TrainConfig, load_checkpoint
-    from micronet.engine.checkpoint import resolve_checkpoint
 
     if not args.resume:
         return None, None
@@ -368,16 +406,25 @@ def cmd_train(args: argparse.Namespace, ctx) -> int:
     from micronet.models import build_model
 
     last, config = _resume_state(args)
+    pruned = _pruned_source(args) if last is None else None
     if last is not None:
         arch, data_name = last.arch, (last.data_info.name if last.data_info else args.data)
         model_name, cfg = arch.name, list(arch.cfg)
+    elif pruned is not None:
+        config, model_name, cfg, data_name = _config_from_args(args), pruned.arch.name, list(pruned.arch.cfg), args.data
     else:
-        config, model_name, cfg, data_name = _config_from_args(args), args.model, _cfg_list(args.cfg), args.data
+        config, model_name, cfg, data_name = _config_from_args(args), args.model or "nin", _cfg_list(args.cfg), args.data
     run_dir = Path(args.out or args.resume or f"runs/{model_name}")
     splits = _load_data(args, data_name)
     torch.manual_seed(config.seed)
-    model = build_model(model_name, num_classes=splits.info.num_classes, in_channels=splits.info.in_channels, cfg=cfg)
-    if args.init and last is None:
+    if pruned is not None or (last is not None and last.pruning_record):
+        # a pruned network's channels come from its record (the cfg alone may not express them)
+        source = pruned or last
+        _check_data_fits(source, splits.info)
+        model = source.build_model()
+    else:
+        model = build_model(model_name, num_classes=splits.info.num_classes, in_channels=splits.info.in_channels, cfg=cfg)
+    if args.init and last is None and pruned is None:
         load_checkpoint(resolve_checkpoint(args.init)).load_into(model)
     from micronet.compression.pruning import BatchNormL1
 
@@ -392,8 +439,55 @@ def cmd_train(args: argparse.Namespace, ctx) -> int:
         hooks = [BatchNormL1(args.s, ramp_epochs=args.sr_ramp)] if args.sr else []
     label = f"model {model_name} cfg {list(model.arch.cfg)}" + "".join(
         f" | sparse training s={hook.s:g}" for hook in hooks)
+    if pruned is not None:
+        label += f" | fine-tuning the pruned {pruned.path}"
     _train_and_report(args, ctx, model, config, splits, run_dir, label, hooks)
     return 0
+
+
+def _pruned_source(args: argparse.Namespace):
+    """The pruned checkpoint to fine-tune (``--prune_refine``, or ``--init`` naming a pruned checkpoint), else
+    None. A pruned network is rebuilt from its checkpoint (architecture + channel record), so ``--model`` /
+    ``--cfg`` must agree with it or be left out. ``--gc_prune_refine`` only selects nin_gc with that cfg."""
+    from micronet.engine import load_checkpoint
+    from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.errors import ConfigError
+
+    if args.gc_prune_refine:
+        if args.model not in (None, "nin_gc") or args.cfg or args.init or args.prune_refine:
+            raise ConfigError("--gc_prune_refine C0 ... C7 trains nin_gc with that cfg from a fresh initialisation: "
+                              "drop --model, --cfg, --init and --prune_refine")
+        args.model, args.cfg = "nin_gc", args.gc_prune_refine
+        return None
+    if args.init and args.prune_refine:
+        raise ConfigError("pass either --init or --prune_refine, not both (--prune_refine is --init for pruned checkpoints)")
+    path = args.prune_refine or args.init
+    if path is None:
+        return None
+    checkpoint = load_checkpoint(resolve_checkpoint(path))
+    if checkpoint.pruning_record is None:
+        if args.prune_refine:
+            raise ConfigError(f"{checkpoint.path} is not a pruned checkpoint (no pruning record): fine-tune it with "
+                              "--init, or prune it first with `micronet prune`")
+        return None  # plain fine-tuning: the weights go into --model / --cfg
+    if checkpoint.quant_scheme is not None:
+        raise ConfigError(f"{checkpoint.path} is pruned and quantized: fine-tune it with "
+                          "`micronet quantize iao --qaft --checkpoint ...` instead")
+    arch = checkpoint.arch
+    if (args.model is not None and args.model.strip().lower() != arch.name) or \
+            (args.cfg and _cfg_list(args.cfg) != list(arch.cfg)):
+        raise ConfigError(f"{checkpoint.path} holds a pruned {arch.name} with cfg {list(arch.cfg)}: drop --model and "
+                          "--cfg, fine-tuning rebuilds the pruned architecture from the checkpoint")
+    return checkpoint
+
+
+def _check_data_fits(checkpoint, info) -> None:
+    from micronet.errors import ConfigError
+
+    arch = checkpoint.arch
+    if (info.in_channels, info.num_classes) != (arch.in_channels, arch.num_classes):
+        raise ConfigError(f"{checkpoint.path} expects {arch.in_channels}-channel inputs and {arch.num_classes} classes, "
+                          f"but {info.name} has {info.in_channels} and {info.num_classes}: use the dataset it was trained on")
 
 
 def _lowbit_scheme(args: argparse.Namespace):
@@ -520,6 +614,105 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _parse_shape(text: str) -> tuple[int, ...]:
+    from micronet.errors import ConfigError
+
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"--input-shape takes C,H,W such as 3,32,32 (got {text})")
+    return shape
+
+
+def cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import json
+    import warnings
+
+    import torch
+
+    from micronet.compression.pruning import prune
+    from micronet.data import BatchLoader
+    from micronet.engine import evaluate, load_checkpoint, save_checkpoint, setup
+    from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.engine.distributed import parse_gpu_ids
+    from micronet.errors import ConfigError, DatasetError
+    from micronet.io import atomic_write_text
+
+    if not 0 <= args.percent < 1:
+        raise ConfigError(f"--percent is the share of channels to remove, in [0, 1) (got {args.percent:g}): e.g. --percent 0.5")
+    if args.normal_regular is not None and args.normal_regular < 1:
+        raise ConfigError(f"--normal_regular N rounds each layer to a multiple of N and must be at least 1 (got {args.normal_regular})")
+    if args.min_channels < 1:
+        raise ConfigError(f"--min_channels must be at least 1 (got {args.min_channels}): a layer cannot lose every channel")
+    checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    if checkpoint.quant_scheme is not None:
+        raise ConfigError(f"{checkpoint.path} is quantized ({checkpoint.quant_scheme.name}): prune first, then quantize "
+                          "- prune the float checkpoint it was quantized from")
+    if checkpoint.fusion_record is not None:
+        raise ConfigError(f"{checkpoint.path} has its BatchNorms folded: prune first, then fuse - prune the checkpoint "
+                          "that `micronet fuse` started from")
+    ctx = setup(cpu=args.cpu, gpu_ids=parse_gpu_ids(args.gpu_id)[:1])
+    model = checkpoint.build_model().eval()
+    arch, held = checkpoint.arch, checkpoint.data_info
+    if args.input_shape:
+        shape = _parse_shape(args.input_shape)
+    elif held is not None:
+        shape = (held.in_channels, *held.image_size)
+    else:
+        shape = (arch.in_channels, 28, 28)
+        print(f"{checkpoint.path} does not record its dataset: GFLOPs at {'x'.join(map(str, shape))} (pass --input-shape)")
+    if shape[0] != arch.in_channels:
+        raise ConfigError(f"--input-shape has {shape[0]} channels but {arch.name} takes {arch.in_channels}")
+
+    with warnings.catch_warnings(record=True) as caught:  # layers left whole are listed in the table below
+        warnings.simplefilter("always")
+        pruned = prune(model, torch.randn(1, *shape), percent=args.percent, normal_regular=args.normal_regular,
+                       ignored_layers=args.ignore or None, importance=args.importance,
+                       min_channels=args.min_channels).eval()
+    report = pruned.pruning_report
+    print(f"{checkpoint.path}: {arch.name} cfg {list(arch.cfg)} -> cfg {list(pruned.arch.cfg)} "
+          f"({args.percent:g} of the channels by {args.importance}"
+          + (f", multiples of {args.normal_regular}" if args.normal_regular else "") + ")")
+    print(report.table())
+    for warning in caught:
+        if not str(warning.message).startswith("channel pruning left"):
+            print(f"warning: {warning.message}")
+    before, after = report.flops_before, report.flops_after
+    if before and after is not None:
+        print(f"GFLOPs: {before / 1e9:.4f} -> {after / 1e9:.4f} at {'x'.join(map(str, shape))} "
+              f"({after / before:.1%} kept)")
+    metrics: dict[str, Any] = {"pruned_from": str(checkpoint.path), "percent": args.percent,
+                               "normal_regular": args.normal_regular, "importance": args.importance,
+                               "params_before": report.params_before, "params_after": report.params_after,
+                               "flops_before": before, "flops_after": after}
+    name = args.data or (held.name if held else None)
+    splits = None
+    if args.evaluate and name is None:
+        print("no dataset recorded in the checkpoint: pass --data to compare accuracy before and after")
+    elif args.evaluate:
+        try:
+            splits = _load_data(args, name)
+        except DatasetError as exc:
+            if args.data:
+                raise
+            print(f"test accuracy not measured ({exc})")
+    if splits is not None:
+        _check_data_fits(checkpoint, splits.info)
+        loader = BatchLoader(splits.test, args.batch_size)
+        was = evaluate(model.to(ctx.device), loader, ctx.device)
+        now = evaluate(pruned.to(ctx.device), loader, ctx.device)
+        print(f"{splits.info.name} test ({now['samples']} images): accuracy {was['acc'] * 100:.2f}% before, "
+              f"{now['acc'] * 100:.2f}% after pruning, before fine-tuning (loss {was['loss']:.4f} / {now['loss']:.4f})")
+        metrics.update(unpruned_test_acc=was["acc"], test_acc=now["acc"], test_loss=now["loss"], test_images=now["samples"])
+    out = save_checkpoint(Path(args.out) / "best", pruned.cpu(), data_info=held or (splits.info if splits else None),
+                          metrics=metrics, extra=checkpoint.meta.get("extra"))
+    atomic_write_text(Path(args.out) / "prune_report.json", json.dumps(report.to_json(), indent=2) + "\n")
+    print(f"pruned checkpoint: {out} (fine-tune: micronet train --prune_refine {args.out})")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from micronet.analysis import format_table
     from micronet.compression.packing import is_packed_artifact, layer_size_rows
@@ -535,14 +728,7 @@ def cmd_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
         for name in list_datasets():
             print(f"dataset  {name}")
         return 0
-    shape = None
-    if args.input_shape:
-        try:
-            shape = tuple(int(v) for v in args.input_shape.split(","))
-        except ValueError:
-            shape = ()
-        if len(shape) != 3 or min(shape) < 1:
-            raise ConfigError(f"--input-shape takes C,H,W such as 3,32,32 (got {args.input_shape})")
+    shape = _parse_shape(args.input_shape) if args.input_shape else None
     sizes = None
     if args.checkpoint and is_packed_artifact(args.checkpoint):
         model, header, held, sizes = _packed_info(args.checkpoint)
@@ -556,6 +742,9 @@ def cmd_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if shape is None:
             shape = (held.in_channels, *held.image_size) if held else (model.arch.in_channels, 28, 28)
         header = f"{checkpoint.path}: {model.arch.name} cfg {list(model.arch.cfg)}"
+        if checkpoint.pruning_record:
+            origin = checkpoint.metrics.get("pruned_from")
+            header += " (pruned" + (f" from {origin})" if origin else ")")
         metrics = {k: v for k, v in checkpoint.metrics.items() if k.endswith("acc")}
         if metrics:
             header += " | " + ", ".join(f"{k} {v * 100:.2f}%" for k, v in metrics.items())

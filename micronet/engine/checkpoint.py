@@ -5,6 +5,7 @@ Layout of a checkpoint directory::
     model.safetensors      the model's state_dict (parameters and buffers)
     train_state.safetensors optimizer tensors and RNG states (only in resumable checkpoints)
     micronet.json          architecture (name, classes, input channels, channel cfg), dataset info,
+                           how the structure changed (extra.pruning, extra.quantization, extra.fusion),
                            metrics, training progress, optimizer scalars, versions, and the size and
                            SHA-256 of every tensor file, so a truncated or mixed-up file is caught.
 
@@ -75,7 +76,8 @@ class Checkpoint:
         return self.meta.get("metrics", {})
 
     def build_model(self) -> nn.Module:
-        """Rebuild the model from its recorded architecture (pruned channel counts included)."""
+        """Rebuild the model from its recorded architecture, then replay its structural changes in the
+        workflow's order (pruned channels, quantization ``prepare``, BatchNorm fusion) and load the weights."""
         from micronet.models import build_model
 
         arch = self.arch
@@ -85,6 +87,16 @@ class Checkpoint:
                 "yourself and call load_weights(model, checkpoint)"
             )
         model = build_model(arch.name, arch.num_classes, arch.in_channels, list(arch.cfg))
+        pruning = self.pruning_record
+        if pruning is not None:  # channels removed first: the workflow prunes, then quantizes, then fuses
+            from micronet.compression.pruning import apply_channel_record
+
+            try:
+                model = apply_channel_record(model, pruning)
+            except MicronetError as exc:
+                raise CheckpointError(f"{self.path / META_FILE} has a pruning record that does not fit "
+                                      f"{arch.name} with cfg {list(arch.cfg)}: {exc}") from exc
+            model.channel_record = pruning
         fusion = self.fusion_record
         if fusion is not None:  # BatchNorms folded before quantizing
             from micronet.compression.fusion import apply_fusion_record
@@ -102,6 +114,11 @@ class Checkpoint:
             model.fusion_record = fusion
         self.load_into(model)
         return model
+
+    @property
+    def pruning_record(self) -> dict[str, Any] | None:
+        """The channel record of a pruned model (``extra.pruning``, see :mod:`micronet.compression.pruning`), or None."""
+        return (self.meta.get("extra") or {}).get("pruning") or None
 
     @property
     def fusion_record(self) -> dict[str, Any] | None:
@@ -179,10 +196,14 @@ def _contiguous_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def structure_meta(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``{"arch", "extra"}`` entries that rebuild ``model``'s structure: architecture, quantization scheme
-    (``extra.quantization``) and BatchNorm fusion (``extra.fusion``); other ``extra`` entries are kept."""
+    """``{"arch", "extra"}`` entries that rebuild ``model``'s structure: architecture, pruned channels
+    (``extra.pruning``), quantization scheme (``extra.quantization``) and BatchNorm fusion
+    (``extra.fusion``), all read from the model itself; other ``extra`` entries are kept."""
     arch = getattr(model, "arch", None)
-    extra = {k: v for k, v in (extra or {}).items() if k not in ("quantization", "fusion")}
+    extra = {k: v for k, v in (extra or {}).items() if k not in ("pruning", "quantization", "fusion")}
+    pruning = getattr(model, "channel_record", None)
+    if isinstance(pruning, dict) and pruning:
+        extra["pruning"] = pruning
     scheme = getattr(model, "quant_scheme", None)
     if scheme is not None:
         extra["quantization"] = {"scheme": scheme.to_json()}
