@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -50,6 +48,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from micronet.models import build_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import (busy_ticks, cpu_busy, machine_header, machine_meta, others_cores,  # noqa: E402
+                      percentile, wait_idle)
 
 # torch.ao.quantization is deprecated (pytorch/pytorch PR #153892) and says so on import and on use.
 warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*")
@@ -187,16 +189,6 @@ class Runner:
         return elapsed
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    s = sorted(values)
-    if not s:
-        return math.nan
-    pos = (len(s) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def bench_model(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     float_model = build_model(name, 10, 3, None).train()
@@ -217,11 +209,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
 
     busy_before, waited = wait_idle(args.wait_idle) if args.wait_idle > 0 else (cpu_busy(), 0.0)
     load_before = os.getloadavg()
-    ticks0 = _busy_ticks()
+    ticks0 = busy_ticks()
     t0 = time.perf_counter()
     round_others: list[float | None] = []  # cores other processes used during each timed round
     for i in range(args.warmup + args.steps):
-        round_ticks, round_t0 = _busy_ticks(), time.perf_counter()
+        round_ticks, round_t0 = busy_ticks(), time.perf_counter()
         for r in runners:  # round-robin: A B C D A B C D ...
             if r.error is not None:
                 continue
@@ -235,9 +227,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
             if i >= args.warmup:
                 r.times.append(dt)
         if i >= args.warmup:
-            round_others.append(others_cores(round_ticks, _busy_ticks(), time.perf_counter() - round_t0))
+            round_others.append(others_cores(round_ticks, busy_ticks(), time.perf_counter() - round_t0))
     wall = time.perf_counter() - t0
-    ticks1 = _busy_ticks()
+    ticks1 = busy_ticks()
     load_after = os.getloadavg()
 
     fp32 = next((r for r in runners if r.name == "fp32" and r.error is None and r.times), None)
@@ -276,80 +268,6 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- output
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _cpu_flags() -> str:
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in wanted if f in have) or "none of " + ",".join(wanted)
-    except OSError:
-        pass
-    return "unknown"
-
-
-def cpu_busy(seconds: float = 1.0) -> float | None:
-    """Fraction of all CPUs busy (any process, ours included) over ``seconds``, from /proc/stat."""
-    def read() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-        return sum(fields[:8]), idle
-    try:
-        t0, i0 = read()
-        time.sleep(seconds)
-        t1, i1 = read()
-    except (OSError, ValueError, IndexError):
-        return None
-    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
-
-
-def _busy_ticks() -> tuple[int, int] | None:
-    """(non-idle clock ticks of all CPUs, ticks used by this process) — their difference over an interval
-    is what *other* processes took from the machine while we were timing."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        busy = sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)
-        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        return busy, int(own[11]) + int(own[12])  # utime, stime (fields 14, 15)
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def others_cores(before: tuple[int, int] | None, after: tuple[int, int] | None, wall_s: float) -> float | None:
-    """Average number of cores used by other processes between two :func:`_busy_ticks` readings."""
-    if before is None or after is None or wall_s <= 0:
-        return None
-    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    other = (after[0] - before[0]) - (after[1] - before[1])
-    return max(other, 0) / hz / wall_s
-
-
-def wait_idle(limit_s: float, threshold: float = 0.25) -> tuple[float | None, float]:
-    """Wait (up to ``limit_s``) until the CPUs are less than ``threshold`` busy for two seconds in a row.
-    Returns (last busy fraction seen, seconds waited). Other jobs holding a core make 2-thread OpenMP
-    regions wait on a descheduled thread: steps then run several times slower, and models with many
-    small ops (fake-quant) suffer most, which distorts the ratios too."""
-    start = time.perf_counter()
-    busy = cpu_busy()
-    calm = 0
-    while busy is not None and time.perf_counter() - start < limit_s:
-        calm = calm + 1 if busy < threshold else 0
-        if calm >= 2:
-            break
-        busy = cpu_busy()
-    return busy, time.perf_counter() - start
-
-
 def print_model(result: dict, args: argparse.Namespace) -> None:
     name = result["model"]
     lb, la = result["loadavg_before"], result["loadavg_after"]
@@ -409,20 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
-    load = os.getloadavg()
-    busy = cpu_busy()
     meta = {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu": _cpu_model(),
-        "cpu_flags": _cpu_flags(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "os_cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "loadavg": load,
-        "cpu_busy_at_start": busy,
+        **machine_meta(),
         "batch_size": args.batch_size,
         "warmup": args.warmup,
         "steps": args.steps,
@@ -431,10 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         "step": "forward + cross-entropy + backward + SGD(momentum 0.9)",
     }
     print(f"# quant_overhead  {meta['date']}")
-    print(f"torch {meta['torch']} | cpu capability {meta['cpu_capability']} | {meta['cpu']} | flags: {meta['cpu_flags']}")
-    print(f"threads {meta['threads']} (OMP_NUM_THREADS={meta['OMP_NUM_THREADS']}, {meta['os_cpu_count']} CPUs) | "
-          f"load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} | CPUs "
-          + ("?" if busy is None else f"{100 * busy:.0f}%") + " busy now (load avg lags by a minute or more)")
+    print(machine_header(meta))
     print(f"batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps per configuration, round-robin, "
           f"{'channels_last' if args.channels_last else 'NCHW'}")
 

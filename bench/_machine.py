@@ -1,0 +1,131 @@
+"""What every benchmark script reports about the machine, and how busy it was while timing.
+
+Shared by the ``bench/*.py`` scripts so that they describe the CPU, the threads and the load the same
+way: a timing taken while another job held a core is not comparable to an idle one (PEERS.md §6), so
+each script prints how many cores *other* processes used during its timed rounds.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+__all__ = ["busy_ticks", "cpu_busy", "cpu_flags", "cpu_model", "machine_header", "machine_meta", "others_cores",
+           "percentile", "wait_idle"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    s = sorted(values)
+    if not s:
+        return math.nan
+    pos = (len(s) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> str:
+    """The vector extensions that decide which kernels torch and ONNX Runtime can use."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in wanted if f in have) or "none of " + ",".join(wanted)
+    except OSError:
+        pass
+    return "unknown"
+
+
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Fraction of all CPUs busy (any process, ours included) over ``seconds``, from /proc/stat."""
+    def read() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields[:8]), idle
+    try:
+        t0, i0 = read()
+        time.sleep(seconds)
+        t1, i1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def busy_ticks() -> tuple[int, int] | None:
+    """(non-idle clock ticks of all CPUs, ticks used by this process) — their difference over an interval
+    is what *other* processes took from the machine while we were timing."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return busy, int(own[11]) + int(own[12])  # utime, stime (fields 14, 15)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def others_cores(before: tuple[int, int] | None, after: tuple[int, int] | None, wall_s: float) -> float | None:
+    """Average number of cores used by other processes between two :func:`busy_ticks` readings."""
+    if before is None or after is None or wall_s <= 0:
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    other = (after[0] - before[0]) - (after[1] - before[1])
+    return max(other, 0) / hz / wall_s
+
+
+def wait_idle(limit_s: float, threshold: float = 0.25) -> tuple[float | None, float]:
+    """Wait (up to ``limit_s``) until the CPUs are less than ``threshold`` busy for two seconds in a row.
+    Returns (last busy fraction seen, seconds waited). Other jobs holding a core make 2-thread OpenMP
+    regions wait on a descheduled thread: steps then run several times slower, and models with many
+    small ops suffer most, which distorts the ratios too."""
+    start = time.perf_counter()
+    busy = cpu_busy()
+    calm = 0
+    while busy is not None and time.perf_counter() - start < limit_s:
+        calm = calm + 1 if busy < threshold else 0
+        if calm >= 2:
+            break
+        busy = cpu_busy()
+    return busy, time.perf_counter() - start
+
+
+def machine_meta() -> dict:
+    """Date, versions, CPU, threads and load, as a JSON-ready dict (call after setting the thread count)."""
+    import torch
+
+    return {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "os_cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "loadavg": os.getloadavg(),
+        "cpu_busy_at_start": cpu_busy(),
+    }
+
+
+def machine_header(meta: dict) -> str:
+    """Two lines describing :func:`machine_meta`'s result."""
+    load, busy = meta["loadavg"], meta["cpu_busy_at_start"]
+    return (f"torch {meta['torch']} | cpu capability {meta['cpu_capability']} | {meta['cpu']} | flags: {meta['cpu_flags']}\n"
+            f"threads {meta['threads']} (OMP_NUM_THREADS={meta['OMP_NUM_THREADS']}, {meta['os_cpu_count']} CPUs) | "
+            f"load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} | CPUs "
+            + ("?" if busy is None else f"{100 * busy:.0f}%") + " busy now (load avg lags by a minute or more)")
