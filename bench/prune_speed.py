@@ -17,7 +17,7 @@ random (seeded) so that the selection is not a tie between equal γ = 1; ``--che
 trained checkpoint instead (its dataset's input shape). FLOPs come from ``micronet.analysis`` (torch's
 FlopCounterMode, FLOPs = 2 × MACs). Nothing here is asserted in a test.
 
-    .venv/bin/python bench/prune_speed.py                          # all cases, ~3 min on 2 idle cores
+    .venv/bin/python bench/prune_speed.py                          # all cases, a few minutes
     .venv/bin/python bench/prune_speed.py --quick                  # smoke: few runs
     .venv/bin/python bench/prune_speed.py --checkpoint runs/nin_sparse --percent 0.5
 """
