@@ -14,8 +14,8 @@ running statistics; x̂ = ``input_quantizer(x)``; Wq = ``weight_quantizer``.
 
 Three ways to train with the fold (``scheme.bn_fold_method``; eval is the same for all):
 
-* ``"one_conv"`` (the default, as torch.ao and the whitepaper's practical recipe): ``z = conv(x̂, Wq(W·γ/σ_R))
-  / (γ/σ_R) + b`` (≈ the unfolded conv's output), then ``y = (z − μ_B(z))·γ/σ_B(z) + β``. One convolution;
+* ``"one_conv"`` (the default, as torch.ao and the whitepaper's practical recipe): ``z = conv(x̂, Wq(W·γ/σ_R)
+  / (γ/σ_R)) + b`` (≈ the unfolded conv's output), then ``y = (z − μ_B(z))·γ/σ_B(z) + β``. One convolution;
   the batch statistics include the weight's quantization noise. With the quantizers disabled this is
   conv→BN in training mode, gradients included.
 * ``"batch"`` (Jacob et al. 2018 §3.2, Fig. C.8): a float convolution gives μ_B, σ_B, then
@@ -249,10 +249,10 @@ class QuantBNFuseConv2d(WeightedQuantizedModule, nn.Conv2d):
         # A channel with γ = 0 folds to a zero weight; fold it with γ = 1 instead so that z still estimates
         # the conv output and γ keeps its gradient (BN then multiplies it by 0 anyway).
         scale_r = torch.where(self.bn_weight == 0, inv_std_r, self.bn_weight * inv_std_r)
-        z = self._conv_forward(x, self.weight_quantizer(self.weight * _per_filter(scale_r)), None)
-        y = z / _per_channel(scale_r)
-        if self.bias is not None:
-            y = y + _per_channel(self.bias)
+        # conv(x̂, Wq(W·s))/s computed as conv(x̂, Wq(W·s)/s): dividing the weight instead of the output
+        # costs a pass over a small tensor rather than over every activation.
+        weight = self.weight_quantizer(self.weight * _per_filter(scale_r)) / _per_filter(scale_r)
+        y = self._conv_forward(x, weight, self.bias)
         # nn.BatchNorm2d's own kernel: batch statistics with their gradients, running statistics updated.
         return F.batch_norm(y, self.running_mean, self.running_var, self.bn_weight, self.bn_bias, training=True,
                             momentum=self._next_momentum(), eps=self.eps)
