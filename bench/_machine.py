@@ -129,3 +129,15 @@ def machine_header(meta: dict) -> str:
             f"threads {meta['threads']} (OMP_NUM_THREADS={meta['OMP_NUM_THREADS']}, {meta['os_cpu_count']} CPUs) | "
             f"load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} | CPUs "
             + ("?" if busy is None else f"{100 * busy:.0f}%") + " busy now (load avg lags by a minute or more)")
+
+
+def finish(meta: dict, results: list, json_path: str | None) -> None:
+    """Print the closing load average and, with ``json_path``, write the meta data and results as JSON."""
+    import json
+
+    end = os.getloadavg()
+    print(f"\nload avg at end {end[0]:.2f} {end[1]:.2f} {end[2]:.2f}")
+    if json_path:
+        meta["loadavg_end"] = end
+        Path(json_path).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        print(f"wrote {json_path}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import json
 import os
 import statistics
 import sys
@@ -45,7 +44,7 @@ for folder in (REPO, Path(__file__).resolve().parent):
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _machine import busy_ticks, cpu_busy, machine_header, machine_meta, others_cores, percentile, wait_idle  # noqa: E402
+from _machine import busy_ticks, cpu_busy, finish, machine_header, machine_meta, others_cores, percentile, wait_idle  # noqa: E402
 from micronet.analysis import summarize  # noqa: E402
 from micronet.models import build_model  # noqa: E402
 
@@ -308,12 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         result = bench_case(case, args)
         results.append(result)
         print_case(result, args)
-    end = os.getloadavg()
-    print(f"\nload avg at end {end[0]:.2f} {end[1]:.2f} {end[2]:.2f}")
-    if args.json:
-        meta["loadavg_end"] = end
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-        print(f"wrote {args.json}")
+    finish(meta, results, args.json)
     return 0
 
 

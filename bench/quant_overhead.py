@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import statistics
@@ -50,7 +49,7 @@ from torch import nn  # noqa: E402
 from micronet.models import build_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import (busy_ticks, cpu_busy, machine_header, machine_meta, others_cores,  # noqa: E402
+from _machine import (busy_ticks, cpu_busy, finish, machine_header, machine_meta, others_cores,  # noqa: E402
                       percentile, wait_idle)
 
 # torch.ao.quantization is deprecated (pytorch/pytorch PR #153892) and says so on import and on use.
@@ -346,12 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         result = bench_model(name, args)
         results.append(result)
         print_model(result, args)
-    end_load = os.getloadavg()
-    print(f"\nload avg at end {end_load[0]:.2f} {end_load[1]:.2f} {end_load[2]:.2f}")
-    if args.json:
-        meta["loadavg_end"] = end_load
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-        print(f"wrote {args.json}")
+    finish(meta, results, args.json)
     return 0
 
 

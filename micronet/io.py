@@ -89,3 +89,22 @@ def resolve_directory(path: str | os.PathLike) -> Path:
     if not path.exists() and previous_version(path).is_dir():
         return previous_version(path)
     return path
+
+
+def read_description(meta_path: Path, *, fmt: str, version: int, what: str) -> dict:
+    """Parse a micronet JSON description (``micronet.json``, ``packed.json``) and check its format and
+    version; ``what`` names the artifact in the error (``checkpoint``, ``packed artifact``)."""
+    import json
+
+    from micronet.errors import CheckpointError
+
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{meta_path} is not valid JSON ({exc}): the {what} is corrupted") from exc
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise CheckpointError(f"{meta_path} is not a micronet {what} description (no format '{fmt}')")
+    if meta.get("format_version", 0) > version:
+        raise CheckpointError(f"{meta_path.parent} was written by a newer micronet ({what} format "
+                              f"{meta['format_version']}): upgrade micronet to read it")
+    return meta

@@ -8,13 +8,6 @@ from micronet.engine import save_checkpoint
 from micronet.models import build_model
 
 
-def _fails(capsys, args, *fragments):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0, f"error is not one line: {err}"
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "info"])
@@ -40,43 +33,43 @@ def test_info_list_names_models_and_datasets(capsys):
         assert name in out
 
 
-def test_unknown_model(capsys):
-    _fails(capsys, ["train", "--model", "vgg99", "--data", "synthetic"], "vgg99")
+def test_unknown_model(capsys, cli_fails):
+    cli_fails(["train", "--model", "vgg99", "--data", "synthetic"], "vgg99")
 
 
-def test_cfg_of_wrong_length(capsys):
-    _fails(capsys, ["train", "--model", "nin", "--cfg", "8,8", "--data", "synthetic"], "cfg", "8")
+def test_cfg_of_wrong_length(capsys, cli_fails):
+    cli_fails(["train", "--model", "nin", "--cfg", "8,8", "--data", "synthetic"], "cfg", "8")
 
 
-def test_missing_dataset(capsys, tmp_path):
-    _fails(capsys, ["train", "--data", "fashion-mnist", "--data-root", str(tmp_path / "none")],
+def test_missing_dataset(capsys, tmp_path, cli_fails):
+    cli_fails(["train", "--data", "fashion-mnist", "--data-root", str(tmp_path / "none")],
            "apt-get install -y dataset-fashion-mnist")
 
 
-def test_wrong_data_folder_layout(capsys, tmp_path):
-    _fails(capsys, ["train", "--data", "cifar10", "--data-root", str(tmp_path)], "data_batch_1")
+def test_wrong_data_folder_layout(capsys, tmp_path, cli_fails):
+    cli_fails(["train", "--data", "cifar10", "--data-root", str(tmp_path)], "data_batch_1")
 
 
-def test_unknown_dataset(capsys):
-    _fails(capsys, ["train", "--data", "imagenet22k"], "imagenet22k")
+def test_unknown_dataset(capsys, cli_fails):
+    cli_fails(["train", "--data", "imagenet22k"], "imagenet22k")
 
 
-def test_checkpoint_of_another_model(capsys, tmp_path):
+def test_checkpoint_of_another_model(capsys, tmp_path, cli_fails):
     save_checkpoint(tmp_path / "lenet", build_model("lenet", 10, 1))
-    _fails(capsys, ["train", "--model", "resnet20", "--data", "synthetic", "--init", str(tmp_path / "lenet")],
+    cli_fails(["train", "--model", "resnet20", "--data", "synthetic", "--init", str(tmp_path / "lenet")],
            "holds lenet", "resnet20")
 
 
-def test_truncated_checkpoint(capsys, tmp_path):
+def test_truncated_checkpoint(capsys, tmp_path, cli_fails):
     save_checkpoint(tmp_path / "ck", build_model("lenet", 10, 1))
     file = tmp_path / "ck" / "model.safetensors"
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
-    _fails(capsys, ["evaluate", "--checkpoint", str(tmp_path / "ck"), "--data", "synthetic"], "truncated")
+    cli_fails(["evaluate", "--checkpoint", str(tmp_path / "ck"), "--data", "synthetic"], "truncated")
 
 
-def test_pickle_checkpoint(capsys, tmp_path):
+def test_pickle_checkpoint(capsys, tmp_path, cli_fails):
     torch.save(build_model("lenet", 10, 1).state_dict(), tmp_path / "lenet.pth")
-    _fails(capsys, ["evaluate", "--checkpoint", str(tmp_path / "lenet.pth")], "pickle", "safetensors")
+    cli_fails(["evaluate", "--checkpoint", str(tmp_path / "lenet.pth")], "pickle", "safetensors")
 
 
 def test_train_then_evaluate_and_info(capsys, tmp_path):

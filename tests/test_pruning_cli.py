@@ -13,13 +13,6 @@ from micronet.models import build_model
 COMMON = ["--data", "synthetic", "--batch-size", "64", "--no-progress"]
 
 
-def _fails(capsys, args, *fragments):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0, f"error is not one line: {err}"
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +73,7 @@ def test_pruned_checkpoint_reloads_with_the_in_memory_logits(runs, pruned, capsy
     assert "(pruned from" in capsys.readouterr().out
 
 
-def test_prune_refine_fine_tunes_the_pruned_architecture(runs, pruned, capsys):
+def test_prune_refine_fine_tunes_the_pruned_architecture(runs, pruned, capsys, cli_fails):
     directory, _ = pruned
     out = runs / "finetune"
     assert main(["train", "--prune_refine", str(directory), *COMMON, "--epochs", "1", "--lr", "0.01",
@@ -93,7 +86,7 @@ def test_prune_refine_fine_tunes_the_pruned_architecture(runs, pruned, capsys):
     assert main(["train", "--resume", str(out), "--epochs", "2", "--no-progress"]) == 0  # resumes the pruned run
     assert load_checkpoint(out / "last").training["epoch"] == 2
     # --init on a pruned checkpoint is the same; a --cfg that disagrees is refused
-    _fails(capsys, ["train", "--init", str(directory), "--model", "nin", "--cfg", "16,16,16,16,16,16,16,16", *COMMON],
+    cli_fails(["train", "--init", str(directory), "--model", "nin", "--cfg", "16,16,16,16,16,16,16,16", *COMMON],
            "pruned nin", "drop --model and --cfg")
 
 
@@ -110,17 +103,17 @@ def test_prune_then_quantize_reloads(runs, pruned):
         assert torch.equal(first(_x(1)), second(_x(1)))
 
 
-def test_bad_inputs(runs, pruned, capsys):
+def test_bad_inputs(runs, pruned, capsys, cli_fails):
     sparse = str(runs / "sparse")
     for percent in ("1", "1.5", "-0.1"):
-        _fails(capsys, ["prune", "--checkpoint", sparse, "--percent", percent, "--out", str(runs / "x")], "--percent")
-    _fails(capsys, ["prune", "--checkpoint", sparse, "--normal_regular", "64", "--no_eval", "--out", str(runs / "x")],
+        cli_fails(["prune", "--checkpoint", sparse, "--percent", percent, "--out", str(runs / "x")], "--percent")
+    cli_fails(["prune", "--checkpoint", sparse, "--normal_regular", "64", "--no_eval", "--out", str(runs / "x")],
            "64", "larger than")
-    _fails(capsys, ["prune", "--checkpoint", sparse, "--normal_regular", "0", "--out", str(runs / "x")],
+    cli_fails(["prune", "--checkpoint", sparse, "--normal_regular", "0", "--out", str(runs / "x")],
            "--normal_regular")
-    _fails(capsys, ["prune", "--checkpoint", str(runs / "ptq"), "--out", str(runs / "x")], "prune first, then quantize")
-    _fails(capsys, ["train", "--prune_refine", sparse, *COMMON], "not a pruned checkpoint", "--init")
-    _fails(capsys, ["train", "--gc_prune_refine", "8", "--model", "lenet", *COMMON], "--gc_prune_refine", "nin_gc")
+    cli_fails(["prune", "--checkpoint", str(runs / "ptq"), "--out", str(runs / "x")], "prune first, then quantize")
+    cli_fails(["train", "--prune_refine", sparse, *COMMON], "not a pruned checkpoint", "--init")
+    cli_fails(["train", "--gc_prune_refine", "8", "--model", "lenet", *COMMON], "--gc_prune_refine", "nin_gc")
     assert not (runs / "x").exists()
 
 

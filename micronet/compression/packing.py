@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from micronet.errors import CheckpointError, QuantizationError
-from micronet.io import atomic_directory, resolve_directory
+from micronet.io import atomic_directory, read_description, resolve_directory
 
 FORMAT = "micronet-packed"
 FORMAT_VERSION = 1
@@ -286,16 +286,7 @@ def read_packed_meta(path: str | Path) -> dict[str, Any]:
     meta_path = path / META_FILE
     if path.is_file() or not meta_path.is_file():
         raise CheckpointError(f"{path} is not a packed artifact (no {META_FILE}): write one with `micronet pack`")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{meta_path} is not valid JSON ({exc}): the artifact is corrupted") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path} is not a micronet packed-artifact description (no format '{FORMAT}')")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} was written by a newer micronet (packed format {meta['format_version']}): "
-                              "upgrade micronet to read it")
-    return meta
+    return read_description(meta_path, fmt=FORMAT, version=FORMAT_VERSION, what="packed artifact")
 
 
 def load_packed(path: str | Path) -> nn.Module:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from micronet.errors import CheckpointError, MicronetError
-from micronet.io import atomic_directory, resolve_directory
+from micronet.io import atomic_directory, read_description, resolve_directory
 
 FORMAT = "micronet-checkpoint"
 FORMAT_VERSION = 1
@@ -268,16 +268,7 @@ def load_checkpoint(path: str | Path, *, with_train_state: bool = False) -> Chec
     meta_path = path / META_FILE
     if not meta_path.is_file():
         raise CheckpointError(f"{path} has no {META_FILE}: it is not a micronet checkpoint directory")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{meta_path} is not valid JSON ({exc}): the checkpoint is corrupted") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path} is not a micronet checkpoint description (no format '{FORMAT}')")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} was written by a newer micronet (format {meta['format_version']}): upgrade micronet to read it"
-        )
+    meta = read_description(meta_path, fmt=FORMAT, version=FORMAT_VERSION, what="checkpoint")
     wanted = [MODEL_FILE] + ([TRAIN_STATE_FILE] if with_train_state and TRAIN_STATE_FILE in meta.get("files", {}) else [])
     loaded: dict[str, dict[str, torch.Tensor]] = {}
     for name in wanted:
