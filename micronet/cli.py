@@ -8,6 +8,7 @@ original's ``--underscore_form``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -845,6 +846,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"micronet {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which exited: not an error of ours
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep Python from failing on flush at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ def select_channels(graph: ChannelGraph, percent: float, normal_regular: int | N
             if n_reg > space.size:
                 raise PruningError(f"normal_regular={n_reg} is larger than layer '{space.name}' ({space.size} "
                                    f"channels): choose normal_regular <= {space.size} or add '{space.name}' to "
-                                   "ignored_layers")
+                                   "ignored_layers (`micronet prune --ignore`)")
         step = math.lcm(*(n_reg // math.gcd(n_reg, w) for w in widths))
         k_min = min(size, max(1, math.ceil(min_channels / min(widths))))
         counts = [k for k in _allowed_counts(size, step) if k >= k_min] or [size]
