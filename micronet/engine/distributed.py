@@ -81,7 +81,10 @@ def setup(cpu: bool = False, gpu_ids: list[int] | None = None) -> DistContext:
 
 
 def teardown() -> None:
+    """Leave the process group together: a rank that destroys it while another still has collective work
+    in flight makes gloo abort that rank ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
