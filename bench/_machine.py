@@ -1,7 +1,7 @@
 """What every benchmark script reports about the machine, and how busy it was while timing.
 
 Shared by the ``bench/*.py`` scripts so that they describe the CPU, the threads and the load the same
-way: a timing taken while another job held a core is not comparable to an idle one (PEERS.md §6), so
+way: a timing taken while another job held a core is not comparable to an idle one , so
 each script prints how many cores *other* processes used during its timed rounds.
 """
 

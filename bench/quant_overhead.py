@@ -12,7 +12,7 @@ cross-entropy, backward, SGD-momentum step — of four configurations built from
                      input is fake-quantized, as micronet does), ``prepare_qat``. Skipped (with the reason
                      in its row) when torch.ao is missing or fails on the model.
 
-Noise control (docs: /work/shared/PEERS.md §6): pinned threads, warm-up steps, configurations interleaved
+Noise control: pinned threads, warm-up steps, configurations interleaved
 round-robin (A B C D A B C D ...) so machine noise hits all alike, medians and p90 over the timed steps,
 ratios to FP32 of the same model, and the CPU capability, load average and torch version logged.
 Never assert on these numbers in tests.

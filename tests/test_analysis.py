@@ -61,13 +61,13 @@ def test_nin_parameters_by_hand():
     widths = [3, *c, 10]
     kernels = [5, 1, 1, 5, 1, 1, 3, 1, 1]
     conv_weights = sum(widths[i] * widths[i + 1] * kernels[i] ** 2 for i in range(9))
-    assert conv_weights == 965_568  # SPEC §3.2
+    assert conv_weights == 965_568  # the original NIN's conv weights
     bn = 2 * sum(widths[1:])  # gamma and beta; convs have no bias
     assert count_parameters(build_model("nin")) == conv_weights + bn == 968_404
 
 
 def test_nin_macs_match_spec():
-    # SPEC §3.2: 0.222 GMAC on 3×32×32
+    # the original NIN: 0.222 GMAC on 3×32×32
     assert round(count_flops(build_model("nin"), (3, 32, 32)).macs / 1e9, 3) == 0.222
 
 

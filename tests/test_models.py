@@ -102,7 +102,7 @@ def test_nin_gc_layout_follows_spec():
     assert shuffles == [None, None, 2, 2, 16, 4, 4, 32, None]
     pools = [i for i, b in enumerate(m.features) if isinstance(b, nn.MaxPool2d)]
     assert pools == [3, 7] and all(m.features[i].kernel_size == 2 for i in pools)
-    # SPEC §3.3: the default conv weights total 578,304
+    # the original NIN-GC's default conv weights total 578,304
     assert sum(c.weight.numel() for c in convs(build_model("nin_gc"))) == 578_304
 
 
@@ -196,7 +196,7 @@ def test_nin_gc_divisibility():
     cfg[0] = 3
     with pytest.raises(ModelConfigError, match=r"multiple of 2"):
         build_model("nin_gc", cfg=cfg)
-    # the seed README's pruned cfg fits
+    # the original README's pruned cfg fits
     build_model("nin_gc", cfg=[154, 162, 144, 304, 320, 320, 608, 584])
 
 

@@ -1,7 +1,7 @@
 """Model analysis: parameter counts, FLOPs/MACs (FLOPs = 2 × MACs), bit-aware size, report tables.
 
 See :mod:`micronet.analysis.complexity` for the counting conventions: FLOPs come from torch's
-``FlopCounterMode`` (conv, linear, matmul only); the seed's "GFLOPs" were really GMACs; size counts
+``FlopCounterMode`` (conv, linear, matmul only); the original micronet's "GFLOPs" were really GMACs; size counts
 parameters only, at their quantized bit width where a ``weight_quantizer`` says so.
 """
 

@@ -6,8 +6,8 @@ Conventions
   one multiply-accumulate as 2 FLOPs for convolutions, linear layers and matrix products (mm, addmm,
   bmm, matmul, attention). Element-wise ops, BatchNorm, activations, pooling and bias additions are
   not counted. MACs are ``flops // 2``.
-* The seed's README column "GFLOPs" was really GMACs (e.g. its NIN_GC row, 0.15, is the MAC count);
-  compare seed numbers with :attr:`FlopCount.macs`.
+* The original micronet's README column "GFLOPs" was really GMACs (e.g. its NIN_GC row, 0.15, is the MAC count);
+  compare the original micronet's numbers with :attr:`FlopCount.macs`.
 * **Size counts parameters only** (no buffers such as BN running statistics or quantizer state), each
   at its storage width: 32 bits, or the ``bits`` of the owning module's ``weight_quantizer`` for that
   module's ``weight``. It is a theoretical packed size, not a file size.

@@ -8,7 +8,7 @@ it can be folded into the convolution z = conv(x, W) + b that feeds it. Three fo
 * **BN-folding QAT conv** (:class:`QuantBNFuseConv2d`): becomes a plain :class:`QuantConv2d` holding
   ``folded_weight_and_bias()`` — what its eval forward already computes — with its quantizers (and their
   statistics) kept, so eval outputs are unchanged bit for bit.
-* **sign** (the BN feeds only sign activations, SPEC §7.1 re-derived): sign(γ·(z − μ)/σ + β) depends only
+* **sign** (the BN feeds only sign activations; the original micronet's fold, re-derived): sign(γ·(z − μ)/σ + β) depends only
   on sign(γ) and the threshold μ − β·σ/γ, because the folded pre-activation z' is the BN output times the
   positive σ/|γ|. γ > 0: W' = W, b' = b − μ + β·σ/γ; γ < 0: W' = −W, b' = −(b − μ + β·σ/γ); γ = 0: the BN
   output is the constant β, so W' = 0 and b' = β (sign(0) = +1, as :class:`SignActivation`). Weights are

@@ -36,7 +36,7 @@ class ConvBNAct(nn.Module):
     Submodules: ``shuffle`` (only when ``shuffle_groups`` is given), ``conv``, ``bn`` and ``act`` (a
     ReLU or ReLU6 module; ``None`` when ``act=None``, e.g. MobileNetV2's linear projection). The conv
     has no bias: the BatchNorm right after it has its own shift, so a conv bias would be redundant (the
-    seed used ``bias=True``; the function computed is the same). Activations are not in-place, so
+    original micronet used ``bias=True``; the function computed is the same). Activations are not in-place, so
     forward hooks and observers on the BN output see the value before the activation.
     """
 
@@ -72,7 +72,7 @@ class ConvBNAct(nn.Module):
 
 
 class ConvBNReLU(ConvBNAct):
-    """The seed's ``ConvBNReLU`` block (SPEC §3.1): :class:`ConvBNAct` with a ReLU, no conv bias."""
+    """The original micronet's ``ConvBNReLU`` block: :class:`ConvBNAct` with a ReLU, no conv bias."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
                  padding: int | None = None, groups: int = 1, shuffle_groups: int | None = None) -> None:

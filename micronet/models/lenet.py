@@ -1,4 +1,4 @@
-"""LeNet as used by the seed's ``quant_test_manual``/``quant_test_auto`` (without the log_softmax)."""
+"""LeNet as used by the original micronet's ``quant_test_manual``/``quant_test_auto`` (without the log_softmax)."""
 
 from __future__ import annotations
 

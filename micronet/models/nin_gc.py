@@ -1,4 +1,4 @@
-"""NIN with grouped convolutions and channel shuffles (SPEC §3.3), the seed's ``nin_gc.Net``."""
+"""NIN with grouped convolutions and channel shuffles the original micronet's ``nin_gc.Net``."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def check_cfg(cfg: Sequence[int]) -> None:
 
 
 class NINGC(nn.Module):
-    """NIN_GC: NIN with grouped 1×1/3×3 convs and ShuffleNet channel shuffles; returns the seed's logits.
+    """NIN_GC: NIN with grouped 1×1/3×3 convs and ShuffleNet channel shuffles; returns the original micronet's logits.
 
     cfg layout (length 8): the output channels ``c0..c7`` of conv blocks 0..7, default
     ``[256, 256, 256, 512, 512, 512, 1024, 1024]``. ``features`` holds, in order (CBR = [shuffle] →
@@ -81,10 +81,10 @@ class NINGC(nn.Module):
     8     c7 → num_classes    1       1       –
     ====  ==================  ======  ======  ===============================
 
-    then AdaptiveAvgPool2d(1) (the seed's AvgPool(8)) and flatten. Each shuffle uses the previous
+    then AdaptiveAvgPool2d(1) (the original micronet's AvgPool(8)) and flatten. Each shuffle uses the previous
     conv's group count. Divisibility (every conv's in/out channels by its groups, every shuffle's
     channels by its groups) means c0, c1 multiples of 2; c2, c3 of 16; c4 of 4; c5, c6 of 32; c7 of 8.
-    Like the seed, the last block applies BN and ReLU to the class scores.
+    Like the original micronet, the last block applies BN and ReLU to the class scores.
     Initialisation: :func:`init_weights`.
     """
 
@@ -108,8 +108,8 @@ class NINGC(nn.Module):
         return self.flatten(self.avgpool(self.features(x)))
 
 
-def Net(cfg: Sequence[int] | None = None) -> nn.Module:  # noqa: N802 - the seed's name
-    """The seed's ``nin_gc.Net(cfg=None)``: ``build_model("nin_gc", 10, 3, cfg)``."""
+def Net(cfg: Sequence[int] | None = None) -> nn.Module:  # noqa: N802 - the original micronet's name
+    """The original micronet's ``nin_gc.Net(cfg=None)``: ``build_model("nin_gc", 10, 3, cfg)``."""
     from micronet.models.registry import build_model
 
     return build_model("nin_gc", cfg=cfg)

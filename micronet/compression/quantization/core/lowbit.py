@@ -22,7 +22,7 @@ dorefa     1      {0, 1}                 0.5         2·E|W|      ±E|W| (DoReFa
 Activation families: ``dorefa_activation`` (k = 1..16 bits, values on {0, 1/n, …, 1}), ``sign`` (1 bit, ±1)
 and ``float`` (32 bits: the identity, for "A = 32" / "W = 32").
 
-Decisions (the original's behaviour is in SPEC §4–§5):
+Decisions (where they differ from the original micronet):
 
 * sign(0) = +1 everywhere (weights and activations), so binary values are exactly two levels;
 * ternary: |W| = Δ counts as 0 and is excluded from α (the original gave ±1 there but excluded it from α);
