@@ -53,14 +53,15 @@ def affine_qparams(
 
 def _quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                          quant_min: int, quant_max: int, with_mask: bool):
-    q = torch.round(x * (1.0 / scale))
+    """One new float tensor, the rest in place: large fresh allocations cost page faults on the CPU."""
+    q = torch.mul(x, 1.0 / scale).round_()
     if zero_point is not None:
         q.add_(zero_point)
-    clamped = q.clamp(quant_min, quant_max)
-    mask = clamped == q if with_mask else None
+    mask = q.ge(quant_min).logical_and_(q.le(quant_max)) if with_mask else None
+    q.clamp_(quant_min, quant_max)
     if zero_point is not None:
-        clamped.sub_(zero_point)
-    return clamped.mul_(scale), mask
+        q.sub_(zero_point)
+    return q.mul_(scale), mask
 
 
 class _FakeQuantize(torch.autograd.Function):
