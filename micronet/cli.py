@@ -589,15 +589,23 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from micronet.compression.packing import is_packed_artifact, load_packed, read_packed_meta
     from micronet.data import BatchLoader
+    from micronet.engine.checkpoint import Checkpoint
+    from micronet.io import resolve_directory
     from micronet.engine import evaluate, load_checkpoint, setup
     from micronet.engine.distributed import parse_gpu_ids
     from micronet.engine.checkpoint import resolve_checkpoint
     from micronet.errors import ConfigError
 
     ctx = setup(cpu=args.cpu, gpu_ids=parse_gpu_ids(args.gpu_id)[:1])
-    checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
-    model = checkpoint.build_model().to(ctx.device)
+    if is_packed_artifact(args.checkpoint):  # `micronet pack` output: weights unpacked from their codes
+        path = resolve_directory(args.checkpoint)
+        checkpoint = Checkpoint(path, read_packed_meta(path), {})
+        model = load_packed(path).to(ctx.device)
+    else:
+        checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
+        model = checkpoint.build_model().to(ctx.device)
     held = checkpoint.data_info
     name = args.data or (held.name if held else None)
     if name is None:

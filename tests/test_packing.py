@@ -253,3 +253,19 @@ def test_fuse_command_prints_table_and_accuracies(tmp_path, capsys):
     before, after = (float(part.split("%")[0].split()[-1]) for part in line.split(" before, "))
     assert before == after, line
     assert main(["evaluate", "--checkpoint", str(tmp_path / "fused"), "--test_subset", "64"]) == 0
+
+
+def test_evaluate_reads_a_packed_artifact_with_the_fake_quant_accuracy(tmp_path, capsys):
+    from micronet.data import load_dataset
+
+    torch.manual_seed(0)
+    info = load_dataset("synthetic", test_subset=64).info
+    model = wbwtab.prepare(build_model("nin", info.num_classes, info.in_channels, SMALL_NIN), W=2, A=2).eval()
+    save_checkpoint(tmp_path / "ck", model, data_info=info)
+    assert main(["pack", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "packed")]) == 0
+    capsys.readouterr()
+    results = []
+    for directory in ("ck", "packed"):
+        assert main(["evaluate", "--checkpoint", str(tmp_path / directory), "--test_subset", "64"]) == 0
+        results.append(capsys.readouterr().out.split(": ", 1)[1])
+    assert results[0] == results[1]  # same accuracy and loss to the printed digit
