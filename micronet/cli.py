@@ -119,7 +119,7 @@ QUANTIZE_EXAMPLES = """examples:
   micronet quantize iao --checkpoint runs/demo --bn_fuse --epochs 2 --lr 0.002 --out runs/demo_qat
   micronet quantize iao --checkpoint runs/demo --w_bits 4 --a_bits 4 --bn_fuse --epochs 3 --out runs/demo_w4a4
   micronet quantize iao --checkpoint runs/demo_ptq --qaft --epochs 1 --lr 1e-4 --out runs/demo_qaft
-  micronet quantize dorefa --checkpoint runs/demo --w_bits 4 --a_bits 4 --epochs 3 --out runs/demo_dorefa_w4a4
+  micronet quantize dorefa --checkpoint runs/demo --w_bits 4 --a_bits 4 --pre_scale 0.33 --epochs 4 --lr 0.005 --out runs/demo_dorefa_w4a4
   micronet quantize wbwtab --checkpoint runs/demo --W 3 --A 2 --epochs 3 --lr 0.01 --out runs/demo_ternary
 """
 
