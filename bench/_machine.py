@@ -2,53 +2,22 @@
 
 Shared by the ``bench/*.py`` scripts so that they describe the CPU, the threads and the load the same
 way: a timing taken while another job held a core is not comparable to an idle one , so
-each script prints how many cores *other* processes used during its timed rounds.
+each script prints how many cores *other* processes used during its timed rounds. The helpers the library's
+own benchmarks need too (CPU model and flags, busy ticks, percentiles) live in :mod:`micronet.machine`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import os
 import platform
 import time
 from pathlib import Path
 
+from micronet.machine import busy_ticks, cpu_flags, cpu_model, others_cores, percentile
+
 __all__ = ["busy_ticks", "cpu_busy", "cpu_flags", "cpu_model", "machine_header", "machine_meta", "others_cores",
            "percentile", "wait_idle"]
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    s = sorted(values)
-    if not s:
-        return math.nan
-    pos = (len(s) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> str:
-    """The vector extensions that decide which kernels torch and ONNX Runtime can use."""
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in wanted if f in have) or "none of " + ",".join(wanted)
-    except OSError:
-        pass
-    return "unknown"
 
 
 def cpu_busy(seconds: float = 1.0) -> float | None:
@@ -64,27 +33,6 @@ def cpu_busy(seconds: float = 1.0) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return 1.0 - (i1 - i0) / max(t1 - t0, 1)
-
-
-def busy_ticks() -> tuple[int, int] | None:
-    """(non-idle clock ticks of all CPUs, ticks used by this process) — their difference over an interval
-    is what *other* processes took from the machine while we were timing."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        busy = sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)
-        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        return busy, int(own[11]) + int(own[12])  # utime, stime (fields 14, 15)
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def others_cores(before: tuple[int, int] | None, after: tuple[int, int] | None, wall_s: float) -> float | None:
-    """Average number of cores used by other processes between two :func:`busy_ticks` readings."""
-    if before is None or after is None or wall_s <= 0:
-        return None
-    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    other = (after[0] - before[0]) - (after[1] - before[1])
-    return max(other, 0) / hz / wall_s
 
 
 def wait_idle(limit_s: float, threshold: float = 0.25) -> tuple[float | None, float]:

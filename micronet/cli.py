@@ -149,6 +149,8 @@ def _quantize_parser(sub: Any) -> None:
     _add(p, "--bn-fuse-calib", action="store_true", help="fold with running statistics while training")
     _add(p, "--lsq", action="store_true",
          help="iao QAT: learn the scales (LSQ); symmetric only; helps at 4 bits and below")
+    _add(p, "--signed-activations", action="store_true",
+         help="iao: int8 activations with zero point 0 everywhere, also after ReLU (what TensorRT accepts)")
     _add(p, "--bn-fold-method", default=None, choices=["one_conv", "batch", "running"],
          help="how --bn_fuse trains: one_conv (default; one convolution, as torch.ao), batch (exact batch "
               "statistics from a second float convolution), running (= --bn_fuse_calib)")
@@ -166,14 +168,78 @@ def _quantize_parser(sub: Any) -> None:
 
 
 def _evaluate_parser(sub: Any) -> None:
-    p = sub.add_parser("evaluate", help="accuracy of a checkpoint on a dataset split", formatter_class=_Formatter,
-                       epilog="examples:\n  micronet evaluate --checkpoint runs/nin_small\n  micronet evaluate --checkpoint runs/nin_small/best --split val\n")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (uses its best/)")
+    p = sub.add_parser("evaluate", help="accuracy of a checkpoint or an ONNX file on a dataset split", formatter_class=_Formatter,
+                       epilog="examples:\n  micronet evaluate --checkpoint runs/nin_small\n  micronet evaluate --checkpoint runs/nin_small/best --split val\n"
+                              "  micronet evaluate --onnx nin_small.onnx --data fashion-mnist --threads 2   # in ONNX Runtime\n")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory, or a run directory (uses its best/)")
+    p.add_argument("--onnx", default=None, metavar="FILE", help="evaluate this ONNX file in ONNX Runtime (CPU) instead of a checkpoint")
     _add_data_options(p, default=None)
     p.add_argument("--split", default="test", choices=["test", "val", "train"])
     _add(p, "--batch-size", type=int, default=512)
+    p.add_argument("--threads", type=int, default=1, help="--onnx: ONNX Runtime intra-op threads")
     _add_device_options(p)
     p.set_defaults(run=cmd_evaluate)
+
+
+BENCHMARK_EXAMPLES = """examples:
+  micronet benchmark --onnx nin_small.onnx
+  micronet benchmark --onnx nin_small_int8.onnx --batch-sizes 1,64 --threads 1,2 --repeats 50 --coverage
+"""
+
+
+def _benchmark_parser(sub: Any) -> None:
+    p = sub.add_parser("benchmark", help="latency of an ONNX file in ONNX Runtime (and its int8 coverage)",
+                       epilog=BENCHMARK_EXAMPLES, formatter_class=_Formatter,
+                       description="Time ONNX Runtime (CPU, pinned threads) on random inputs of the file's own C,H,W: "
+                                   "median and p90 ms per run call and images/s for every batch size and thread count, "
+                                   "with the CPU, its vector extensions and the load. On a shared machine compare numbers "
+                                   "from one call only, and rerun when 'other cores' is 0.25 or more.")
+    p.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file (input N×C×H×W with static C, H, W)")
+    _add(p, "--batch-sizes", default="1,64", help="comma-separated batch sizes (the file needs a dynamic batch for more than one)")
+    p.add_argument("--threads", default="1,2", help="comma-separated ONNX Runtime intra-op thread counts")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs before each measurement")
+    p.add_argument("--repeats", type=int, default=30, help="timed runs per batch size and thread count")
+    p.add_argument("--optimization", default="all", choices=["disable", "basic", "extended", "all"],
+                   help="ONNX Runtime graph optimization level")
+    p.add_argument("--coverage", action="store_true", help="also print which ops ONNX Runtime runs in int8 and which stay float")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results (and coverage) as JSON")
+    p.set_defaults(run=cmd_benchmark)
+
+
+EXPORT_EXAMPLES = """examples:
+  micronet export --checkpoint runs/demo --out demo_fp32.onnx                       # float model: FP32 ONNX
+  micronet export --checkpoint runs/demo_qat_w8a8 --out demo_int8.onnx              # quantized: QDQ int8 ONNX
+  micronet export --checkpoint runs/demo --int8 --out demo_ptq_int8.onnx            # float model: W8A8 PTQ, then QDQ
+  micronet export --checkpoint runs/demo_qat_w8a8 --weight-dtype int8 --exporter legacy --out demo.onnx
+  micronet evaluate --onnx demo_int8.onnx && micronet benchmark --onnx demo_int8.onnx --coverage
+"""
+
+
+def _export_parser(sub: Any) -> None:
+    p = sub.add_parser("export", help="write a checkpoint as an ONNX file (FP32, or QDQ int8 for quantized models)",
+                       epilog=EXPORT_EXAMPLES, formatter_class=_Formatter,
+                       description="Fold BatchNorm and write one ONNX file with a dynamic batch. A quantized checkpoint "
+                                   "becomes a QDQ graph with its exact int8 weights and activation scales; a float one "
+                                   "becomes FP32, or with --int8 is first quantized (IAO W8A8 PTQ, calibrated on its "
+                                   "dataset). The file is then run in ONNX Runtime on test images and compared with "
+                                   "the PyTorch model.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    p.add_argument("--out", required=True, help="ONNX file to write (its folder must exist)")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="artifact format (packed low-bit: micronet pack)")
+    p.add_argument("--int8", action="store_true", help="float checkpoint: quantize (W8A8 PTQ) before exporting")
+    _add(p, "--calib-batches", type=int, default=16, help="--int8: calibration batches of --batch-size training images")
+    p.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"], help="torch exporter (both write the same ops)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (13-20)")
+    _add(p, "--static-batch", action="store_true", help="fix the batch dimension to 1 instead of a dynamic one")
+    _add(p, "--activation-dtype", default="uint8", choices=["uint8", "int8"],
+         help="uint8: ONNX Runtime's fast path (signed codes shifted by 128); int8: zero point 0 (TensorRT)")
+    _add(p, "--weight-dtype", default="auto", choices=["auto", "int8", "uint8"],
+         help="int8: standard, TensorRT, CPUs with VNNI; uint8 (zero point 128): exact on AVX2-only CPUs, whose u8s8 "
+              "kernels saturate; auto: pick for this CPU")
+    _add_data_options(p, default=None)
+    _add(p, "--batch-size", type=int, default=64, help="calibration and check batch size")
+    _add(p, "--check-images", type=int, default=256, help="test images for the ONNX Runtime check (0: skip)")
+    p.set_defaults(run=cmd_export)
 
 
 def _info_parser(sub: Any) -> None:
@@ -263,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
     _evaluate_parser(sub)
+    _benchmark_parser(sub)
+    _export_parser(sub)
     _prune_parser(sub)
     _quantize_parser(sub)
     _info_parser(sub)
@@ -504,7 +572,8 @@ def _lowbit_scheme(args: argparse.Namespace):
     iao_only = [flag for flag, on in (("--bn_fuse", args.bn_fuse), ("--bn_fuse_calib", args.bn_fuse_calib),
                                       ("--bn_fold_method", getattr(args, "bn_fold_method", None)),
                                       ("--freeze_bn_after", args.freeze_bn_after is not None),
-                                      ("--lsq", getattr(args, "lsq", False))) if on]
+                                      ("--lsq", getattr(args, "lsq", False)),
+                                      ("--signed_activations", getattr(args, "signed_activations", False))) if on]
     if iao_only:
         raise ConfigError(f"{' and '.join(iao_only)} apply to iao only: drop them for {args.method}")
     if args.method == "dorefa":
@@ -555,7 +624,8 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
                               "use --qaft to fine-tune it, or start from the float checkpoint")
         scheme = lowbit or iao_scheme(args.a_bits, args.w_bits, args.q_type, args.q_level, args.weight_observer, args.bn_fuse,
                             args.bn_fuse_calib, pretrained_model=True, ptq=args.ptq, percentile=args.percentile,
-                            activation_observer=args.activation_observer, bn_fold_method=args.bn_fold_method, learned_scale=args.lsq)
+                            activation_observer=args.activation_observer, bn_fold_method=args.bn_fold_method, learned_scale=args.lsq,
+                            signed_activations=args.signed_activations)
         model = prepare(model, scheme, skip=args.skip)
         if ctx.is_main:
             print(model.quantization_report.summary(), flush=True)
@@ -589,6 +659,128 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from micronet.errors import ConfigError
+
+    if args.checkpoint and args.onnx:
+        raise ConfigError("pass either --checkpoint DIR or --onnx FILE, not both")
+    if args.onnx:
+        return _evaluate_onnx(args)
+    if not args.checkpoint:
+        raise ConfigError("pass --checkpoint DIR or --onnx FILE")
+    return _evaluate_checkpoint(args)
+
+
+def _evaluate_onnx(args: argparse.Namespace) -> int:
+    from micronet.deploy.onnxruntime import build_session, evaluate, runtime_label
+    from micronet.errors import ConfigError
+
+    from micronet.deploy.onnx import read_metadata
+
+    name = args.data or read_metadata(args.onnx).get("micronet.dataset")
+    if not name:
+        raise ConfigError(f"{args.onnx} does not record its dataset: pass --data (e.g. --data fashion-mnist)")
+    session = build_session(args.onnx, threads=args.threads)
+    splits = _load_data(args, name)
+    stats = evaluate(session, getattr(splits, args.split), batch_size=args.batch_size)
+    print(f"{args.onnx} on {splits.info.name} {args.split}: accuracy {stats['acc'] * 100:.2f}%, loss {stats['loss']:.4f}, "
+          f"{stats['samples']} images ({runtime_label(args.threads)})")
+    return 0
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    from micronet.errors import ConfigError
+
+    try:
+        values = [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ConfigError(f"{option} takes positive integers such as 1,64 (got {text})")
+    return values
+
+
+def cmd_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import json
+
+    from micronet.analysis import format_table
+    from micronet.deploy.onnxruntime import benchmark, int8_coverage, machine_header
+    from micronet.io import atomic_write_text
+
+    batch_sizes, threads = _int_list(args.batch_sizes, "--batch-sizes"), _int_list(args.threads, "--threads")
+    results = benchmark(args.onnx, batch_sizes=batch_sizes, threads=threads, warmup=args.warmup,
+                        repeats=args.repeats, optimization=args.optimization)
+    print(f"{args.onnx}: input {'x'.join(map(str, results[0].input_shape))}, optimization {args.optimization}, "
+          f"{args.warmup} warm-up + {args.repeats} timed runs each")
+    print(machine_header(results[0].machine))
+    print(format_table([r.row() for r in results]))
+    shared = [r for r in results if r.others_cores is not None and r.others_cores >= 0.25]
+    if shared:
+        print(f"!! other processes used {max(r.others_cores for r in shared):.2f} cores during {len(shared)} of "
+              f"{len(results)} measurements: the machine was shared, rerun for comparable numbers")
+    report = int8_coverage(args.onnx, optimization=args.optimization) if args.coverage else None
+    if report is not None:
+        print(report.to_text())
+    if args.json:
+        payload = {"machine": results[0].machine, "results": [{k: v for k, v in r.to_json().items() if k != "machine"}
+                                                              for r in results],
+                   "coverage": report.to_json() if report else None}
+        atomic_write_text(args.json, json.dumps(payload, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import numpy as np
+    import torch
+
+    from micronet.analysis import format_table
+    from micronet.compression.quantization.core.workflow import calibrate, is_prepared
+    from micronet.data import BatchLoader
+    from micronet.deploy.onnx import export
+    from micronet.deploy.onnxruntime import build_session, run
+    from micronet.engine import load_checkpoint
+    from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.errors import ConfigError
+
+    checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    model = checkpoint.build_model().cpu().eval()
+    name = args.data or (checkpoint.data_info.name if checkpoint.data_info else None)
+    needs_data = args.int8 and not is_prepared(model) or args.check_images > 0
+    if needs_data and name is None:
+        raise ConfigError(f"{checkpoint.path} does not record its dataset: pass --data")
+    splits = _load_data(args, name) if needs_data else None
+    arch = checkpoint.arch
+    shape = (arch.in_channels, *splits.info.image_size) if splits else (arch.in_channels, 28, 28)
+    if splits is not None:
+        _check_data_fits(checkpoint, splits.info)
+    if args.int8 and not is_prepared(model):
+        from micronet.compression.quantization.wqaq.iao.quantize import prepare
+
+        model = prepare(model, a_bits=8, w_bits=8, ptq=True)
+        calibrate(model, BatchLoader(splits.train, args.batch_size, shuffle=True, seed=0), num_batches=args.calib_batches)
+        model.eval()
+        print(f"quantized with IAO W8A8 PTQ ({model.calibrated_batches} calibration batches of {args.batch_size})")
+    report = export(model, args.out, torch.zeros(1, *shape), exporter=args.exporter, opset=args.opset,
+                    dynamic_batch=not args.static_batch, activation_dtype=args.activation_dtype,
+                    weight_dtype=args.weight_dtype, metadata={"micronet.dataset": name or "",
+                                                              "micronet.model": arch.name})
+    print(report.summary())
+    if report.quantized:
+        print(format_table(report.form.rows()))
+    if args.check_images > 0:
+        images = torch.cat([x for x, _ in BatchLoader(splits.test, 256)])[: args.check_images]
+        with torch.no_grad():
+            reference = torch.cat([model(part) for part in images.split(args.batch_size)]).numpy()
+        session = build_session(report.path)
+        got = np.concatenate([run(session, part.numpy()) for part in images.split(1 if args.static_batch else args.batch_size)])
+        step = float(np.abs(reference).max()) / 127
+        agree = float((got.argmax(1) == reference.argmax(1)).mean())
+        print(f"ONNX Runtime check on {len(images)} test images: max |difference| {np.abs(got - reference).max():.3g} "
+              f"({np.abs(got - reference).max() / step:.2f} output steps of max|y|/127), top-1 agreement {agree * 100:.2f}%")
+    return 0
+
+
+def _evaluate_checkpoint(args: argparse.Namespace) -> int:
     from micronet.compression.packing import is_packed_artifact, load_packed, read_packed_meta
     from micronet.data import BatchLoader
     from micronet.engine.checkpoint import Checkpoint

@@ -33,3 +33,7 @@ class QuantizationError(MicronetError):
 
 class PruningError(MicronetError):
     """An impossible pruning setting, a model pruning cannot analyse, or a channel record that does not fit."""
+
+
+class DeployError(MicronetError):
+    """A model that cannot be exported, an artifact that is not what it claims, or a missing runtime."""

@@ -12,7 +12,7 @@ from micronet.compression.quantization.wqaq.iao import quantize as iao
 from micronet.engine import load_model, save_checkpoint
 from micronet.models import build_model, list_models
 
-POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)  # max pools stay float: see test_max_pools_are_not_quantized_by_default
 
 
 def _count(model, types):
@@ -30,7 +30,8 @@ def test_prepare_quantizes_every_layer_of_every_registry_model(name):
     assert report.count("QuantConv2d") == convs > 0
     assert report.count("QuantLinear") == linears
     assert report.count("QuantAdd") == adds
-    assert sum(report.count(t) for t in ("QuantMaxPool2d", "QuantAvgPool2d", "QuantAdaptiveAvgPool2d")) == pools
+    assert sum(report.count(t) for t in ("QuantAvgPool2d", "QuantAdaptiveAvgPool2d")) == pools
+    assert report.count("QuantMaxPool2d") == 0
     assert _count(model, nn.Conv2d) == 0  # exact type: nothing left in float
     assert not report.unsupported
     x = torch.randn(4, 1, 28, 28)
@@ -70,7 +71,26 @@ def test_seed_api_builds_and_runs(capsys):
     assert out.count("quant_model is ready") == 2 and "micronet is ready" in out
     assert isinstance(manual.conv1, iao.QuantConv2d)
     report = auto.quantization_report
-    assert (report.count("QuantConv2d"), report.count("QuantLinear"), report.count("QuantMaxPool2d")) == (2, 2, 1)
+    assert (report.count("QuantConv2d"), report.count("QuantLinear"), report.count("QuantMaxPool2d")) == (2, 2, 0)
+
+
+def test_max_pools_are_not_quantized_by_default():
+    """Max commutes with a monotone quantizer, so a max pool's input quantizer only rounded twice; schemes
+    written before ``quantize_max_pools`` existed (checkpoints) keep quantizing them."""
+    from dataclasses import replace
+
+    from micronet.compression.quantization.core.scheme import QuantScheme
+
+    x = torch.randn(4, 1, 28, 28)
+    model = prepare(build_model("nin", 10, 1), default_scheme())
+    assert not any(type(m).__name__ == "QuantMaxPool2d" for m in model.modules())
+    legacy = default_scheme().to_json()
+    del legacy["quantize_max_pools"]
+    old = QuantScheme.from_json(legacy)
+    assert old.quantize_max_pools and not QuantScheme.from_json(default_scheme().to_json()).quantize_max_pools
+    with_pools = prepare(build_model("nin", 10, 1), replace(default_scheme(), quantize_max_pools=True))
+    assert sum(type(m).__name__ == "QuantMaxPool2d" for m in with_pools.modules()) == 2
+    assert model(x).shape == with_pools(x).shape == (4, 10)
 
 
 def test_seed_constructor_keywords():

@@ -65,6 +65,9 @@ class FusedLayer:
     weight_baked: bool = False  # sign fold: the quantized weight replaced the float one, its quantizer is off
     flipped: int = 0  # sign fold: channels with γ < 0
     constant: int = 0  # sign fold: channels with γ = 0
+    # kept because the conv is quantized; the BN is still a per-channel affine map of the conv's output, so
+    # an exporter can fold it into per-channel weight scales without moving any weight code
+    scale_foldable: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -369,6 +372,7 @@ def fuse(model: nn.Module) -> tuple[nn.Module, FusionReport]:
             if not layer.detail and isinstance(conv, WeightedQuantizedModule) and not sign:
                 layer.detail = "quantized conv: folding would move its weight off the quantization grid " \
                                "(quantize with BatchNorm folding, --bn_fuse, instead)"
+                layer.scale_foldable = True
             if not layer.detail:
                 done = _sign_fold(conv, bn) if sign else _standard_fold(conv, bn)
                 done.conv, done.bn = conv_name, bn_name

@@ -79,7 +79,11 @@ class QuantScheme:
     fold_bn: bool = False
     bn_fold_method: str = "one_conv"  # how QAT folds BN while training: see BN_FOLD_METHODS
     bn_stats_from_model: bool = True  # start BN-fold statistics from the trained BN (pretrained_model)
-    quantize_pools: bool = True
+    quantize_pools: bool = True  # average pools: their output is a new value that needs its own range
+    # Max pools only pick values, and max commutes with any monotone quantizer, so quantizing their input as
+    # well as their consumer's would round twice and keep int8 runtimes from running the pool on codes.
+    # Schemes written before this field existed quantized max pools with the other pools.
+    quantize_max_pools: bool = False
     quantize_activations: tuple[str, ...] = ("LeakyReLU", "Sigmoid", "Hardswish")
     keep_first_float: bool = False
     keep_last_float: bool = False
@@ -113,6 +117,7 @@ class QuantScheme:
         if isinstance(data, dict) and "bn_fold_running" in data:  # schemes written before bn_fold_method
             data["bn_fold_method"] = "running" if data.pop("bn_fold_running") else "batch"
         data = _known(cls, data, "quantization scheme")
+        data.setdefault("quantize_max_pools", data.get("quantize_pools", True))
         data["weight"] = QuantizerSpec.from_json(data["weight"])
         data["activation"] = QuantizerSpec.from_json(data["activation"])
         data["quantize_activations"] = tuple(data.get("quantize_activations", ()))

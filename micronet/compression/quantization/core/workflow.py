@@ -77,7 +77,9 @@ def _mapping(scheme: QuantScheme) -> dict[type[nn.Module], type[QuantizedModule]
     if scheme.quantize_joins:
         mapping.update(JOIN_MAPPING)
     if scheme.quantize_pools:
-        mapping.update(POOL_MAPPING)
+        mapping.update({k: v for k, v in POOL_MAPPING.items() if not issubclass(k, nn.MaxPool2d)})
+    if scheme.quantize_max_pools:
+        mapping.update({k: v for k, v in POOL_MAPPING.items() if issubclass(k, nn.MaxPool2d)})
     mapping.update({k: v for k, v in ACTIVATION_MAPPING.items() if k.__name__ in scheme.quantize_activations})
     return mapping
 

@@ -44,6 +44,7 @@ def iao_scheme(
     activation_observer: str | None = None,
     bn_fold_method: str | None = None,
     learned_scale: bool = False,
+    signed_activations: bool = False,
 ) -> QuantScheme:
     """The :class:`QuantScheme` the original's flags describe.
 
@@ -51,7 +52,9 @@ def iao_scheme(
     to ``"running"`` with ``bn_fuse_calib`` and to the one-convolution fold otherwise (the original folded
     with exact batch statistics at the cost of a second convolution: ``bn_fold_method="batch"``).
     ``learned_scale``: train the scales (LSQ, :mod:`~micronet.compression.quantization.core.learned`),
-    initialised from min/max for weights and from the least-squares histogram range for activations."""
+    initialised from min/max for weights and from the least-squares histogram range for activations.
+    ``signed_activations``: int8 codes with zero point 0 for every activation, also after a ReLU (TensorRT
+    accepts only symmetric signed int8; the default picks unsigned codes for non-negative tensors)."""
     for flag, value in (("q_type", q_type), ("q_level", q_level), ("weight_observer", weight_observer)):
         if value not in (0, 1):
             raise QuantizationError(f"{flag} must be 0 or 1 (got {value})")
@@ -72,10 +75,13 @@ def iao_scheme(
         observer_options={"running": False} if weight_observer == 0 else {},
     )
     observer = activation_observer or ("percentile" if ptq else "histogram" if learned_scale else "moving_average")
+    if signed_activations and not symmetric:
+        raise QuantizationError("signed_activations needs symmetric quantization: use q_type 0")
     activation = QuantizerSpec(
         family=family,
         bits=a_bits,
         symmetric=symmetric,
+        signed=True if signed_activations else None,
         observer=observer,
         observer_options={"percentile": percentile} if observer == "percentile" else {},
     )
@@ -85,6 +91,8 @@ def iao_scheme(
         parts.append({"one_conv": "bn-fold", "batch": "bn-fold-batch", "running": "bn-fold-running"}.get(method, method))
     if learned_scale:
         parts.append("lsq")
+    if signed_activations:
+        parts.append("signed")
     if ptq:
         parts.append("ptq")
     return QuantScheme(
@@ -113,10 +121,12 @@ def prepare(
     ptq: bool = False,
     percentile: float = 0.9999,
     skip: tuple[str, ...] = (),
+    signed_activations: bool = False,
 ) -> nn.Module:
     """Prepare ``model`` with the IAO preset (the original's signature; ``quant_inference`` is accepted
     and ignored: use :mod:`micronet.deploy` for integer inference)."""
-    scheme = iao_scheme(a_bits, w_bits, q_type, q_level, weight_observer, bn_fuse, bn_fuse_calib, pretrained_model, ptq, percentile)
+    scheme = iao_scheme(a_bits, w_bits, q_type, q_level, weight_observer, bn_fuse, bn_fuse_calib, pretrained_model, ptq, percentile,
+                        signed_activations=signed_activations)
     prepared = _prepare(model, scheme, inplace=inplace, skip=skip)
     return freeze(prepared) if qaft else prepared
 

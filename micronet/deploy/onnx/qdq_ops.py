@@ -1,0 +1,123 @@
+"""Export-only torch ops that become ONNX QuantizeLinear / DequantizeLinear / Sign nodes.
+
+torch's exporters refuse fake-quant with a dynamic batch (dynamo) or with a −127..127 range (both), and
+``torch.ops.quantized_decomposed`` lives in the deprecated ``torch.ao``. So micronet owns three tiny custom
+ops and tells each exporter how to write them: a TorchScript symbolic for the legacy exporter and an
+onnxscript function for the dynamo exporter. In eager mode they compute exactly what the ONNX ops compute,
+so the export-form model can be checked against ONNX Runtime before anything is written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+OPSET = 18  # QuantizeLinear with per-axis scales needs 13; 18 is the oldest both exporters write well
+
+
+@torch.library.custom_op("micronet::quantize_dequantize", mutates_args=())
+def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                        clip_min: float, clip_max: float) -> torch.Tensor:
+    """``DequantizeLinear(QuantizeLinear(Clip(x, clip_min, clip_max)))`` with a scalar scale/zero point;
+    the clip is skipped when it covers the whole code range of ``zero_point``'s dtype."""
+    info = torch.iinfo(zero_point.dtype)
+    zp = zero_point.to(torch.float32)
+    q = torch.clamp(torch.round(torch.clamp(x, clip_min, clip_max) / scale) + zp, info.min, info.max)
+    return (q - zp) * scale
+
+
+@quantize_dequantize.register_fake
+def _(x, scale, zero_point, clip_min, clip_max):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("micronet::dequantize", mutates_args=())
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
+    """``DequantizeLinear(codes, scale, zero_point, axis)`` for constant weights (int8) and biases (int32)."""
+    if scale.dim() == 0:
+        return (codes.to(torch.float32) - zero_point.to(torch.float32)) * scale
+    shape = [1] * codes.dim()
+    shape[axis] = -1
+    return (codes.to(torch.float32) - zero_point.to(torch.float32).reshape(shape)) * scale.reshape(shape)
+
+
+@dequantize.register_fake
+def _(codes, scale, zero_point, axis):
+    return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+
+
+@torch.library.custom_op("micronet::binary_sign", mutates_args=())
+def binary_sign(x: torch.Tensor) -> torch.Tensor:
+    """±1 with sign(0) = +1, written as ``Sign(Sign(x) + 0.5)`` (ONNX's Sign maps 0 to 0)."""
+    return torch.sign(torch.sign(x) + 0.5)
+
+
+@binary_sign.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def clip_covers_range(zero_point: torch.Tensor, quant_min: int, quant_max: int) -> bool:
+    info = torch.iinfo(zero_point.dtype)
+    return quant_min <= info.min and quant_max >= info.max
+
+
+# ------------------------------------------------------------------------------ legacy (TorchScript) exporter
+def _const_float(g, value: float):
+    return g.op("Constant", value_t=torch.tensor(value, dtype=torch.float32))
+
+
+def _quantize_dequantize_symbolic(g, x, scale, zero_point, clip_min, clip_max):
+    from torch.onnx import symbolic_helper
+
+    lo = symbolic_helper._get_const(clip_min, "f", "clip_min")
+    hi = symbolic_helper._get_const(clip_max, "f", "clip_max")
+    if lo > float("-inf") or hi < float("inf"):
+        x = g.op("Clip", x, _const_float(g, lo), _const_float(g, hi))
+    return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_point), scale, zero_point)
+
+
+def _dequantize_symbolic(g, codes, scale, zero_point, axis):
+    from torch.onnx import symbolic_helper
+
+    return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=symbolic_helper._get_const(axis, "i", "axis"))
+
+
+def _binary_sign_symbolic(g, x):
+    return g.op("Sign", g.op("Add", g.op("Sign", x), _const_float(g, 0.5)))
+
+
+_registered = False
+
+
+def register_legacy_symbolics() -> None:
+    """Teach the TorchScript exporter our ops (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    for name, fn in (("quantize_dequantize", _quantize_dequantize_symbolic), ("dequantize", _dequantize_symbolic),
+                     ("binary_sign", _binary_sign_symbolic)):
+        torch.onnx.register_custom_op_symbolic(f"micronet::{name}", fn, 13)
+    _registered = True
+
+
+# ------------------------------------------------------------------------------ dynamo exporter
+def dynamo_translation_table() -> dict:
+    """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``."""
+    from onnxscript import opset18 as op
+
+    def quantize_dequantize_onnx(x, scale, zero_point, clip_min: float, clip_max: float):
+        if clip_min > float("-inf") or clip_max < float("inf"):
+            x = op.Clip(x, op.Constant(value_float=clip_min), op.Constant(value_float=clip_max))
+        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
+
+    def dequantize_onnx(codes, scale, zero_point, axis: int):
+        return op.DequantizeLinear(codes, scale, zero_point, axis=axis)
+
+    def binary_sign_onnx(x):
+        return op.Sign(op.Add(op.Sign(x), op.Constant(value_float=0.5)))
+
+    return {
+        torch.ops.micronet.quantize_dequantize.default: quantize_dequantize_onnx,
+        torch.ops.micronet.dequantize.default: dequantize_onnx,
+        torch.ops.micronet.binary_sign.default: binary_sign_onnx,
+    }

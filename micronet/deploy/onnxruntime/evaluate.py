@@ -1,0 +1,58 @@
+"""Accuracy and loss of an ONNX file in ONNX Runtime on a micronet dataset split.
+
+It batches with the same :class:`~micronet.data.BatchLoader` (same normalization) and computes the same
+mean cross-entropy as :func:`micronet.engine.evaluate`, so the numbers of the deployed file and of the
+PyTorch model it came from are directly comparable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+
+from micronet.data import ArrayDataset, BatchLoader
+from micronet.deploy.onnxruntime.session import ModelSource, as_session, check_image_shape, fixed_batch, run
+from micronet.errors import DeployError
+
+
+def evaluate(model: ModelSource | ort.InferenceSession, split: ArrayDataset, batch_size: int = 256,
+             threads: int = 1) -> dict[str, float]:
+    """``{"acc", "loss", "samples"}`` of the model's first output (logits) on ``split``.
+
+    A model exported with a fixed batch is fed batches of exactly that size (the last one padded).
+    """
+    session = as_session(model, threads=threads)
+    info = split.info
+    check_image_shape(session, (info.in_channels, *info.image_size), f"{info.name} data",
+                      "evaluate on the dataset the model was exported for")
+    fixed = fixed_batch(session)
+    batch_size = fixed or batch_size
+    loss_sum, correct, seen = 0.0, 0, 0
+    for images, labels in BatchLoader(split, batch_size):
+        n = len(labels)
+        x = images.numpy()
+        if fixed is not None and n < fixed:
+            x = np.concatenate([x, np.repeat(x[-1:], fixed - n, axis=0)])
+        logits = run(session, x)[:n]
+        if logits.ndim != 2 or logits.shape[1] != info.num_classes:
+            raise DeployError(f"the model outputs shape {list(logits.shape)} but {info.name} has "
+                              f"{info.num_classes} classes: evaluate on the dataset the model was trained on")
+        out = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+        loss_sum += F.cross_entropy(out, labels, reduction="sum").item()
+        correct += (out.argmax(1) == labels).sum().item()
+        seen += n
+    if seen == 0:
+        return {"loss": float("nan"), "acc": float("nan"), "samples": 0}
+    return {"loss": loss_sum / seen, "acc": correct / seen, "samples": seen}
+
+
+def top1_agreement(a_logits: np.ndarray | torch.Tensor, b_logits: np.ndarray | torch.Tensor) -> float:
+    """Share of samples where two models' top-1 classes agree (e.g. ORT INT8 against PyTorch FP32)."""
+    a, b = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in (a_logits, b_logits))
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"top1_agreement needs two N×K logit arrays of the same shape (got {a.shape} and {b.shape})")
+    if len(a) == 0:
+        return float("nan")
+    return float((a.argmax(1) == b.argmax(1)).mean())
