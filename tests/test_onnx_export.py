@@ -169,9 +169,9 @@ def test_qdq_graph_structure(tmp_path, images):
     report = export(model, tmp_path / "m.onnx", images["test"][:1], exporter="legacy", weight_dtype="int8")
     view = GraphView(load_model(report.path))
     convs = view.nodes("Conv")
-    assert report.form.max_pools_quantized == 2  # NIN's two max pools get their readers' Q/DQ (values unchanged)
+    assert report.form.value_moving_ops_quantized == 2  # NIN's two max pools get their readers' Q/DQ (values unchanged)
     assert len(convs) == 9
-    assert report.op_counts["QuantizeLinear"] == report.form.activation_quantizers + report.form.max_pools_quantized
+    assert report.op_counts["QuantizeLinear"] == report.form.activation_quantizers + report.form.value_moving_ops_quantized
     assert report.op_counts["DequantizeLinear"] == report.op_counts["QuantizeLinear"] + 2 * len(convs)
     for conv in convs:
         x_dq, w_dq, b_dq = (view.producer[name] for name in conv.input)

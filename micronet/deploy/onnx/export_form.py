@@ -35,6 +35,7 @@ from micronet.compression.quantization.core.modules import QuantizedModule, Weig
 from micronet.compression.quantization.core.quantizers import AffineQuantizer, Quantizer
 from micronet.deploy.onnx import qdq_ops
 from micronet.errors import DeployError
+from micronet.models.layers import ChannelShuffle
 
 ACTIVATION_DTYPES = ("uint8", "int8")
 WEIGHT_DTYPES = ("auto", "int8", "uint8")
@@ -72,7 +73,7 @@ class ExportFormReport:
     layers: list[LayerExport] = field(default_factory=list)
     activation_quantizers: int = 0  # quantizers written as Q/DQ or Sign (off/float ones write nothing)
     bn_folded: int = 0
-    max_pools_quantized: int = 0  # float max pools given their readers' quantizer (no value changes)
+    value_moving_ops_quantized: int = 0  # max pools and shuffles given their readers' quantizer (no value changes)
 
     def rows(self) -> list[dict[str, str]]:
         return [{"layer": l.name, "op": l.op, "input": l.input, "weight": l.weight, "bias": l.bias, "note": l.note}
@@ -313,7 +314,9 @@ class _ConvAttributes:
 
 
 # ------------------------------------------------------------------------------------------ max pools
-_VALUE_PRESERVING = (nn.ReLU, nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool1d, nn.MaxPool2d)
+_VALUE_PRESERVING = (nn.ReLU, nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, ChannelShuffle)
+# ops that only select or move values: a quantizer commutes with them, so their input can take their readers'
+_QUANTIZE_BEFORE = (nn.MaxPool1d, nn.MaxPool2d, ChannelShuffle)
 _VALUE_PRESERVING_CALLS = {torch.relu, torch.flatten, F.relu, F.max_pool2d, F.dropout}
 
 
@@ -356,12 +359,14 @@ def _same(a: ActivationQDQ, b: ActivationQDQ) -> bool:
             and (a.clip_min, a.clip_max) == (b.clip_min, b.clip_max))
 
 
-def quantize_before_max_pools(form: nn.Module) -> int:
-    """Give every float max pool the quantizer its readers apply (when they all apply the same one).
+def quantize_before_value_moving_ops(form: nn.Module) -> int:
+    """Give every float max pool and channel shuffle the quantizer its readers apply (when they all apply
+    the same one).
 
-    Q(maxpool(x)) = maxpool(Q(x)) for any monotone Q, so this changes no value; it turns
-    ``Conv → ReLU → MaxPool → Q`` into ``Conv → ReLU → Q → DQ → MaxPool → Q``, which ONNX Runtime runs as
-    QLinearConv (ReLU absorbed) and a uint8 max pool instead of a float conv and a float pool."""
+    Q(maxpool(x)) = maxpool(Q(x)) for any monotone Q, and a shuffle only moves values, so this changes no
+    value; it turns ``Conv → ReLU → MaxPool → Q`` into ``Conv → ReLU → Q → DQ → MaxPool → Q``, which ONNX
+    Runtime runs as QLinearConv (ReLU absorbed) and a uint8 max pool instead of a float conv and a float
+    pool (likewise QLinearConv and uint8 Reshape/Transpose for NIN-GC's shuffles)."""
     try:
         graph = _FormTracer().trace(form)
     except Exception:  # noqa: BLE001 - an untraceable model is exported without this rewrite
@@ -370,7 +375,7 @@ def quantize_before_max_pools(form: nn.Module) -> int:
     done = 0
     for node in graph.nodes:
         pool = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(pool, (nn.MaxPool1d, nn.MaxPool2d)) or isinstance(pool, QuantizedModule):
+        if not isinstance(pool, _QUANTIZE_BEFORE) or isinstance(pool, QuantizedModule):
             continue  # a quantized max pool (schemes written before quantize_max_pools) has its own Q/DQ
         source = node.args[0] if node.args else None
         if isinstance(source, torch.fx.Node) and source.op == "call_module" \
@@ -429,5 +434,5 @@ def export_form(model: nn.Module, activation_dtype: str = "uint8",
             exported = activation_export(module, name, activation_dtype)
             _set_module(form, name, exported)
             report.activation_quantizers += isinstance(exported, (ActivationQDQ, SignExport))
-    report.max_pools_quantized = quantize_before_max_pools(form)
+    report.value_moving_ops_quantized = quantize_before_value_moving_ops(form)
     return form, report
