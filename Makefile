@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` (set up + train the default model on Fashion-MNIST)
+# Two commands on a fresh machine: `make demo` (set up + run the default pipeline on Fashion-MNIST)
 # and `make test` (the test suite that CI runs). Both set up .venv and the dataset when missing.
 PYTHON ?= python3
 VENV := .venv
@@ -21,9 +21,10 @@ data:
 	@test -f $(FASHION_MNIST) || $(SUDO) apt-get install -y dataset-fashion-mnist \
 	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist)
 
-# The embedded default job: a slimmed NIN on full Fashion-MNIST, 2 CPU cores, about 12 minutes.
+# The embedded default job: FP32 → prune → quantize (6 schemes) → ONNX → ONNX Runtime → report, on
+# Fashion-MNIST, 2 CPU cores, about 15 minutes; writes runs/default/report.md. Re-running resumes.
 demo: setup data
-	$(BIN)/micronet train --model nin --cfg 64,48,32,64,64,64,128,128 --epochs 8 --out runs/demo
+	$(BIN)/micronet pipeline --config configs/default.yaml
 
 test: setup data
 	$(BIN)/python -m pytest -q --durations=10

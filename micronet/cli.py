@@ -124,16 +124,11 @@ QUANTIZE_EXAMPLES = """examples:
 """
 
 
-def _quantize_parser(sub: Any) -> None:
-    p = sub.add_parser("quantize", help="quantize a trained checkpoint (PTQ, QAT or QAFT)", epilog=QUANTIZE_EXAMPLES,
-                       formatter_class=_Formatter,
-                       description="Quantize a float checkpoint by calibration (--ptq) or quantization-aware training, "
-                                   "or fine-tune a quantized checkpoint with frozen scales (--qaft).")
+def _add_scheme_options(p: argparse.ArgumentParser) -> None:
+    """The method and the flags that describe a quantization scheme (shared by quantize and sensitivity)."""
     p.add_argument("method", choices=["iao", "dorefa", "wbwtab"],
                    help="iao: integer-arithmetic-only affine quantization; dorefa: DoReFa k-bit; "
                         "wbwtab: binary/ternary weights and binary activations")
-    p.add_argument("--checkpoint", required=False, help="trained checkpoint or run directory to start from")
-    p.add_argument("--out", default=None, help="run directory for the quantized model (default <checkpoint>_<method>)")
     _add(p, "--w-bits", type=int, default=8, help="weight bits (iao 2-16; dorefa 1-16, 32 = float)")
     _add(p, "--a-bits", type=int, default=8, help="activation bits (iao 2-16; dorefa 1-16, 32 = float)")
     p.add_argument("--W", type=int, default=None, help="wbwtab weights: 2 binary, 3 ternary, 32 float (default 2)")
@@ -154,17 +149,58 @@ def _quantize_parser(sub: Any) -> None:
     _add(p, "--bn-fold-method", default=None, choices=["one_conv", "batch", "running"],
          help="how --bn_fuse trains: one_conv (default; one convolution, as torch.ao), batch (exact batch "
               "statistics from a second float convolution), running (= --bn_fuse_calib)")
+    p.add_argument("--percentile", type=float, default=0.9999, help="percentile of the PTQ activation observer")
+
+
+def _quantize_parser(sub: Any) -> None:
+    p = sub.add_parser("quantize", help="quantize a trained checkpoint (PTQ, QAT or QAFT)", epilog=QUANTIZE_EXAMPLES,
+                       formatter_class=_Formatter,
+                       description="Quantize a float checkpoint by calibration (--ptq) or quantization-aware training, "
+                                   "or fine-tune a quantized checkpoint with frozen scales (--qaft).")
+    _add_scheme_options(p)
+    p.add_argument("--checkpoint", required=False, help="trained checkpoint or run directory to start from")
+    p.add_argument("--out", default=None, help="run directory for the quantized model (default <checkpoint>_<method>)")
     _add(p, "--freeze-bn-after", type=int, default=None,
          help="with --bn_fuse: train with running BN statistics from this epoch on (0-based)")
     _add(p, "--pretrained-model", action="store_true", help="accepted for compatibility: BN statistics always start from the checkpoint")
     p.add_argument("--ptq", action="store_true", help="post-training quantization: calibrate, no training")
     _add(p, "--ptq-batch", "--calibration-batches", dest="ptq_batch", type=int, default=200, help="calibration batches for --ptq")
-    p.add_argument("--percentile", type=float, default=0.9999, help="percentile of the PTQ activation observer")
     p.add_argument("--qaft", action="store_true", help="fine-tune a quantized checkpoint with frozen scales and zero points")
-    p.add_argument("--skip", nargs="+", default=[], help="module names to keep in float")
+    p.add_argument("--skip", nargs="+", default=[], metavar="NAME|FILE",
+                   help="modules to keep in float: names, and/or files listing them (a sensitivity.json or skip.txt "
+                        "of `micronet sensitivity`; an existing file, a path with / or .txt/.json, or @FILE)")
     _add_data_options(p, default=None)
     _add_training_options(p, epochs=2, lr=0.002)
     p.set_defaults(run=cmd_quantize)
+
+
+SENSITIVITY_EXAMPLES = """examples:
+  micronet sensitivity iao --checkpoint runs/demo --w_bits 4 --a_bits 4 --out runs/demo_sens_w4a4
+  micronet quantize iao --checkpoint runs/demo --w_bits 4 --a_bits 4 --ptq --skip runs/demo_sens_w4a4/skip.txt --out runs/demo_w4a4
+  micronet sensitivity dorefa --checkpoint runs/demo --w_bits 2 --a_bits 4 --top 2 --out runs/demo_sens_dorefa
+"""
+
+
+def _sensitivity_parser(sub: Any) -> None:
+    p = sub.add_parser("sensitivity", help="rank layers by the accuracy their quantization costs; write a skip list",
+                       epilog=SENSITIVITY_EXAMPLES, formatter_class=_Formatter,
+                       description="Calibrate the scheme once (PTQ) on training images, then measure validation "
+                                   "accuracy with each quantized conv/linear layer alone quantized and with all but it "
+                                   "quantized. Writes OUT/sensitivity.json and OUT/skip.txt (layers to keep in float; "
+                                   "default: every layer whose drop alone exceeds 0.2 pt, 4 of 2000 images) for `micronet quantize --skip`.")
+    _add_scheme_options(p)
+    p.add_argument("--checkpoint", required=True, help="float checkpoint or run directory")
+    p.add_argument("--out", required=True, help="directory for sensitivity.json and skip.txt")
+    p.add_argument("--images", type=int, default=2000, help="validation images to evaluate on (class-balanced subset)")
+    _add(p, "--calibration-batches", type=int, default=20, help="calibration batches of --batch-size training images")
+    p.add_argument("--top", type=int, default=None, metavar="K", help="keep the K most sensitive layers in float")
+    _add(p, "--max-drop", type=float, default=None, metavar="PT",
+         help="or keep in float every layer whose accuracy drop alone exceeds PT percentage points (0.2 without --top)")
+    _add_data_options(p, default=None)
+    _add(p, "--batch-size", type=int, default=128, help="calibration batch size")
+    _add(p, "--eval-batch-size", type=int, default=512, help="evaluation batch size")
+    _add_device_options(p)
+    p.set_defaults(run=cmd_sensitivity)
 
 
 def _evaluate_parser(sub: Any) -> None:
@@ -321,6 +357,34 @@ def _prune_parser(sub: Any) -> None:
     p.set_defaults(run=cmd_prune)
 
 
+PIPELINE_EXAMPLES = """examples:
+  micronet pipeline --config configs/default.yaml            # FP32 → prune → quantize → ONNX → report
+  micronet pipeline --config configs/smoke.yaml --out runs/smoke
+  micronet report runs/default                                # re-render report.md and the plots
+"""
+
+
+def _pipeline_parser(sub: Any) -> None:
+    p = sub.add_parser("pipeline", help="run a YAML pipeline of steps (train, prune, quantize, ...) and write its report",
+                       epilog=PIPELINE_EXAMPLES, formatter_class=_Formatter,
+                       description="Run every step of a pipeline config once: a step whose options and inputs did not "
+                                   "change is not re-run, an interrupted one resumes. Then measure each table row "
+                                   "(size, GFLOPs, PyTorch and ONNX Runtime accuracy, ONNX Runtime latency) and write "
+                                   "OUT/report.md, OUT/report.json and PNG plots.")
+    p.add_argument("--config", required=True, help="pipeline YAML (see configs/)")
+    p.add_argument("--out", default=None, help="output folder (default: the config's `out`, else runs/<name>)")
+    p.set_defaults(run=cmd_pipeline)
+
+
+def _report_parser(sub: Any) -> None:
+    p = sub.add_parser("report", help="re-render report.md and the plots of a pipeline's output folder",
+                       epilog=PIPELINE_EXAMPLES, formatter_class=_Formatter,
+                       description="Read DIR/report.json (and DIR/sensitivity.json) and write DIR/report.md and the PNG "
+                                   "plots again; prints the consistency checks.")
+    p.add_argument("directory", help="a pipeline output folder")
+    p.set_defaults(run=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import micronet
 
@@ -333,9 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     _export_parser(sub)
     _prune_parser(sub)
     _quantize_parser(sub)
+    _sensitivity_parser(sub)
     _info_parser(sub)
     _fuse_parser(sub)
     _pack_parser(sub)
+    _pipeline_parser(sub)
+    _report_parser(sub)
     return parser
 
 
@@ -482,7 +549,12 @@ def cmd_train(args: argparse.Namespace, ctx) -> int:
     elif pruned is not None:
         config, model_name, cfg, data_name = _config_from_args(args), pruned.arch.name, list(pruned.arch.cfg), args.data
     else:
-        config, model_name, cfg, data_name = _config_from_args(args), args.model or "nin", _cfg_list(args.cfg), args.data
+        config, data_name = _config_from_args(args), args.data
+        init = load_checkpoint(resolve_checkpoint(args.init)) if args.init else None
+        model_name = args.model or (init.arch.name if init else "nin")
+        # fine-tuning without --model/--cfg continues the architecture of the --init checkpoint
+        same_model = init is not None and model_name == init.arch.name
+        cfg = _cfg_list(args.cfg) if args.cfg else (list(init.arch.cfg) if same_model else None)
     run_dir = Path(args.out or args.resume or f"runs/{model_name}")
     splits = _load_data(args, data_name)
     torch.manual_seed(config.seed)
@@ -494,7 +566,7 @@ def cmd_train(args: argparse.Namespace, ctx) -> int:
     else:
         model = build_model(model_name, num_classes=splits.info.num_classes, in_channels=splits.info.in_channels, cfg=cfg)
     if args.init and last is None and pruned is None:
-        load_checkpoint(resolve_checkpoint(args.init)).load_into(model)
+        init.load_into(model)
     from micronet.compression.pruning import BatchNormL1
 
     if last is not None:  # a resumed run continues with the sparse training it was started with
@@ -567,11 +639,11 @@ def _lowbit_scheme(args: argparse.Namespace):
         raise ConfigError(f"--W and --A belong to `micronet quantize wbwtab`; {args.method} takes --w_bits and --a_bits")
     if args.method == "iao":
         return None
-    if args.ptq:
+    if getattr(args, "ptq", False):
         raise ConfigError(f"{args.method} quantizers have no observers to calibrate: drop --ptq and train them (QAT)")
     iao_only = [flag for flag, on in (("--bn_fuse", args.bn_fuse), ("--bn_fuse_calib", args.bn_fuse_calib),
                                       ("--bn_fold_method", getattr(args, "bn_fold_method", None)),
-                                      ("--freeze_bn_after", args.freeze_bn_after is not None),
+                                      ("--freeze_bn_after", getattr(args, "freeze_bn_after", None) is not None),
                                       ("--lsq", getattr(args, "lsq", False)),
                                       ("--signed_activations", getattr(args, "signed_activations", False))) if on]
     if iao_only:
@@ -585,10 +657,33 @@ def _lowbit_scheme(args: argparse.Namespace):
     return wbwtab_scheme(A=2 if args.A is None else args.A, W=2 if args.W is None else args.W)
 
 
+def _scheme(args: argparse.Namespace, lowbit, *, ptq: bool):
+    """The scheme the method and scheme flags describe: ``lowbit`` (what _lowbit_scheme returned), else IAO."""
+    from micronet.compression.quantization.wqaq.iao.quantize import iao_scheme
+
+    return lowbit or iao_scheme(args.a_bits, args.w_bits, args.q_type, args.q_level, args.weight_observer, args.bn_fuse,
+                                args.bn_fuse_calib, pretrained_model=True, ptq=ptq, percentile=args.percentile,
+                                activation_observer=args.activation_observer, bn_fold_method=args.bn_fold_method,
+                                learned_scale=args.lsq, signed_activations=args.signed_activations)
+
+
+def _skip_list(values: list[str]) -> list[str]:
+    """``--skip`` values: module names, and files read with read_skip_list (an existing file, a path with / or
+    ending in .txt/.json, or @FILE)."""
+    from micronet.analysis.sensitivity import read_skip_list
+
+    names: list[str] = []
+    for value in values:
+        if value.startswith("@") or os.path.isfile(value) or "/" in value or value.endswith((".txt", ".json")):
+            names += read_skip_list(value[1:] if value.startswith("@") else value)
+        else:
+            names.append(value)
+    return list(dict.fromkeys(names))
+
+
 @_with_devices
 def cmd_quantize(args: argparse.Namespace, ctx) -> int:
     from micronet.compression.quantization.core import calibrate, freeze, is_prepared, prepare
-    from micronet.compression.quantization.wqaq.iao.quantize import iao_scheme
     from micronet.data import BatchLoader
     from micronet.engine import load_checkpoint, save_checkpoint
     from micronet.engine.checkpoint import resolve_checkpoint
@@ -596,6 +691,7 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
 
     last, config = _resume_state(args)
     lowbit = _lowbit_scheme(args) if last is None and not args.qaft else None  # bad flags fail before loading
+    skip = _skip_list(args.skip)
     if last is not None:  # an interrupted QAT/QAFT run: rebuild the quantized model it was training
         model, source = last.build_model(), last
     else:
@@ -622,11 +718,8 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
         if is_prepared(model):
             raise ConfigError(f"{source.path} is already quantized ({model.quant_scheme.name}): "
                               "use --qaft to fine-tune it, or start from the float checkpoint")
-        scheme = lowbit or iao_scheme(args.a_bits, args.w_bits, args.q_type, args.q_level, args.weight_observer, args.bn_fuse,
-                            args.bn_fuse_calib, pretrained_model=True, ptq=args.ptq, percentile=args.percentile,
-                            activation_observer=args.activation_observer, bn_fold_method=args.bn_fold_method, learned_scale=args.lsq,
-                            signed_activations=args.signed_activations)
-        model = prepare(model, scheme, skip=args.skip)
+        scheme = _scheme(args, lowbit, ptq=args.ptq)
+        model = prepare(model, scheme, skip=skip)
         if ctx.is_main:
             print(model.quantization_report.summary(), flush=True)
         label = f"QAT {scheme.name}"
@@ -655,6 +748,62 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
 
         hooks.append(FreezeBNStatistics(args.freeze_bn_after))
     _train_and_report(args, ctx, model, config, splits, run_dir, label, hooks)
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import json
+
+    from micronet.analysis import format_table
+    from micronet.analysis.sensitivity import choose_skip, layer_sensitivity
+    from micronet.compression.quantization.core import is_prepared
+    from micronet.data import BatchLoader
+    from micronet.data.dataset import balanced_subset
+    from micronet.engine import load_checkpoint, setup
+    from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.engine.distributed import parse_gpu_ids
+    from micronet.errors import ConfigError
+    from micronet.io import atomic_write_text
+
+    if args.top is not None and args.max_drop is not None:
+        raise ConfigError("pass either --top K or --max-drop PT (the rule that picks the layers to keep in float), not both")
+    if args.images < 1 or (args.top or 0) < 0:
+        raise ConfigError(f"--images must be at least 1 and --top at least 0 (got {args.images} and {args.top})")
+    scheme = _scheme(args, _lowbit_scheme(args), ptq=True)
+    rule = dict(top=args.top) if args.top is not None else dict(max_drop=0.2 if args.max_drop is None else args.max_drop)
+    checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    model = checkpoint.build_model()
+    if is_prepared(model):
+        raise ConfigError(f"{checkpoint.path} is already quantized ({model.quant_scheme.name}): measure the float "
+                          "checkpoint it was quantized from")
+    held = checkpoint.data_info
+    name = args.data or (held.name if held else None)
+    if name is None:
+        raise ConfigError(f"{checkpoint.path} does not record its dataset: pass --data")
+    splits = _load_data(args, name)
+    _check_data_fits(checkpoint, splits.info)
+    if len(splits.val) == 0:
+        raise ConfigError("the validation split is empty: raise --val-fraction (the skip list is a model-selection "
+                          "decision, made on validation images, never on test images)")
+    ctx = setup(cpu=args.cpu, gpu_ids=parse_gpu_ids(args.gpu_id)[:1])
+    val = balanced_subset(splits.val, args.images, args.data_seed, "sensitivity")
+    print(f"{checkpoint.path}: {scheme.name}, {args.calibration_batches} calibration batches of {args.batch_size} "
+          f"training images, {len(val)} {splits.info.name} validation images | device {ctx.device}", flush=True)
+    report = layer_sensitivity(model, scheme, BatchLoader(splits.train, args.batch_size, shuffle=True, seed=0),
+                               BatchLoader(val, args.eval_batch_size), calibration_batches=args.calibration_batches,
+                               device=ctx.device, log=lambda line: print(line, file=sys.stderr, flush=True))
+    report.checkpoint = str(checkpoint.path)
+    report.skip = choose_skip(report, **rule)
+    out = Path(args.out)
+    atomic_write_text(out / "sensitivity.json", json.dumps(report.to_json(), indent=2) + "\n")
+    how = f"the {args.top} most sensitive" if args.top is not None else f"drop alone > {rule['max_drop']:g} pt"
+    atomic_write_text(out / "skip.txt", f"# layers to keep in float ({how}): micronet sensitivity {scheme.name} on "
+                                        f"{checkpoint.path}\n" + "".join(f"{layer}\n" for layer in report.skip))
+    print(format_table(report.rows(), floatfmt=".2f"))
+    print(f"validation accuracy: float {report.float_acc:.2f}%, all {len(report.layers)} layers quantized "
+          f"{report.all_quantized_acc:.2f}% | keep in float ({how}): {', '.join(report.skip) or 'none'}")
+    print(f"wrote {out / 'sensitivity.json'} and {out / 'skip.txt'} (use: micronet quantize {args.method} ... "
+          f"--skip {out / 'skip.txt'})")
     return 0
 
 
@@ -1029,6 +1178,32 @@ def cmd_pack(args: argparse.Namespace, argv: Sequence[str]) -> int:
     for layer in read_packed_meta(out)["layers"]:
         if layer["stored"] != "packed":
             print(f"kept in float32: {layer['name']} ({layer['reason']})")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from micronet.pipeline import run_pipeline
+
+    def echo(line: str) -> None:
+        print(line, flush=True)
+
+    report = run_pipeline(args.config, out=args.out, echo=echo)
+    from micronet.pipeline.report import consistency_problems
+
+    problems = consistency_problems(report)
+    print(f"{len(report['rows'])} rows, {report['wall_time_s'] / 60:.1f} min of compute "
+          f"({report['this_run_s'] / 60:.1f} min this run); consistency: " + ("all checks pass" if not problems else
+                                                                              "; ".join(problems)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from micronet.pipeline.report import consistency_problems, load_report, render_report
+
+    for path in render_report(args.directory):
+        print(f"wrote {path}")
+    problems = consistency_problems(load_report(args.directory))
+    print("consistency: " + ("all checks pass" if not problems else "; ".join(problems)))
     return 0
 
 

@@ -37,3 +37,7 @@ class PruningError(MicronetError):
 
 class DeployError(MicronetError):
     """A model that cannot be exported, an artifact that is not what it claims, or a missing runtime."""
+
+
+class PipelineError(MicronetError):
+    """A pipeline config that is malformed or names what does not exist, or a step whose input is missing."""

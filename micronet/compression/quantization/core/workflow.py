@@ -26,7 +26,7 @@ from micronet.compression.quantization.core.modules import (
 )
 from micronet.compression.quantization.core.quantizers import CALIBRATE, FROZEN, QAT, Quantizer
 from micronet.compression.quantization.core.scheme import QuantScheme
-from micronet.errors import QuantizationError
+from micronet.errors import ConfigError, QuantizationError
 
 _NORMALIZATION = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
@@ -86,6 +86,19 @@ def _mapping(scheme: QuantScheme) -> dict[type[nn.Module], type[QuantizedModule]
 
 def _skipped(name: str, skip: Iterable[str]) -> bool:
     return any(name == s or name.startswith(s + ".") for s in skip)
+
+
+def _check_skip(skip: Iterable[str], known: set[str], model: nn.Module) -> None:
+    """Refuse skip entries that name no module: a typo would otherwise quantize the layer silently."""
+    unknown = [name for name in skip if name not in known or not name]
+    if unknown:
+        import difflib
+
+        weighted = [n for n, m in model.named_modules() if type(m) in WEIGHTED_MAPPING]
+        hints = [f"{name} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, 1)) else name
+                 for name in unknown]
+        raise ConfigError(f"skip names no module of the model: {', '.join(hints)}; its conv/linear layers are "
+                          f"{', '.join(weighted[:8])}" + (f" and {len(weighted) - 8} more" if len(weighted) > 8 else ""))
 
 
 def _modularize(model: nn.Module, report: QuantizationReport) -> nn.Module:
@@ -195,7 +208,8 @@ def prepare(
 ) -> nn.Module:
     """Return a fake-quantized copy of ``model`` (or ``model`` itself with ``inplace=True``) in QAT mode.
 
-    ``skip`` lists module names (prefixes match their children) to keep in float. ``mapping`` overrides
+    ``skip`` lists module names (prefixes match their children) to keep in float; a name that is no module
+    of the model raises :class:`~micronet.errors.ConfigError`. ``mapping`` overrides
     the float → quantized class table. The result carries ``quant_scheme`` and ``quantization_report``.
     """
     if is_prepared(model):
@@ -203,7 +217,9 @@ def prepare(
     scheme = scheme.with_skip(list(skip))
     model = model if inplace else copy.deepcopy(model)
     report = QuantizationReport(scheme.name)
+    known = {name for name, _ in model.named_modules()}
     model = _modularize(model, report)
+    _check_skip(scheme.skip, known | {name for name, _ in model.named_modules()}, model)
     order = _call_order(model)
     first, last = _first_last_weighted(model, order)
     policy_skips = [n for n, keep in ((first, scheme.keep_first_float), (last, scheme.keep_last_float)) if keep and n]

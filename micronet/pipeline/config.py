@@ -1,0 +1,275 @@
+"""Pipeline configuration: a YAML file of steps, each one micronet command, checked before anything runs.
+
+A step names the command it runs (``run``), the step whose artifact it starts from (``from``), the command's
+options (``args``, the same names as on the command line, ``w_bits`` or ``w-bits`` alike) and, when it
+produces a model worth a row in the results table, ``row``. Every error names the file and line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from micronet.errors import PipelineError
+
+# run kind -> (micronet subcommand, option that receives the `from` step's directory, needs `from`)
+STEP_KINDS: dict[str, tuple[str, str | None, bool]] = {
+    "train": ("train", "--init", False),
+    "finetune": ("train", "--prune-refine", True),
+    "prune": ("prune", "--checkpoint", True),
+    "quantize": ("quantize", "--checkpoint", True),
+    "fuse": ("fuse", "--checkpoint", True),
+    "sensitivity": ("sensitivity", "--checkpoint", True),
+}
+# options the pipeline sets itself: a step may not override them
+_OWNED = {"out", "resume", "checkpoint", "init", "prune_refine", "prune-refine", "data", "data_root", "data-root"}
+DATA_KEYS = ("data", "data_root", "train_subset", "test_subset", "val_fraction", "data_seed")
+MEASURE_DEFAULTS: dict[str, Any] = {"onnx": True, "threads": 1, "batch_sizes": [1, 64], "warmup": 3, "repeats": 20,
+                                    "exporter": "dynamo"}
+_TOP_KEYS = {"name", "out", "data", "measure", "baseline", "steps"}
+_STEP_KEYS = {"name", "run", "from", "args", "row"}
+_ROW_KEYS = {"type", "w_bits", "a_bits", "pack"}
+
+
+class _LineLoader:
+    """A YAML SafeLoader whose mappings remember the line they start on (for error messages)."""
+
+    @staticmethod
+    def load(text: str, path: Path) -> Any:
+        import yaml
+
+        class Loader(yaml.SafeLoader):
+            pass
+
+        def construct_mapping(loader: Loader, node: Any, deep: bool = False) -> dict:
+            mapping = _Located(yaml.SafeLoader.construct_mapping(loader, node, deep=True))
+            mapping.line = node.start_mark.line + 1
+            return mapping
+
+        Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+        try:
+            return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise PipelineError(f"{path}: YAML error at {where}: {problem}") from None
+
+
+class _Located(dict):
+    line: int = 0
+
+
+@dataclass
+class Step:
+    """One pipeline step: a micronet command and where its output goes."""
+
+    name: str
+    run: str
+    source: str | None
+    args: dict[str, Any]
+    row: dict[str, Any] | None
+    line: int
+
+    @property
+    def command(self) -> str:
+        return STEP_KINDS[self.run][0]
+
+
+@dataclass
+class PipelineConfig:
+    """A parsed and checked pipeline file."""
+
+    name: str
+    path: Path
+    out: Path
+    data: dict[str, Any]
+    measure: dict[str, Any]
+    steps: list[Step]
+    baseline: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def step(self, name: str) -> Step:
+        return next(step for step in self.steps if step.name == name)
+
+    @property
+    def rows(self) -> list[Step]:
+        return [step for step in self.steps if step.row is not None]
+
+    def step_dir(self, name: str) -> Path:
+        """A step's folder; a `from` that is not a step name is a checkpoint folder given by path."""
+        if name in {step.name for step in self.steps}:
+            return self.out / name
+        return Path(name)
+
+    def is_step(self, name: str) -> bool:
+        return name in {step.name for step in self.steps}
+
+
+def _is_checkpoint_folder(source: object) -> bool:
+    from micronet.engine.checkpoint import META_FILE
+
+    folder = Path(str(source)).expanduser()
+    return any((candidate / META_FILE).is_file() for candidate in (folder, folder / "best"))
+
+
+def _fail(path: Path, line: int, message: str) -> PipelineError:
+    return PipelineError(f"{path}, line {line}: {message}")
+
+
+def _unknown(keys: set[str], allowed: set[str]) -> list[str]:
+    return sorted(str(key) for key in keys - allowed)
+
+
+def load_config(path: str | Path, *, out: str | Path | None = None) -> PipelineConfig:
+    """Read and check a pipeline YAML; every step's command line is parsed before any step runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"pipeline config {path} does not exist: pass a YAML file such as configs/default.yaml")
+    raw = _LineLoader.load(path.read_text(), path)
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: a pipeline config is a YAML mapping with `name` and `steps`")
+    line = getattr(raw, "line", 1)
+    extra = _unknown(set(raw), _TOP_KEYS)
+    if extra:
+        raise _fail(path, line, f"unknown key(s) {', '.join(extra)}: allowed are {', '.join(sorted(_TOP_KEYS))}")
+    name = str(raw.get("name") or path.stem)
+    data = dict(raw.get("data") or {})
+    extra = _unknown(set(data), set(DATA_KEYS))
+    if extra:
+        raise _fail(path, getattr(raw.get("data"), "line", line),
+                    f"unknown data option(s) {', '.join(extra)}: allowed are {', '.join(DATA_KEYS)}")
+    measure = {**MEASURE_DEFAULTS, **dict(raw.get("measure") or {})}
+    extra = _unknown(set(measure), set(MEASURE_DEFAULTS))
+    if extra:
+        raise _fail(path, getattr(raw.get("measure"), "line", line),
+                    f"unknown measure option(s) {', '.join(extra)}: allowed are {', '.join(MEASURE_DEFAULTS)}")
+    steps = _parse_steps(raw.get("steps"), path, line)
+    config = PipelineConfig(name=name, path=path, out=Path(out or raw.get("out") or f"runs/{name}"), data=data,
+                            measure=measure, steps=steps, baseline=raw.get("baseline"), raw=dict(raw))
+    if config.baseline is not None and config.baseline not in {s.name for s in config.rows}:
+        raise _fail(path, line, f"baseline {config.baseline!r} is not a step with a `row`")
+    _check_data(config)
+    for step in steps:
+        step_argv(config, step)  # every command line parses before anything runs
+    return config
+
+
+def _parse_steps(items: Any, path: Path, line: int) -> list[Step]:
+    if not isinstance(items, list) or not items:
+        raise _fail(path, line, "`steps` must be a non-empty list of steps (each with `name` and `run`)")
+    steps: list[Step] = []
+    for item in items:
+        item_line = getattr(item, "line", line)
+        if not isinstance(item, dict):
+            raise _fail(path, item_line, f"a step is a mapping with `name` and `run` (got {item!r})")
+        extra = _unknown(set(item), _STEP_KEYS)
+        if extra:
+            raise _fail(path, item_line, f"unknown step key(s) {', '.join(extra)}: allowed are {', '.join(sorted(_STEP_KEYS))}")
+        name, kind = item.get("name"), item.get("run")
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            raise _fail(path, item_line, f"step name {name!r} must be letters, digits, - and _ (it names a folder)")
+        if name in {s.name for s in steps}:
+            raise _fail(path, item_line, f"two steps are named {name!r}: step names must be unique")
+        if kind not in STEP_KINDS:
+            raise _fail(path, item_line, f"step {name!r}: unknown step kind {kind!r}: choose one of {', '.join(STEP_KINDS)}")
+        source = item.get("from")
+        needs_source = STEP_KINDS[kind][2]
+        if needs_source and source is None:
+            raise _fail(path, item_line, f"step {name!r} ({kind}) needs `from: <an earlier step>`")
+        earlier = {s.name: s for s in steps}
+        if source is not None and source not in earlier and not _is_checkpoint_folder(source):
+            raise _fail(path, item_line, f"step {name!r}: `from: {source}` is neither an earlier step "
+                                         f"(earlier: {', '.join(earlier) or 'none'}) nor an existing checkpoint folder")
+        if kind == "finetune" and source in earlier and earlier[source].run != "prune":
+            raise _fail(path, item_line, f"step {name!r}: finetune starts from a prune step, not {source!r}")
+        args = dict(item.get("args") or {})
+        owned = sorted(key for key in args if str(key) in _OWNED)
+        if owned:
+            raise _fail(path, item_line, f"step {name!r}: the pipeline sets {', '.join(owned)} itself "
+                                         "(data options go in the top-level `data:`; `from` names the input step)")
+        row = item.get("row")
+        if isinstance(row, str):
+            row = {"type": row}
+        if row is not None:
+            if not isinstance(row, dict) or "type" not in row or _unknown(set(row), _ROW_KEYS):
+                raise _fail(path, item_line, f"step {name!r}: `row` is a type name or a mapping with keys "
+                                             f"{', '.join(sorted(_ROW_KEYS))} (type required)")
+            if kind in ("prune", "sensitivity"):
+                raise _fail(path, item_line, f"step {name!r}: a {kind} step makes no model for the table; "
+                                             "put the row on the step that fine-tunes or quantizes it")
+        steps.append(Step(name=name, run=kind, source=source, args=args, row=dict(row) if row else None,
+                          line=item_line))
+    return steps
+
+
+def _check_data(config: PipelineConfig) -> None:
+    """Refuse a config whose dataset cannot be read, before any training starts."""
+    name = config.data.get("data", "fashion-mnist")
+    if name == "cifar10":
+        root = config.data.get("data_root")
+        if not root or not Path(str(root)).expanduser().is_dir():
+            raise PipelineError(f"{config.path}: the config asks for CIFAR-10 but data_root {root!r} is not a folder: "
+                                "download and extract cifar-10-python.tar.gz and set data: {data_root: <folder>}")
+
+
+def _flag(key: str) -> str:
+    return key if key.startswith("-") else f"--{key}"
+
+
+def _option_words(key: str, value: Any) -> list[str]:
+    if value is None or value is False:
+        return []
+    if value is True:
+        return [_flag(key)]
+    if isinstance(value, (list, tuple)):
+        return [_flag(key), *map(str, value)]
+    return [_flag(key), str(value)]
+
+
+def _accepted_options(command: str) -> set[str]:
+    from micronet.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    return set(sub.choices[command]._option_string_actions)  # noqa: SLF001
+
+
+def step_argv(config: PipelineConfig, step: Step) -> list[str]:
+    """The micronet command line of ``step`` (its output folder, input step and data options filled in),
+    checked by the command's own parser: a wrong option fails here, naming the step and its line."""
+    command, source_option, _ = STEP_KINDS[step.run]
+    accepted = _accepted_options(command)
+    argv = [command]
+    positional = step.args.get("method")
+    if command in ("quantize", "sensitivity"):
+        if positional is None:
+            raise _fail(config.path, step.line, f"step {step.name!r}: {step.run} needs args.method (iao, dorefa or wbwtab)")
+        argv.append(str(positional))
+    if step.source is not None and source_option:
+        argv += [source_option, str(config.step_dir(step.source))]
+    argv += ["--out", str(config.step_dir(step.name))]
+    data = {"data": config.data.get("data", "fashion-mnist"), **config.data}
+    for key, value in data.items():
+        if _flag(key) in accepted or _flag(key.replace("_", "-")) in accepted:
+            argv += _option_words(key, value)
+    for key, value in step.args.items():
+        if key == "method":
+            continue
+        if _flag(str(key)) not in accepted:
+            raise _fail(config.path, step.line, f"step {step.name!r}: `micronet {command}` has no option --{key}")
+        argv += _option_words(str(key), value)
+    from micronet.cli import build_parser
+
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            build_parser().parse_args(argv)
+    except SystemExit:
+        message = stderr.getvalue().strip().splitlines()[-1:] or ["invalid options"]
+        raise _fail(config.path, step.line, f"step {step.name!r}: {message[0]}") from None
+    return argv
