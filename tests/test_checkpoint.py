@@ -139,3 +139,16 @@ def test_crash_between_the_two_renames_falls_back_to_previous(tmp_path):
     save_checkpoint(tmp_path / "ck", _lenet(), metrics={"epoch": 3})
     (tmp_path / "ck").rename(previous_version(tmp_path / "ck"))
     assert load_checkpoint(tmp_path / "ck").metrics == {"epoch": 3}
+
+
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path):
+    import os
+
+    from micronet.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "report.md", "x")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600: other users can read reports

@@ -90,6 +90,18 @@ def test_bad_config_fails_before_anything_runs(tmp_path, text, fragments):
     assert not (tmp_path / "out").exists()  # nothing started
 
 
+def test_shipped_configs_parse(tmp_path):
+    """Every config in configs/ checks out (CIFAR-10 ones against a stand-in folder: the check is the parse)."""
+    names = sorted(path.name for path in (ROOT / "configs").glob("*.yaml"))
+    assert {"default.yaml", "smoke.yaml", "cifar10_nin.yaml"} <= set(names)
+    for name in names:
+        text = (ROOT / "configs" / name).read_text().replace("~/cifar-10-batches-py", str(tmp_path))
+        config = load_config(_write(tmp_path, text, name))
+        assert config.rows, name
+    default = load_config(ROOT / "configs" / "default.yaml")
+    assert len(default.rows) >= 8
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(PipelineError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
