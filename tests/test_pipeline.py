@@ -75,6 +75,8 @@ BAD_CONFIGS = [
     ("data: {data: cifar10}\nsteps:\n  - name: a\n    run: train\n", ["CIFAR-10", "data_root"]),
     ("steps:\n  - name: a\n    run: train\n    args: {epochs: [1, 2\n", ["YAML error at line"]),
     ("stepz: []\n", ["unknown key(s) stepz"]),
+    ("steps:\n  - name: a\n    run: train\n  - name: b\n    run: quantize\n    from: a\n    skip_from: a\n"
+     "    args: {method: iao}\n", ["line 4", "skip_from: a is not an earlier sensitivity step"]),
     ("steps: []\n", ["`steps` must be a non-empty list"]),
 ]
 
@@ -159,7 +161,13 @@ def _start(config: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "micronet.cli", "pipeline", "--config", str(config), "--out", str(out)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """A test runner started in the background (nohup, CI) ignores SIGINT, and a child that inherits the
+    ignore never sees Ctrl-C: restore the default so Python installs its KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_epoch(out: Path, step: str, process: subprocess.Popen, timeout: float = 240) -> None:
@@ -205,14 +213,14 @@ def test_smoke_config_end_to_end(tmp_path):
     out = tmp_path / "smoke"
     report = run_pipeline(ROOT / "configs" / "smoke.yaml", out=out, echo=lambda _: None)
     rows = {row["name"]: row for row in report["rows"]}
-    assert set(rows) == {"fp32", "pruned_ft", "iao_ptq", "dorefa_w4a4", "binary"}
+    assert set(rows) == {"fp32", "pruned_ft", "iao_ptq", "dorefa_w4a4", "binary", "iao_w8a8_mixed"}
     assert consistency_problems(report) == []
     for row in rows.values():
         assert row["errors"] == [], row
         assert row["acc_ort"] is not None and row["latency_ms_b1"] > 0 and row["latency_ms_b64"] > 0
         assert row["file_mb"] == pytest.approx((out / row["name"] / "model.onnx").stat().st_size / 1e6)
     int8 = [row for row in rows.values() if row["int8_onnx"]]
-    assert {row["name"] for row in int8} == {"iao_ptq", "dorefa_w4a4", "binary"}
+    assert {row["name"] for row in int8} == {"iao_ptq", "dorefa_w4a4", "binary", "iao_w8a8_mixed"}
     for row in int8:
         assert abs(row["acc_ort"] - row["acc_torch"]) <= 0.5
     assert rows["pruned_ft"]["params_m"] < 0.6 * rows["fp32"]["params_m"]
@@ -221,6 +229,12 @@ def test_smoke_config_end_to_end(tmp_path):
     for name in ("report.md", "report.json", "accuracy_vs_size.png", "latency.png", "sensitivity.json",
                  "sensitivity.png"):
         assert (out / name).is_file(), name
+    skipped = json.loads((out / "sensitivity.json").read_text())["skip"]
+    assert len(skipped) == 1  # top: 1, and the mixed-precision step kept exactly that layer in float
+    from micronet.engine import load_checkpoint
+
+    mixed = load_checkpoint(out / "iao_w8a8_mixed" / "best")
+    assert list(mixed.quant_scheme.skip) == skipped
     markdown = (out / "report.md").read_text()
     assert f"{rows['binary']['acc_torch']:.2f}" in markdown
     assert "All checks pass" in markdown

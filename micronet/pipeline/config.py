@@ -31,7 +31,7 @@ DATA_KEYS = ("data", "data_root", "train_subset", "test_subset", "val_fraction",
 MEASURE_DEFAULTS: dict[str, Any] = {"onnx": True, "threads": 1, "batch_sizes": [1, 64], "warmup": 3, "repeats": 20,
                                     "exporter": "dynamo"}
 _TOP_KEYS = {"name", "out", "data", "measure", "baseline", "steps"}
-_STEP_KEYS = {"name", "run", "from", "args", "row"}
+_STEP_KEYS = {"name", "run", "from", "args", "row", "skip_from"}
 _ROW_KEYS = {"type", "w_bits", "a_bits", "pack"}
 
 
@@ -74,6 +74,7 @@ class Step:
     args: dict[str, Any]
     row: dict[str, Any] | None
     line: int
+    skip_from: str | None = None  # a sensitivity step whose skip list this quantize step keeps in float
 
     @property
     def command(self) -> str:
@@ -202,8 +203,14 @@ def _parse_steps(items: Any, path: Path, line: int) -> list[Step]:
             if kind in ("prune", "sensitivity"):
                 raise _fail(path, item_line, f"step {name!r}: a {kind} step makes no model for the table; "
                                              "put the row on the step that fine-tunes or quantizes it")
+        skip_from = item.get("skip_from")
+        if skip_from is not None:
+            if kind != "quantize" or "skip" in args:
+                raise _fail(path, item_line, f"step {name!r}: skip_from belongs to a quantize step without args.skip")
+            if skip_from not in earlier or earlier[skip_from].run != "sensitivity":
+                raise _fail(path, item_line, f"step {name!r}: skip_from: {skip_from} is not an earlier sensitivity step")
         steps.append(Step(name=name, run=kind, source=source, args=args, row=dict(row) if row else None,
-                          line=item_line))
+                          line=item_line, skip_from=skip_from))
     return steps
 
 
@@ -257,6 +264,8 @@ def step_argv(config: PipelineConfig, step: Step) -> list[str]:
     for key, value in data.items():
         if _flag(key) in accepted or _flag(key.replace("_", "-")) in accepted:
             argv += _option_words(key, value)
+    if step.skip_from is not None:
+        argv += ["--skip", str(config.step_dir(step.skip_from) / "skip.txt")]
     for key, value in step.args.items():
         if key == "method":
             continue

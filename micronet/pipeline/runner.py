@@ -41,8 +41,11 @@ def fingerprints(config: PipelineConfig) -> dict[str, str]:
         if step.source is not None:
             source = out[step.source] if config.is_step(step.source) else _checkpoint_fingerprint(step.source)
             argv = [arg.replace(str(config.step_dir(step.source)), f"<{source}>") for arg in argv]
+        skip = out[step.skip_from] if step.skip_from else None  # a new ranking re-runs the step
+        if step.skip_from:
+            argv = [arg.replace(str(config.step_dir(step.skip_from)), f"<{skip}>") for arg in argv]
         argv = [arg.replace(str(config.step_dir(step.name)), "<out>") for arg in argv]
-        out[step.name] = _hash({"argv": argv, "source": source})
+        out[step.name] = _hash({"argv": argv, "source": source, **({"skip": skip} if skip else {})})
     return out
 
 
