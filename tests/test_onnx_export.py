@@ -27,6 +27,7 @@ from micronet.compression.quantization.wqaq.dorefa import quantize as dorefa
 from micronet.compression.quantization.wqaq.iao import quantize as iao
 from micronet.data import BatchLoader, load_dataset
 from micronet.deploy.onnx import GraphView, export, export_form, load_model
+from micronet.deploy.onnxruntime import int8_coverage
 from micronet.errors import DeployError
 from micronet.models import build_model, list_models
 
@@ -187,6 +188,23 @@ def test_qdq_graph_structure(tmp_path, images):
     ort.InferenceSession(str(report.path), options, providers=["CPUExecutionProvider"])
     optimized = GraphView(onnx.load(str(tmp_path / "optimized.onnx"))).op_counts()
     assert optimized["QLinearConv"] == 9 and optimized.get("Conv", 0) == 0 and optimized.get("FusedConv", 0) == 0
+
+
+def test_residual_network_runs_all_int8_in_onnxruntime(tmp_path, images):
+    """Each residual Add input has its own quantizer: a block's ReLU'd output is quantized for the next add
+    exactly as for the next conv (one unsigned range), so the export quantizes it once and ONNX Runtime runs
+    every conv (ReLU absorbed) and every residual add in int8, as with its own ``quantize_static``."""
+    model = _quantized("resnet20", "iao_w8a8", images)
+    adds = [m for m in model.modules() if type(m).__name__ == "QuantAdd"]
+    assert len(adds) == 9 and all(m.second_input_quantizer is not None for m in adds)
+    report = export(model, tmp_path / "m.onnx", images["test"][:1], exporter="legacy")
+    coverage = int8_coverage(report.path)
+    assert coverage.int8_ops["QLinearConv"] == 21 and coverage.int8_ops["QLinearAdd"] == 9
+    assert coverage.float_compute_nodes == [] and coverage.float_ops.get("Relu", 0) == 0
+    assert report.op_counts["Add"] == 9  # one per residual add: nothing duplicated
+    diff, step, top1, within = _agreement(model, report.path, images["test"], 64)
+    max_steps, min_within, min_top1 = _tolerance("resnet20", "iao_w8a8")
+    assert diff <= max_steps * step and within >= min_within and top1 >= min_top1
 
 
 def test_low_bit_weights_are_exact_int8(tmp_path, images):

@@ -58,10 +58,27 @@ def test_bn_folding_through_prepare(name):
     assert torch.isfinite(model(torch.randn(2, 1, 28, 28))).all()
 
 
-def test_resnet_add_quantizes_both_inputs_with_one_scale():
+def test_resnet_add_quantizes_each_input_with_its_own_range():
     model = prepare(build_model("resnet20", 10, 1), default_scheme())
     adds = [m for m in model.modules() if type(m).__name__ == "QuantAdd"]
-    assert len(adds) == 9 and all(len(list(a.children())) == 1 for a in adds)
+    assert len(adds) == 9 and all(len(list(a.children())) == 2 for a in adds)
+    calibrate(model, [torch.randn(8, 1, 28, 28) for _ in range(2)])
+    block = model.layer1[1]  # identity shortcut: the second summand is the previous block's ReLU output
+    assert not block.add.second_input_quantizer.signed.item()  # unsigned codes, like the next conv's input
+    assert block.add.input_quantizer.signed.item()  # the conv branch is signed
+    a, b = torch.randn(2, 16, 7, 7), torch.rand(2, 16, 7, 7) * 3
+    expected = block.add.input_quantizer(a) + block.add.second_input_quantizer(b)
+    assert torch.equal(block.add(a, b), expected)
+
+
+def test_schemes_written_before_per_input_add_quantizers_keep_one_shared_quantizer():
+    data = default_scheme().to_json()
+    del data["shared_add_quantizer"]
+    old = type(default_scheme()).from_json(data)
+    assert old.shared_add_quantizer
+    model = prepare(build_model("resnet20", 10, 1), old)
+    adds = [m for m in model.modules() if type(m).__name__ == "QuantAdd"]
+    assert len(adds) == 9 and all(len(list(a.children())) == 1 and a.second_input_quantizer is None for a in adds)
 
 
 def test_seed_api_builds_and_runs(capsys):

@@ -129,6 +129,39 @@ def _inline_constant_identities(model: onnx.ModelProto) -> None:
     model.graph.node.extend(keep)
 
 
+def _merge_equal_quantizers(model: onnx.ModelProto) -> int:
+    """QuantizeLinear / DequantizeLinear nodes that read the same tensor with equal scales, zero points and
+    attributes become one node; returns how many were removed.
+
+    A ReLU'd residual output is read by the next conv's quantizer and the next add's, which observe the same
+    tensor and so hold equal parameters. Quantized once, the ReLU has a single Q reader, which ONNX Runtime
+    needs to fuse the conv or add that produces it with its ReLU and Q. Values do not change."""
+    view = GraphView(model)
+    kept_output: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    nodes: list[onnx.NodeProto] = []
+    for node in model.graph.node:  # topological order: a node's inputs are renamed before it is keyed
+        node.input[:] = [rename.get(name, name) for name in node.input]
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.output[0] not in view.graph_outputs:
+            constants = [view.constant(name) for name in node.input[1:]]
+            if all(c is not None for c in constants):
+                key = (node.op_type, node.input[0], tuple((c.dtype.str, c.shape, c.tobytes()) for c in constants),
+                       tuple(a.SerializeToString() for a in sorted(node.attribute, key=lambda a: a.name)))
+                if key in kept_output:
+                    rename[node.output[0]] = kept_output[key]
+                    continue
+                kept_output[key] = node.output[0]
+        nodes.append(node)
+    if not rename:
+        return 0
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    kept_values = [v for v in model.graph.value_info if v.name not in rename]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept_values)
+    return len(rename)
+
+
 def _one_add_per_quantizer(model: onnx.ModelProto) -> int:
     """``Add → [Relu] → {QuantizeLinear ×k}`` becomes k copies of ``Add → [Relu] → QuantizeLinear``.
 
@@ -246,6 +279,7 @@ def export(
         raise DeployError(f"the {exporter} exporter failed: {type(error).__name__}: {str(error).strip()[:400]} "
                           f"(try exporter={'legacy' if exporter == 'dynamo' else 'dynamo'!r})") from None
     _inline_constant_identities(proto)
+    _merge_equal_quantizers(proto)
     if activation_dtype == "uint8":  # an ONNX Runtime layout: TensorRT fuses conv + add itself
         _one_add_per_quantizer(proto)
     _strip_debug_info(proto)

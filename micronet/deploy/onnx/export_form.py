@@ -339,9 +339,9 @@ def _consumer_quantizers(node: torch.fx.Node, modules: dict[str, nn.Module]) -> 
     found: list[ActivationQDQ] = []
     for user in node.users:
         module = modules.get(user.target) if user.op == "call_module" else None
-        quantizer = getattr(module, "input_quantizer", None) if module is not None else None
-        if isinstance(quantizer, ActivationQDQ) and quantizer.pre_scale is None:
-            found.append(quantizer)
+        readers = _quantizers_reading(module, user, node) if module is not None else []
+        if readers and all(isinstance(q, ActivationQDQ) and q.pre_scale is None for q in readers):
+            found.extend(readers)
             continue
         passes = (isinstance(module, _VALUE_PRESERVING) or (user.op == "call_function" and user.target in _VALUE_PRESERVING_CALLS)
                   or (user.op == "call_method" and user.target in ("flatten", "view", "reshape", "relu")))
@@ -352,6 +352,16 @@ def _consumer_quantizers(node: torch.fx.Node, modules: dict[str, nn.Module]) -> 
             return None
         found.extend(further)
     return found or None
+
+
+def _quantizers_reading(module: nn.Module, user: torch.fx.Node, node: torch.fx.Node) -> list[nn.Module]:
+    """The input quantizers of ``module`` (called at ``user``) that quantize ``node``: an Add with one
+    quantizer per input applies only those of the arguments that are ``node``."""
+    second = getattr(module, "second_input_quantizer", None)
+    if second is not None:
+        return [q for q, arg in zip((module.input_quantizer, second), user.args) if arg is node]
+    quantizer = getattr(module, "input_quantizer", None)
+    return [quantizer] if quantizer is not None else []
 
 
 def _same(a: ActivationQDQ, b: ActivationQDQ) -> bool:

@@ -1,9 +1,10 @@
 """Quantized modules: each is its float class plus quantizers, so state_dict keys stay the float ones.
 
 A quantized module quantizes what it consumes: its input activation (and, for weighted layers, its weight).
-Weights are quantized on the fly in ``forward``; the float weights are never edited in place. ``Add`` and
-``Concat`` quantize all their inputs with one shared quantizer, so integer kernels can add or concatenate
-codes directly. Conversion from float (:meth:`QuantizedModule.from_float`) re-classes the module, which
+Weights are quantized on the fly in ``forward``; the float weights are never edited in place. ``Add``
+quantizes each input with its own quantizer (integer adds rescale each input; schemes with
+``shared_add_quantizer`` use one for both) and ``Concat`` all its inputs with one shared quantizer, so the
+concatenated codes have one scale. Conversion from float (:meth:`QuantizedModule.from_float`) re-classes the module, which
 keeps every constructor argument (dilation, ceil_mode, padding_mode, ...) exactly.
 """
 
@@ -145,14 +146,21 @@ class QuantHardswish(InputQuantizedModule, nn.Hardswish):
 
 
 class QuantAdd(QuantizedModule, Add):
-    """Both summands share one quantizer (one scale), as integer addition needs."""
+    """``input_quantizer`` quantizes the first summand and ``second_input_quantizer`` the second, each with
+    its own range (a signed conv output plus an unsigned ReLU'd shortcut, say). With
+    ``scheme.shared_add_quantizer`` both share ``input_quantizer`` (one scale) and there is no second."""
+
+    second_input_quantizer: Quantizer | None
 
     def attach_quantizers(self, scheme: QuantScheme) -> None:
         self.input_quantizer = scheme.activation.build()
+        self.second_input_quantizer = None if scheme.shared_add_quantizer else scheme.activation.build()
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        qa, qb = self.input_quantizer.forward_shared(a, b)
-        return qa + qb
+        if self.second_input_quantizer is None:
+            qa, qb = self.input_quantizer.forward_shared(a, b)
+            return qa + qb
+        return self.input_quantizer(a) + self.second_input_quantizer(b)
 
 
 class QuantConcat(QuantizedModule, Concat):

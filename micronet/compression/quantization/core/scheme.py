@@ -88,7 +88,12 @@ class QuantScheme:
     keep_first_float: bool = False
     keep_last_float: bool = False
     skip: tuple[str, ...] = ()
-    quantize_joins: bool = True  # Add / Concat inputs share one activation quantizer
+    quantize_joins: bool = True  # quantize the inputs of Add / Concat
+    # Each Add input gets its own quantizer (integer adds rescale each input, as ONNX Runtime's QLinearAdd
+    # and TFLite's ADD do): a ReLU'd shortcut keeps its unsigned range and is quantized exactly as its other
+    # readers quantize it, so a runtime quantizes each tensor once. Concat inputs always share one quantizer
+    # (the concatenated codes have one scale). Schemes written before this field shared one for Add too.
+    shared_add_quantizer: bool = False
     # Activations (by float type name) between the first and the last weighted layer that are *replaced*
     # by a quantizer built from ``activation_replacement`` (e.g. ReLU → sign: a ReLU followed by a sign
     # would make every activation +1). None: activations stay as they are.
@@ -118,6 +123,7 @@ class QuantScheme:
             data["bn_fold_method"] = "running" if data.pop("bn_fold_running") else "batch"
         data = _known(cls, data, "quantization scheme")
         data.setdefault("quantize_max_pools", data.get("quantize_pools", True))
+        data.setdefault("shared_add_quantizer", True)
         data["weight"] = QuantizerSpec.from_json(data["weight"])
         data["activation"] = QuantizerSpec.from_json(data["activation"])
         data["quantize_activations"] = tuple(data.get("quantize_activations", ()))
