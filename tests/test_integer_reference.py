@@ -406,9 +406,9 @@ def _micronet_export(name: str, images, path):
     return export(model.eval(), path, images["test"][:1], exporter="legacy").path
 
 
-# Least share of identical codes in the last quantized tensor end to end (measured: nin 0.9955, resnet20 0.824,
-# where ONNX Runtime's own float QDQ path agrees with its integer kernels on 0.990 and 0.833 of them).
-MICRONET_LAST = {"nin": 0.99, "resnet20": 0.78}
+# Least share of identical codes in the last quantized tensor end to end (measured: nin 0.9955, resnet20 0.958,
+# like ONNX Runtime's own quantize_static file of the same ResNet-20, 0.948; see END_TO_END).
+MICRONET_LAST = {"nin": 0.99, "resnet20": 0.93}
 
 
 @pytest.mark.parametrize("name", ["nin", "resnet20"])
