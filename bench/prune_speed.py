@@ -19,6 +19,7 @@ FlopCounterMode, FLOPs = 2 × MACs). Nothing here is asserted in a test.
 
     .venv/bin/python bench/prune_speed.py                          # all cases, a few minutes
     .venv/bin/python bench/prune_speed.py --quick                  # smoke: few runs
+    .venv/bin/python bench/prune_speed.py --regular 8              # also widths that are multiples of 8
     .venv/bin/python bench/prune_speed.py --checkpoint runs/nin_sparse --percent 0.5
 """
 
@@ -53,7 +54,6 @@ CASES = {  # name -> (registry model, cfg, input shape)
     "resnet20": ("resnet20", None, (3, 32, 32)),
     "nin-slim": ("nin", [64, 48, 32, 64, 64, 64, 128, 128], (1, 28, 28)),
 }
-VARIANTS = ("original", "micronet", "torch-pruning")
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -68,10 +68,11 @@ def _random_gammas(model: nn.Module, seed: int) -> None:
                 m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
 
 
-def _micronet(model: nn.Module, x: torch.Tensor, percent: float) -> tuple[nn.Module, str]:
+def _micronet(model: nn.Module, x: torch.Tensor, percent: float, normal_regular: int | None = None
+              ) -> tuple[nn.Module, str]:
     from micronet.compression.pruning import prune
 
-    pruned = prune(model, x, percent=percent)
+    pruned = prune(model, x, percent=percent, normal_regular=normal_regular)
     return pruned, f"cfg {list(pruned.arch.cfg)}"
 
 
@@ -167,6 +168,9 @@ def bench_case(name: str, args: argparse.Namespace) -> dict:
         "micronet": _prune_checked(lambda: _micronet(original, example, args.percent), example, reference),
         "torch-pruning": _prune_checked(lambda: _torch_pruning(original, example, args.percent), example, reference),
     }
+    if args.regular:
+        built[f"micronet /{args.regular}"] = _prune_checked(
+            lambda: _micronet(original, example, args.percent, args.regular), example, reference)
     rows: dict[str, dict] = {}
     for variant, (model, note) in built.items():
         row: dict = {"note": note, "available": model is not None}
@@ -231,21 +235,21 @@ def print_case(result: dict, args: argparse.Namespace) -> None:
             print("!! the machine was shared: latencies are inflated and noisy; rerun idle before trusting them")
     print(f"| {'variant':<14} | {'params':>9} | {'x':>5} | {'GFLOPs':>7} | {'x':>5} | structure")
     print(f"|{'-' * 16}|{'-' * 11}|{'-' * 7}|{'-' * 9}|{'-' * 7}|----------")
-    for variant in VARIANTS:
+    for variant in rows:
         row = rows[variant]
         if not row["available"]:
             print(f"| {variant:<14} | {'-':>9} | {'-':>5} | {'-':>7} | {'-':>5} | {row['note']}")
             continue
         print(f"| {variant:<14} | {row['params']:>9,} | {row['params'] / base['params']:>5.2f} | {row['flops'] / 1e9:>7.4f} | "
               f"{row['flops'] / max(base['flops'], 1):>5.2f} | {row['note']}")
-    timed = [k for k, t in result["timings"].items() if any(v in t for v in VARIANTS)]
+    timed = [k for k, t in result["timings"].items() if any(v in t for v in rows)]
     for key, timing in result["timings"].items():
         if key not in timed and key.endswith(f"batch {args.batch_sizes[0]}"):  # say once per engine why it is absent
             reasons = sorted(set(timing["missing"].values())) or ["no variant available"]
             print(f"{key.split(' batch')[0]}: {'; '.join(reasons)}")
     if not timed:
         return
-    pruned = [v for v in VARIANTS[1:] if rows[v]["available"]]
+    pruned = [v for v in list(rows)[1:] if rows[v]["available"]]
     print(f"\n| {'latency (ms)':<20} | {'original':>17} |" + "".join(f" {v:>17} | {'speed-up':>8} |" for v in pruned))
     print(f"|{'-' * 22}|{'-' * 19}|" + f"{'-' * 19}|{'-' * 10}|" * len(pruned))
     for key in timed:
@@ -273,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5, help="untimed runs per variant and batch size")
     ap.add_argument("--runs", type=int, default=30, help="timed runs per variant and batch size (median, p90)")
     ap.add_argument("--quick", action="store_true", help="smoke settings: 1 warm-up and 5 timed runs, no idle wait")
+    ap.add_argument("--regular", type=int, default=None, metavar="N",
+                    help="also time micronet's prune(normal_regular=N): every pruned width a multiple of N")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--wait-idle", type=float, default=60.0, metavar="S",
                     help="before each case, wait up to S seconds for the CPUs to be <25%% busy (0: don't wait)")
