@@ -207,6 +207,18 @@ def test_residual_network_runs_all_int8_in_onnxruntime(tmp_path, images):
     assert diff <= max_steps * step and within >= min_within and top1 >= min_top1
 
 
+def test_dorefa_float_bias_is_not_rounded_by_onnxruntime(tmp_path, images):
+    """DoReFa's clipped 4-bit inputs keep a float bias; beside a DequantizeLinear input and weight, ONNX
+    Runtime's WeightBiasQuantization would round it to int32 at s_x·s_w and flip activation codes (measured on
+    this NIN with the default clip at 1: 4.7 output steps, 80% of outputs within one step, top-1 98.8%). The
+    export adds such a bias after the layer, so ONNX Runtime computes what the fake-quant model computes."""
+    model = dorefa.prepare(_float_model("nin", images), a_bits=4, w_bits=4).eval()
+    report = export(model, tmp_path / "m.onnx", images["test"][:1], exporter="legacy")
+    assert {layer.bias for layer in report.form.layers} == {"float, added after the layer"}
+    diff, step, top1, within = _agreement(model, report.path, images["test"][:256], 64)
+    assert diff <= 2 * step and within >= 0.995 and top1 >= 0.995, (diff / step, within, top1)
+
+
 def test_low_bit_weights_are_exact_int8(tmp_path, images):
     model = _quantized("nin", "ternary_w3a32", images)
     report = export(model, tmp_path / "m.onnx", images["test"][:1], exporter="legacy")

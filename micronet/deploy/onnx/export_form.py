@@ -15,6 +15,8 @@ quantizer by the QuantizeLinear/DequantizeLinear it stands for (:mod:`.qdq_ops`)
 * biases of layers with a quantized input and int8 weights → ``DequantizeLinear`` of int32 codes at scale
   s_x·s_w (the integer kernels' accumulator scale; rounding adds at most half an accumulator step) —
   except with int8 activations (the TensorRT form), whose parser dequantizes int8 only: float biases;
+  a float bias that remains beside a quantized input and int8 weights (DoReFa's clipped inputs, int32
+  overflow) is added after the layer, so that ONNX Runtime does not round it to int32 itself;
 * a float BatchNorm after a quantized conv (QAT without BN folding) is folded into the per-channel weight
   scales: the codes do not move, so the layer stays int8.
 """
@@ -284,6 +286,14 @@ class WeightedExport(nn.Module):
                 self.register_buffer("bias_zero_point", torch.zeros(bias.shape, dtype=torch.int32))
                 self.bias = None
                 self.bias_text = "int32"
+        # A float bias next to a DequantizeLinear input and weight is what ONNX Runtime's WeightBiasQuantization
+        # rounds to int32 at s_x·s_w: harmless at 8 bits, but with 4-bit DoReFa inputs (which keep a float bias:
+        # their Clip precedes the quantizer) that rounding flips activation codes. Added after the layer, the bias
+        # stays float and ONNX Runtime computes what the fake-quant model computes.
+        self.bias_after = (self.bias_text == "float" and int32_bias and isinstance(self.input_quantizer, ActivationQDQ)
+                           and self.weight_codes is not None)
+        if self.bias_after:
+            self.bias_text = "float, added after the layer"
         self.record = LayerExport(name, self.kind, _input_kind(self.input_quantizer), self.weight_text, self.bias_text, note)
 
     def _weight(self) -> torch.Tensor:
@@ -298,6 +308,12 @@ class WeightedExport(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, weight, bias = self.input_quantizer(x), self._weight(), self._bias()
+        if self.bias_after:
+            y = self._layer_op(x, weight, None)
+            return y + (bias if self.kind == "Linear" else bias.reshape(-1, *[1] * (y.dim() - 2)))
+        return self._layer_op(x, weight, bias)
+
+    def _layer_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         a = self.attributes
         if self.kind == "Linear":
             return F.linear(x, weight, bias)
