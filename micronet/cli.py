@@ -94,6 +94,31 @@ def _add_training_options(p: argparse.ArgumentParser, *, epochs: int = 10, lr: f
     _add_device_options(p)
 
 
+def _add_distillation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distill", default=None, metavar="CHECKPOINT",
+                   help="knowledge distillation: add the KL divergence to this trained (float) model's softened "
+                        "outputs to the loss; helps binary and low-bit networks most")
+    _add(p, "--distill-weight", type=float, default=1.0, help="--distill: weight of the distillation term")
+    _add(p, "--distill-temperature", type=float, default=4.0, help="--distill: softmax temperature T")
+
+
+def _distillation_hooks(args: argparse.Namespace, last, info) -> list:
+    """The distillation hook of ``--distill``, or of the resumed run ``last`` that was started with it."""
+    from micronet.engine.distillation import Distillation, load_teacher
+    from micronet.errors import ConfigError
+
+    if last is not None:
+        saved = [state for state in (last.training or {}).get("hooks", [])
+                 if isinstance(state, dict) and state.get("kind") == "distillation"]
+        if args.distill and not saved:
+            raise ConfigError(f"{args.resume} was not started with --distill: distillation cannot be added on resume")
+        return [Distillation.from_state(state, info.num_classes, info.name) for state in saved]
+    if not args.distill:
+        return []
+    teacher = load_teacher(args.distill, info.num_classes, info.name)
+    return [Distillation(teacher, weight=args.distill_weight, temperature=args.distill_temperature, source=args.distill)]
+
+
 def _train_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="train a model (FP32)", epilog=TRAIN_EXAMPLES, formatter_class=_Formatter,
                        description="Train a registry model with the shared engine; writes OUT/last (resumable), OUT/best and OUT/log.jsonl.")
@@ -101,6 +126,7 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--cfg", nargs="+", default=None, help="channel config (e.g. of a pruned model): 64,48,32 or 64 48 32")
     _add_data_options(p)
     _add_training_options(p)
+    _add_distillation_options(p)
     p.add_argument("--out", default=None, help="run directory (default runs/<model>)")
     _add(p, "--init", "--refine", dest="init", default=None, help="start from the weights of this checkpoint (fine-tuning)")
     p.add_argument("--sr", "-sr", action="store_true",
@@ -171,6 +197,7 @@ def _quantize_parser(sub: Any) -> None:
                         "of `micronet sensitivity`; an existing file, a path with / or .txt/.json, or @FILE)")
     _add_data_options(p, default=None)
     _add_training_options(p, epochs=2, lr=0.002)
+    _add_distillation_options(p)
     p.set_defaults(run=cmd_quantize)
 
 
@@ -580,6 +607,10 @@ def cmd_train(args: argparse.Namespace, ctx) -> int:
         hooks = [BatchNormL1(args.s, ramp_epochs=args.sr_ramp)] if args.sr else []
     label = f"model {model_name} cfg {list(model.arch.cfg)}" + "".join(
         f" | sparse training s={hook.s:g}" for hook in hooks)
+    distillation = _distillation_hooks(args, last, splits.info)
+    hooks += distillation
+    label += "".join(f" | distilling from {hook.source} (T={hook.temperature:g}, weight {hook.weight:g})"
+                     for hook in distillation)
     if pruned is not None:
         label += f" | fine-tuning the pruned {pruned.path}"
     _train_and_report(args, ctx, model, config, splits, run_dir, label, hooks)
@@ -690,6 +721,8 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
     from micronet.errors import ConfigError
 
     last, config = _resume_state(args)
+    if args.ptq and args.distill:
+        raise ConfigError("--distill adds a loss term to training, and --ptq does not train: drop one of them")
     lowbit = _lowbit_scheme(args) if last is None and not args.qaft else None  # bad flags fail before loading
     skip = _skip_list(args.skip)
     if last is not None:  # an interrupted QAT/QAFT run: rebuild the quantized model it was training
@@ -747,6 +780,10 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
         from micronet.compression.quantization.core.schedule import FreezeBNStatistics
 
         hooks.append(FreezeBNStatistics(args.freeze_bn_after))
+    distillation = _distillation_hooks(args, last, splits.info)
+    hooks += distillation
+    label += "".join(f" | distilling from {hook.source} (T={hook.temperature:g}, weight {hook.weight:g})"
+                     for hook in distillation)
     _train_and_report(args, ctx, model, config, splits, run_dir, label, hooks)
     return 0
 

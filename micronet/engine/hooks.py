@@ -22,6 +22,9 @@ class Hook:
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         """Before epoch ``epoch`` (0-based); e.g. switch a QAT phase."""
 
+    def on_batch(self, trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """A training batch is about to be fed to the model (e.g. run a teacher on the same inputs)."""
+
     def extra_loss(self, trainer: Trainer, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """A term added to the task loss for this batch."""
         return None
@@ -49,6 +52,7 @@ class LambdaHook(Hook):
         unknown = set(callbacks) - {
             "on_fit_start",
             "on_epoch_start",
+            "on_batch",
             "extra_loss",
             "after_backward",
             "after_step",

@@ -234,6 +234,8 @@ class Trainer:
         for step, (inputs, targets) in enumerate(self.train_loader):
             lr = self._set_lr(epoch + step / max(steps, 1))
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            for hook in self.hooks:
+                hook.on_batch(self, inputs, targets)
             with _autocast(device, cfg.amp):
                 outputs = self.train_model(inputs)
                 loss = F.cross_entropy(outputs.float(), targets, label_smoothing=cfg.label_smoothing)
