@@ -102,14 +102,20 @@ def _add_distillation_options(p: argparse.ArgumentParser) -> None:
     _add(p, "--distill-temperature", type=float, default=4.0, help="--distill: softmax temperature T")
 
 
+def _saved_hook_states(last, kind: str) -> list[dict]:
+    """The saved states of the hooks of ``kind`` that the resumed run ``last`` was trained with."""
+    if last is None:
+        return []
+    return [state for state in (last.training or {}).get("hooks", []) if isinstance(state, dict) and state.get("kind") == kind]
+
+
 def _distillation_hooks(args: argparse.Namespace, last, info) -> list:
     """The distillation hook of ``--distill``, or of the resumed run ``last`` that was started with it."""
     from micronet.engine.distillation import Distillation, load_teacher
     from micronet.errors import ConfigError
 
     if last is not None:
-        saved = [state for state in (last.training or {}).get("hooks", [])
-                 if isinstance(state, dict) and state.get("kind") == "distillation"]
+        saved = _saved_hook_states(last, "distillation")
         if args.distill and not saved:
             raise ConfigError(f"{args.resume} was not started with --distill: distillation cannot be added on resume")
         return [Distillation.from_state(state, info.num_classes, info.name) for state in saved]
@@ -597,8 +603,7 @@ def cmd_train(args: argparse.Namespace, ctx) -> int:
     from micronet.compression.pruning import BatchNormL1
 
     if last is not None:  # a resumed run continues with the sparse training it was started with
-        hooks = [BatchNormL1.from_state(state) for state in (last.training or {}).get("hooks", [])
-                 if isinstance(state, dict) and state.get("kind") == "batchnorm_l1"]
+        hooks = [BatchNormL1.from_state(state) for state in _saved_hook_states(last, "batchnorm_l1")]
         if args.sr and not hooks:
             from micronet.errors import ConfigError
 
@@ -775,11 +780,14 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
             return 0
     else:
         label = f"resumed {model.quant_scheme.name if is_prepared(model) else 'float'} run"
-    hooks = []
-    if getattr(args, "freeze_bn_after", None) is not None:
-        from micronet.compression.quantization.core.schedule import FreezeBNStatistics
+    from micronet.compression.quantization.core.schedule import FreezeBNStatistics
 
-        hooks.append(FreezeBNStatistics(args.freeze_bn_after))
+    saved = [FreezeBNStatistics.from_state(state) for state in _saved_hook_states(last, "freeze_bn_statistics")]
+    freeze_after = getattr(args, "freeze_bn_after", None)
+    if saved and freeze_after is not None and freeze_after != saved[0].after_epochs:
+        raise ConfigError(f"{args.resume} was started with --freeze-bn-after {saved[0].after_epochs}: "
+                          "a resumed run keeps it (drop the flag)")
+    hooks = saved or ([FreezeBNStatistics(freeze_after)] if freeze_after is not None else [])
     distillation = _distillation_hooks(args, last, splits.info)
     hooks += distillation
     label += "".join(f" | distilling from {hook.source} (T={hook.temperature:g}, weight {hook.weight:g})"

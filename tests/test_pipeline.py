@@ -78,6 +78,9 @@ BAD_CONFIGS = [
     ("steps:\n  - name: a\n    run: train\n  - name: b\n    run: quantize\n    from: a\n    skip_from: a\n"
      "    args: {method: iao}\n", ["line 4", "skip_from: a is not an earlier sensitivity step"]),
     ("steps: []\n", ["`steps` must be a non-empty list"]),
+    ("steps:\n  - name: a\n    run: train\n  - name: b\n    run: prune\n    from: a\n    distill_from: a\n",
+     ["line 4", "distill_from belongs to a train, finetune or quantize step"]),
+    ("steps:\n  - name: a\n    run: train\n    distill_from: later\n", ["line 2", "`distill_from: later` is neither"]),
 ]
 
 
@@ -126,6 +129,39 @@ def test_unchanged_steps_are_cached_and_changes_rerun_downstream_only(tmp_path):
     assert [row["name"] for row in report["rows"]] == ["fp32", "ptq"]
     assert report["baseline"] == "fp32"
     assert consistency_problems(report) == []
+
+
+DISTILLED = """\
+name: distilled
+data: {{data: fashion-mnist, train_subset: 600, test_subset: 200}}
+measure: {{onnx: false}}
+steps:
+  - name: fp32
+    run: train
+    args: {{model: lenet, epochs: {teacher_epochs}, no-progress: true}}
+  - name: binary
+    run: quantize
+    from: fp32
+    distill_from: fp32
+    args: {{method: wbwtab, epochs: 1, lr: 0.005, no-progress: true}}
+  - name: student
+    run: train
+    distill_from: fp32
+    args: {{model: lenet, epochs: 1, distill-temperature: 2, no-progress: true}}
+"""
+
+
+def test_distill_from_an_earlier_step(tmp_path):
+    out = tmp_path / "out"
+    config = _write(tmp_path, DISTILLED.format(teacher_epochs=1))
+    assert _ran(_run(config, out)) == ["fp32", "binary", "student"]
+    hooks = {name: json.loads((out / name / "last" / "micronet.json").read_text())["training"]["hooks"]
+             for name in ("binary", "student")}
+    assert hooks["binary"] == [{"kind": "distillation", "teacher": str(out / "fp32"), "weight": 1.0, "temperature": 4.0}]
+    assert hooks["student"][0]["temperature"] == 2.0
+    assert _ran(_run(config, out)) == []
+    # a retrained teacher re-runs the students, even the one that does not start from it
+    assert _ran(_run(_write(tmp_path, DISTILLED.format(teacher_epochs=2)), out)) == ["fp32", "binary", "student"]
 
 
 def test_a_deleted_artifact_is_rebuilt(tmp_path):

@@ -254,3 +254,23 @@ def test_qat_run_resumes_as_a_quantized_model(tmp_path, capsys):
     assert "resumed at epoch 1/2" in out
     model = load_model(qat)
     assert int(model.conv1.weight_quantizer.bits) == 6 and model.quant_scheme.weight.bits == 6
+
+
+def test_resumed_qat_keeps_its_freeze_bn_epoch(tmp_path, capsys, cli_fails):
+    """--freeze-bn-after is saved with the run: a resume without the flag still freezes at that epoch."""
+    from micronet.cli import main
+
+    run = tmp_path / "nin"
+    assert main(["train", "--model", "nin", "--cfg", "8,8,8,8,8,8,8,8", "--data", "synthetic", "--epochs", "1",
+                 "--batch-size", "32", "--out", str(run), "--no-progress"]) == 0
+    qat = tmp_path / "qat"
+    assert main(["quantize", "iao", "--checkpoint", str(run), "--bn_fuse", "--freeze-bn-after", "1", "--epochs", "1",
+                 "--batch-size", "32", "--out", str(qat), "--no-progress"]) == 0
+    assert "statistics frozen" not in capsys.readouterr().out
+    cli_fails(["quantize", "iao", "--resume", str(qat), "--epochs", "2", "--freeze-bn-after", "0"],
+              "started with --freeze-bn-after 1")
+    assert main(["quantize", "iao", "--resume", str(qat), "--epochs", "2", "--no-progress"]) == 0
+    assert "epoch 2: BatchNorm statistics frozen in the folded convolutions" in capsys.readouterr().out
+    model = load_model(qat / "last")
+    frozen = [m.freeze_bn_stats.item() for m in model.modules() if hasattr(m, "freeze_bn_stats")]
+    assert frozen and all(frozen)

@@ -31,7 +31,7 @@ DATA_KEYS = ("data", "data_root", "train_subset", "test_subset", "val_fraction",
 MEASURE_DEFAULTS: dict[str, Any] = {"onnx": True, "threads": 1, "batch_sizes": [1, 64], "warmup": 3, "repeats": 20,
                                     "exporter": "dynamo"}
 _TOP_KEYS = {"name", "out", "data", "measure", "baseline", "steps"}
-_STEP_KEYS = {"name", "run", "from", "args", "row", "skip_from"}
+_STEP_KEYS = {"name", "run", "from", "args", "row", "skip_from", "distill_from"}
 _ROW_KEYS = {"type", "w_bits", "a_bits", "pack"}
 
 
@@ -75,6 +75,7 @@ class Step:
     row: dict[str, Any] | None
     line: int
     skip_from: str | None = None  # a sensitivity step whose skip list this quantize step keeps in float
+    distill_from: str | None = None  # an earlier step (or checkpoint folder) this training step distills from
 
     @property
     def command(self) -> str:
@@ -209,8 +210,16 @@ def _parse_steps(items: Any, path: Path, line: int) -> list[Step]:
                 raise _fail(path, item_line, f"step {name!r}: skip_from belongs to a quantize step without args.skip")
             if skip_from not in earlier or earlier[skip_from].run != "sensitivity":
                 raise _fail(path, item_line, f"step {name!r}: skip_from: {skip_from} is not an earlier sensitivity step")
+        distill_from = item.get("distill_from")
+        if distill_from is not None:
+            if kind not in ("train", "finetune", "quantize") or "distill" in args:
+                raise _fail(path, item_line, f"step {name!r}: distill_from belongs to a train, finetune or quantize "
+                                             "step without args.distill")
+            if distill_from not in earlier and not _is_checkpoint_folder(distill_from):
+                raise _fail(path, item_line, f"step {name!r}: `distill_from: {distill_from}` is neither an earlier step "
+                                             "nor an existing checkpoint folder")
         steps.append(Step(name=name, run=kind, source=source, args=args, row=dict(row) if row else None,
-                          line=item_line, skip_from=skip_from))
+                          line=item_line, skip_from=skip_from, distill_from=distill_from))
     return steps
 
 
@@ -266,6 +275,8 @@ def step_argv(config: PipelineConfig, step: Step) -> list[str]:
             argv += _option_words(key, value)
     if step.skip_from is not None:
         argv += ["--skip", str(config.step_dir(step.skip_from) / "skip.txt")]
+    if step.distill_from is not None:
+        argv += ["--distill", str(config.step_dir(step.distill_from))]
     for key, value in step.args.items():
         if key == "method":
             continue

@@ -44,8 +44,13 @@ def fingerprints(config: PipelineConfig) -> dict[str, str]:
         skip = out[step.skip_from] if step.skip_from else None  # a new ranking re-runs the step
         if step.skip_from:
             argv = [arg.replace(str(config.step_dir(step.skip_from)), f"<{skip}>") for arg in argv]
+        teacher = None  # a retrained teacher re-runs the step
+        if step.distill_from:
+            teacher = out[step.distill_from] if config.is_step(step.distill_from) else _checkpoint_fingerprint(step.distill_from)
+            argv = [arg.replace(str(config.step_dir(step.distill_from)), f"<{teacher}>") for arg in argv]
         argv = [arg.replace(str(config.step_dir(step.name)), "<out>") for arg in argv]
-        out[step.name] = _hash({"argv": argv, "source": source, **({"skip": skip} if skip else {})})
+        out[step.name] = _hash({"argv": argv, "source": source, **({"skip": skip} if skip else {}),
+                                **({"teacher": teacher} if teacher else {})})
     return out
 
 

@@ -20,6 +20,14 @@ class FreezeBNStatistics(Hook):
             raise QuantizationError(f"freeze-BN epoch must be non-negative (got {after_epochs})")
         self.after_epochs = after_epochs
 
+    def state_dict(self) -> dict:
+        """Saved with the run, so that ``micronet quantize --resume`` freezes at the same epoch."""
+        return {"kind": "freeze_bn_statistics", "after_epochs": self.after_epochs}
+
+    @classmethod
+    def from_state(cls, state: dict) -> FreezeBNStatistics:
+        return cls(int(state["after_epochs"]))
+
     def on_epoch_start(self, trainer, epoch: int) -> None:
         if epoch >= self.after_epochs and freeze_bn_statistics(trainer.model) and epoch == self.after_epochs:
             trainer.log(f"epoch {epoch + 1}: BatchNorm statistics frozen in the folded convolutions")
