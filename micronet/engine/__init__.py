@@ -9,6 +9,7 @@ from micronet.engine.checkpoint import (
     save_checkpoint,
 )
 from micronet.engine.config import TrainConfig, lr_factor
+from micronet.engine.distillation import Distillation, distillation_loss
 from micronet.engine.distributed import DistContext, setup, teardown
 from micronet.engine.hooks import Hook, LambdaHook
 from micronet.engine.trainer import FitResult, Trainer, build_optimizer, evaluate, fit
@@ -16,12 +17,14 @@ from micronet.engine.trainer import FitResult, Trainer, build_optimizer, evaluat
 __all__ = [
     "Checkpoint",
     "DistContext",
+    "Distillation",
     "FitResult",
     "Hook",
     "LambdaHook",
     "TrainConfig",
     "Trainer",
     "build_optimizer",
+    "distillation_loss",
     "evaluate",
     "fit",
     "load_checkpoint",
