@@ -165,6 +165,9 @@ def _add_scheme_options(p: argparse.ArgumentParser) -> None:
     _add(p, "--a-bits", type=int, default=8, help="activation bits (iao 2-16; dorefa 1-16, 32 = float)")
     p.add_argument("--W", type=int, default=None, help="wbwtab weights: 2 binary, 3 ternary, 32 float (default 2)")
     p.add_argument("--A", type=int, default=None, help="wbwtab activations: 2 binary (sign), 32 float (default 2)")
+    _add(p, "--center-weights", action="store_true",
+         help="wbwtab binary weights: subtract each filter's mean over its input channels before the sign "
+              "(the original's W_clip; lowers accuracy)")
     _add(p, "--pre-scale", type=float, default=1.0,
          help="dorefa: activations are clamp(x * pre_scale, 0, 1) on the k-bit grid (the original used 0.1)")
     _add(p, "--q-type", type=int, default=0, choices=[0, 1], help="0 symmetric, 1 asymmetric")
@@ -671,8 +674,8 @@ def _lowbit_scheme(args: argparse.Namespace):
     """The DoReFa or WbWtAb scheme the flags describe (None for iao), after refusing flags of other methods."""
     from micronet.errors import ConfigError
 
-    if args.method != "wbwtab" and (args.W is not None or args.A is not None):
-        raise ConfigError(f"--W and --A belong to `micronet quantize wbwtab`; {args.method} takes --w_bits and --a_bits")
+    if args.method != "wbwtab" and (args.W is not None or args.A is not None or args.center_weights):
+        raise ConfigError(f"--W, --A and --center-weights belong to `micronet quantize wbwtab`; {args.method} takes --w_bits and --a_bits")
     if args.method == "iao":
         return None
     if getattr(args, "ptq", False):
@@ -690,7 +693,10 @@ def _lowbit_scheme(args: argparse.Namespace):
         return dorefa_scheme(args.a_bits, args.w_bits, pre_scale=args.pre_scale)
     from micronet.compression.quantization.wbwtab.quantize import wbwtab_scheme
 
-    return wbwtab_scheme(A=2 if args.A is None else args.A, W=2 if args.W is None else args.W)
+    W = 2 if args.W is None else args.W  # noqa: N806 - the original's flag name
+    if args.center_weights and W != 2:
+        raise ConfigError(f"--center-weights applies to binary weights (--W 2), not --W {W}")
+    return wbwtab_scheme(A=2 if args.A is None else args.A, W=W, center=args.center_weights)
 
 
 def _scheme(args: argparse.Namespace, lowbit, *, ptq: bool):

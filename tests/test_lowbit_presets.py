@@ -237,6 +237,17 @@ def test_cli_qat(trained, tmp_path, capsys, args, scheme, floor):
     assert f"{acc * 100:.2f}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flags,center", [([], False), (["--center-weights"], True)])
+def test_cli_binary_weight_centring_is_opt_in(trained, tmp_path, flags, center):
+    out_dir = tmp_path / "b"
+    assert main(["quantize", "wbwtab", "--W", "2", "--A", "2", *flags, "--checkpoint", str(trained), "--epochs", "1",
+                 "--batch-size", "32", "--out", str(out_dir), "--no-progress"]) == 0
+    model = load_model(out_dir)
+    assert model.quant_scheme.weight.options == {"center": center, "clip": True}
+    quantizers = [m for m in model.modules() if isinstance(m, BinaryWeightQuantizer)]
+    assert quantizers and all(q.center is center for q in quantizers)
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["wbwtab", "--W", "4"], "W must be 2 (binary), 3 (ternary) or 32"),
     (["wbwtab", "--A", "8"], "A must be 2"),
@@ -244,7 +255,9 @@ def test_cli_qat(trained, tmp_path, capsys, args, scheme, floor):
     (["dorefa", "--w-bits", "17"], "w_bits must be 1 to 16"),
     (["dorefa", "--ptq"], "no observers to calibrate"),
     (["wbwtab", "--bn_fuse"], "--bn_fuse apply to iao only"),
-    (["iao", "--W", "2"], "--W and --A belong to"),
+    (["iao", "--W", "2"], "--W, --A and --center-weights belong to"),
+    (["dorefa", "--center-weights"], "--W, --A and --center-weights belong to"),
+    (["wbwtab", "--W", "3", "--center-weights"], "--center-weights applies to binary weights (--W 2), not --W 3"),
 ])
 def test_cli_bad_flags(capsys, args, fragment):
     assert main(["quantize", *args, "--checkpoint", "does-not-matter", "--data", "synthetic"]) == 2

@@ -201,5 +201,5 @@ def test_cli_bad_inputs(checkpoint, tmp_path, capsys, cli_fails):
     cli_fails([*sens, "--top", "1", "--max-drop", "0.5"], "--top", "--max-drop", "not both")
     cli_fails([*sens, "--val-fraction", "0"], "validation split is empty")
     cli_fails(["sensitivity", "dorefa", "--checkpoint", str(checkpoint), "--W", "3", "--out", str(tmp_path / "s")],
-              "--W and --A belong to")
+              "--W, --A and --center-weights belong to")
     assert not (tmp_path / "s").exists() and not (tmp_path / "q").exists()

@@ -58,14 +58,17 @@ def wbwtab_scheme(
     A: int = 2,  # noqa: N803
     W: int = 2,  # noqa: N803
     *,
-    center: bool = True,
+    center: bool = False,
     clip: bool = True,
     keep_first_float: bool = True,
     keep_last_float: bool = True,
 ) -> QuantScheme:
     """The :class:`QuantScheme` of ``W`` (2/3/32) weights and ``A`` (2/32) activations.
 
-    ``center`` / ``clip`` are the binary weights' preprocessing (the original's W_clip).
+    ``center`` / ``clip`` are the binary weights' preprocessing (the original's W_clip is both). Centring
+    is off by default: it forces every output channel's signs to balance over its inputs, and cost 6.4 pt
+    after one epoch of binary W / binary A on the demo NIN (69.42% vs 75.82% test accuracy on
+    Fashion-MNIST). Clipping only masks the gradient of latent weights beyond ±1.
     """
     return QuantScheme(
         name=f"wbwtab-W{W}A{A}",
