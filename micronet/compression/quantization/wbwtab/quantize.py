@@ -4,8 +4,8 @@
 (:mod:`micronet.compression.quantization.core`) with the low-bit quantizer families
 (:mod:`~micronet.compression.quantization.core.lowbit`):
 
-* ``W``: 2 = binary weights ±α per output channel (α = mean|W|, after centring over the input-channel axis
-  and clipping to [−1, 1], as the original), 3 = ternary weights {−α, 0, +α} per output channel
+* ``W``: 2 = binary weights ±α per output channel (α = mean|W|, after clipping to [−1, 1]; the original
+  also centred over the input-channel axis: ``center=True``), 3 = ternary weights {−α, 0, +α} per output channel
   (Δ = 0.7·mean|W|), 32 = float weights;
 * ``A``: 2 = binary activations: every ReLU / ReLU6 between the first and the last weighted layer is
   *replaced* by a :class:`SignActivation` (±1, hardtanh STE) — a ReLU followed by a sign would make every
@@ -13,8 +13,8 @@
 * the first and the last weighted layers (conv, transposed conv or linear) stay float, the others are
   quantized; layer inputs are not quantized separately (the sign activations binarize them).
 
-Differences from the original, on purpose: centring and clipping act on a copy of the weight (the original
-overwrote the float weights in place on every forward call), linear layers between the first and last
+Differences from the original, on purpose: clipping (and the opt-in centring) act on a copy of the weight
+(the original overwrote the float weights in place on every forward call), centring is off by default, linear layers between the first and last
 weighted layer are quantized too, first/last are found in call order (not by counting convs),
 ConvTranspose2d works, and ``quant_inference=True`` switches the weight quantizers off so stored,
 already-quantized weights are used as they are.
