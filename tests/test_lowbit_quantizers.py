@@ -56,6 +56,15 @@ def test_binary_center_and_clip_act_on_a_copy():
     assert torch.equal(w, before)
 
 
+def test_binary_centring_leaves_depthwise_filters_alone():
+    """A filter with one input channel would be all zeros after centring (α = 0, a dead layer)."""
+    w = torch.tensor([[[[0.5, -0.2], [0.1, 0.3]]], [[[-0.4, 0.2], [0.6, -0.1]]]])  # (2, 1, 2, 2): depthwise
+    centred = _weight(BinaryWeightQuantizer(ch_axis=0, center=True), w)
+    assert torch.equal(centred, _weight(BinaryWeightQuantizer(ch_axis=0), w))
+    alpha = torch.tensor(0.275).half().float()  # mean|w| of filter 0, on the float16 grid α is stored on
+    assert torch.equal(centred[0, 0], alpha * torch.tensor([[1.0, -1.0], [1.0, 1.0]]))
+
+
 def test_binary_centres_conv_transpose_weights_over_their_input_axis():
     w = torch.zeros(2, 3, 1, 1)  # (in, out, kH, kW): the output-channel axis is 1, the input axis 0
     w[:, :, 0, 0] = torch.tensor([[4.0, 1.0, 0.0], [2.0, -1.0, 2.0]])

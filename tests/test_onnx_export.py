@@ -71,8 +71,10 @@ def _tolerance(name: str, preset: str) -> tuple[float, float, float]:
     Measured on 1,000 images: ResNet-20 W8A8 top-1 99.2%; ResNet-56 W8A8 2.8 steps, 94.3% within one step,
     top-1 97.3% — after 40 training steps its median top-1 margin is only 2.2 output steps, and even the
     eager export form (BN folded into the weight scales: the same values, rounded differently) agrees with
-    fake-quant on only 97.2% of top-1 predictions; DoReFa W4A4 96.7-99.3% within one step. Every other case:
-    ≤ 1 step, ≥ 99.9% within, top-1 ≥ 99.5%."""
+    fake-quant on only 97.2% of top-1 predictions; DoReFa W4A4 96.7-99.3% within one step. Binary W / A on
+    MobileNetV2: 9.0 steps, 98.9% within one step, top-1 100% — its depthwise layers put millions of values
+    into the sign activations, some within 1e-7 of zero, where the runtimes' float rounding (BN folded into
+    the conv by the export) flips the sign. Every other case: ≤ 1 step, ≥ 99.9% within, top-1 ≥ 99.5%."""
     steps, within, top1 = 1.0, 0.999, 0.995
     if name == "resnet20":
         steps, within, top1 = 4.0, 0.99, 0.99
@@ -80,6 +82,8 @@ def _tolerance(name: str, preset: str) -> tuple[float, float, float]:
         steps, within, top1 = 4.0, 0.93, 0.965
     if preset.startswith("dorefa"):
         steps, within = 8.0, min(within, 0.96)
+    if name == "mobilenetv2" and preset == "binary_w2a2":
+        steps, within = 12.0, 0.98
     return steps, within, top1
 PRESETS = {
     "iao_w8a8": lambda m: iao.prepare(m, a_bits=8, w_bits=8),

@@ -182,6 +182,7 @@ class BinaryWeightQuantizer(LowBitWeightQuantizer):
 
     ``center`` subtracts the mean over the input-channel axis and ``clip`` clamps to [−1, 1] before the
     sign and α are taken — the original's W_clip, here on a copy (the float weights are untouched).
+    Filters with a single input channel (depthwise convs) are not centred: centring would zero them.
     """
 
     def __init__(self, ch_axis: int | None = None, *, center: bool = False, clip: bool = False) -> None:
@@ -190,8 +191,9 @@ class BinaryWeightQuantizer(LowBitWeightQuantizer):
         self.clip = clip
 
     def encode(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.center:
-            w = w - w.mean(dim=_input_axis(self.ch_axis), keepdim=True)
+        axis = _input_axis(self.ch_axis)
+        if self.center and w.dim() > 1 and w.shape[axis] > 1:
+            w = w - w.mean(dim=axis, keepdim=True)
         if self.clip:
             w = torch.clamp(w, -1.0, 1.0)
         return _binary_codes(w, self.ch_axis)
