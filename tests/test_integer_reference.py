@@ -6,12 +6,14 @@ add adjacent products in saturating int16 (vpmaddubsw) and ONNX Runtime's codes 
 arithmetic by up to 64 codes in the first layer. That option trips an ONNX Runtime bug when Q/DQ nodes share
 scale/zero-point initializers (micronet's exporter shares them), so the tests give each Q/DQ node its own copy.
 
-What agreement to expect: our requantization is exact (one rounding of ``acc·M0·2^-(31+shift)``); ONNX
-Runtime requantizes in float32, which misrounds values within ~2^-24 relative of a rounding boundary. Fed the
-same input codes, the two agree on all but ~1e-6 of the codes of every layer (``_layerwise``). End to end,
-those rare off-by-ones propagate, and these randomly initialised deep nets (BatchNorm statistics from real
-images) amplify them: one flipped code early in ResNet-20 flips a few logits, so its last tensor agrees on
-~95% of codes end to end, while ONNX Runtime's own float QDQ path agrees with its integer kernels on ~94%.
+What agreement to expect: with ``rounding="onnxruntime"`` (ONNX Runtime's float32 requantization and
+QLinearAdd, reproduced in integers) every code, layer by layer and end to end. With the default exact rounding
+(one rounding of ``acc·M0·2^-(31+shift)``), ONNX Runtime's float32 requantization misrounds values within
+~2^-24 relative of a rounding boundary: fed the same input codes, the two agree on all but ~1e-6 of the codes of
+every layer (``_layerwise``). End to end, those rare off-by-ones propagate, and these randomly initialised
+deep nets (BatchNorm statistics from real images) amplify them: one flipped code early in ResNet-20 flips a few
+logits, so its last tensor agrees on ~95% of codes end to end, while ONNX Runtime's own float QDQ path agrees
+with its integer kernels on ~94%.
 """
 
 from __future__ import annotations
@@ -40,7 +42,15 @@ from micronet.deploy.integer import (
     rounding_divide_by_pot,
     saturating_rounding_doubling_high_mul,
 )
+from micronet.deploy.integer.float32 import (
+    float32_multiplier,
+    fraction_to_float32,
+    multiply_float32,
+    qlinear_add_parameters,
+    round_to_float32,
+)
 from micronet.deploy.integer.steps import Conv as ConvStep
+from micronet.deploy.integer.steps import QLinearAdd as QLinearAddStep
 from micronet.deploy.onnx import GraphView
 from micronet.errors import DeployError
 from micronet.models import build_model
@@ -395,6 +405,92 @@ def test_gemmlowp_rounding_is_off_by_one_near_ties_only(qdq, images):
     assert gemmlowp["max_abs_diff"] <= 1 and single["mismatch_fraction"] < gemmlowp["mismatch_fraction"] <= 0.01
 
 
+
+# ------------------------------------------------------------------------------------------ rounding="onnxruntime"
+def test_float32_rounding_in_integers_is_ieee_float32():
+    """The integer emulation of float32 (24 significant bits, ties to even) against numpy's IEEE float32."""
+    rng = np.random.default_rng(7)
+    n = np.concatenate([rng.integers(-(2**40), 2**40, 20000), rng.integers(-(2**26), 2**26, 20000),
+                        np.array([2**24 + 1, 2**24 + 3, -(2**24 + 1), 2**25 + 2, 2**25 + 6, 0, 1, -1])])
+    assert np.array_equal(round_to_float32(n), n.astype(np.float32).astype(np.int64))  # int64 → float32 is RNE
+    acc = np.concatenate([rng.integers(INT32_MIN, INT32_MAX, 20000, endpoint=True), rng.integers(-5000, 5000, 20000)])
+    for scale in np.concatenate([np.exp(rng.uniform(np.log(1e-7), np.log(4.0), 40)), [0.5, 1.0, 3.0]]).astype(np.float32):
+        want = np.rint((acc.astype(np.float32) * scale).astype(np.float64)).clip(INT32_MIN, INT32_MAX).astype(np.int64)
+        assert np.array_equal(multiply_float32(acc, *float32_multiplier(scale)), want), scale
+    # one rounding of the exact value: float() would round 1 + 2^-24 + 2^-60 to the tie 1 + 2^-24, then to 1
+    assert fraction_to_float32(Fraction(1) + Fraction(1, 2**24) + Fraction(1, 2**60)) == np.float32(1 + 2**-23)
+    assert fraction_to_float32(Fraction(1) + Fraction(1, 2**24)) == np.float32(1.0)  # an exact tie: to even
+    assert fraction_to_float32(Fraction(-3, 7)) == np.float32(-3 / 7)
+
+
+def _qlinear_add_graph(dtype: int, scales: tuple, zeros: tuple) -> bytes:
+    """One com.microsoft QLinearAdd node (what ONNX Runtime fuses DQ → Add → Q into)."""
+    names = ("a_s", "a_z", "b_s", "b_z", "c_s", "c_z")
+    inits = [helper.make_tensor(name, TensorProto.FLOAT if name.endswith("_s") else dtype, [], [value])
+             for name, value in zip(names, (scales[0], zeros[0], scales[1], zeros[1], scales[2], zeros[2]))]
+    node = helper.make_node("QLinearAdd", ["a", "a_s", "a_z", "b", "b_s", "b_z", "c_s", "c_z"], ["c"],
+                            domain="com.microsoft")
+    graph = helper.make_graph([node], "qladd", [helper.make_tensor_value_info(n, dtype, [None]) for n in "ab"],
+                              [helper.make_tensor_value_info("c", dtype, [None])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_qlinear_add_step_is_onnxruntime_kernel_bit_for_bit(dtype):
+    """Every pair of input codes, for scale ratios below and above one and zero points at and off zero."""
+    info = np.iinfo(dtype)
+    grid_a, grid_b = np.meshgrid(np.arange(info.min, info.max + 1), np.arange(info.min, info.max + 1))
+    a, b = grid_a.ravel().astype(dtype), grid_b.ravel().astype(dtype)
+    rng = np.random.default_rng(8)
+    onnx_type = TensorProto.UINT8 if dtype == np.uint8 else TensorProto.INT8
+    for trial in range(12):
+        scales = tuple(float(np.float32(v)) for v in np.exp(rng.uniform(np.log(0.002), np.log(0.2), 3)))
+        zeros = (0, 0, 0) if trial < 2 else tuple(int(v) for v in rng.integers(info.min, info.max + 1, 3))
+        session = ort.InferenceSession(_qlinear_add_graph(onnx_type, scales, zeros), providers=["CPUExecutionProvider"])
+        kernel = session.run(None, {"a": a, "b": b})[0]
+        step = QLinearAddStep("add", "c", ["a", "b"], *(float(v) for v in qlinear_add_parameters(
+            scales[0], zeros[0], scales[1], zeros[1], scales[2], zeros[2]).values()), np.dtype(dtype).name)
+        env = {"a": a, "b": b}
+        step.run(env)
+        assert np.array_equal(env["c"], kernel), (scales, zeros, int((env["c"] != kernel).sum()))
+
+
+def _onnxruntime_rounding_agreement(path, images, tmp_path) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    graph = onnx.load(str(path))
+    x = images["test"].numpy()
+    model = IntegerModel.from_onnx(path, rounding="onnxruntime")
+    reference = _ort_run(graph, x, optimized_path=tmp_path / "optimized.onnx")
+    last = list(model.quantized)[-1]  # the last QuantizeLinear in graph order
+    end = compare_codes(model.run_codes(x)[last], reference[last])
+    return _layerwise(model, x, reference), end, model(x), reference["output"]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_onnxruntime_rounding_reproduces_onnxruntime_quantized_models(qdq, images, name, tmp_path):
+    """ONNX Runtime's own quantize_static files: every code of every layer, end to end (measured: identical
+    on all of them, 64 images), and so the float outputs (the same final DequantizeLinear) too."""
+    _, path = qdq(name)
+    layers, end, ours, theirs = _onnxruntime_rounding_agreement(path, images, tmp_path)
+    assert layers["mismatch_fraction"] == 0, layers
+    assert end["identical_fraction"] >= 0.999 and end["max_abs_diff"] <= 1, end
+    assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["nin", "resnet20"])
+def test_onnxruntime_rounding_reproduces_micronet_exports(images, name, tmp_path):
+    """micronet's W8A8 exports, whose residual Adds run as QLinearAdd (measured: identical end to end)."""
+    path = _micronet_export(name, images, tmp_path / "m.onnx")
+    model = IntegerModel.from_onnx(path, rounding="onnxruntime")
+    assert sum(step.op == "QLinearAdd" for step in model.steps) == (9 if name == "resnet20" else 0)
+    layers, end, ours, theirs = _onnxruntime_rounding_agreement(path, images, tmp_path)
+    assert layers["mismatch_fraction"] == 0, layers
+    assert end["identical_fraction"] >= 0.999 and end["max_abs_diff"] <= 1, end
+    # the graph ends in a float op (GlobalAveragePool / Gemm): our exact int32 sums vs ORT's float32 ones
+    assert np.allclose(ours, theirs, rtol=1e-5, atol=1e-5 * np.abs(theirs).max())
+
+
 # ------------------------------------------------------------------------------------------ micronet's exporter
 def _micronet_export(name: str, images, path):
     from micronet.compression.quantization.core.workflow import calibrate
@@ -582,6 +678,20 @@ def test_export_parameters_round_trip(qdq, images, tmp_path):
     with pytest.raises(DeployError, match="holds no integer program"):
         IntegerModel.load_parameters(tmp_path / "nowhere")
 
+
+
+def test_onnxruntime_rounding_parameters_round_trip(qdq, images, tmp_path):
+    _, path = qdq("resnet20")
+    model = IntegerModel.from_onnx(path, rounding="onnxruntime")
+    loaded = IntegerModel.load_parameters(model.export_parameters(tmp_path / "int8"))
+    assert loaded.rounding == "onnxruntime" and sum(step.op == "QLinearAdd" for step in loaded.steps) == 9
+    requantize = [step for step in loaded.steps if step.op == "Requantize" and step.rounding == "onnxruntime"]
+    assert len(requantize) == 22  # 21 QLinearConv + 1 QGemm, each with float32 scales as (m < 2^24, shift)
+    assert all(int(np.abs(step.multiplier).max()) < 2**24 for step in requantize)
+    x = images["test"][:8].numpy()
+    assert np.array_equal(loaded.run_codes(x)[loaded.last_codes], model.run_codes(x)[model.last_codes])
+    with pytest.raises(DeployError, match="unknown rounding 'nearest': choose one of single, gemmlowp, onnxruntime"):
+        IntegerModel.from_onnx(path, rounding="nearest")
 
 # ------------------------------------------------------------------------------------------ bad inputs
 def test_op_without_integer_mapping_is_named():

@@ -10,9 +10,10 @@ import numpy as np
 import onnx
 
 from micronet.deploy.integer.fixed_point import ADD_LEFT_SHIFT, INT32_MAX, ROUNDINGS, quantize_multiplier
+from micronet.deploy.integer.float32 import float32_multiplier, qlinear_add_parameters
 from micronet.deploy.integer.steps import (
-    _INDEX_OPS, Add, Clamp, Concat, Conv, Dequantize, IndexOp, MatMul, MaxPool, Mul, PoolSum, QuantizeInput, Requantize,
-    Shape, Step,
+    _INDEX_OPS, Add, Clamp, Concat, Conv, Dequantize, IndexOp, MatMul, MaxPool, Mul, PoolSum, QLinearAdd, QuantizeInput,
+    Requantize, Shape, Step,
 )
 from micronet.deploy.onnx.graph import GraphView, attribute
 from micronet.errors import DeployError
@@ -90,6 +91,7 @@ class Accumulator:
     hi: float = np.inf
     divisor: str = ""  # pooled sums: the real value is divided by these window counts
     spatial_divisor: bool = False  # the counts vary over the window positions (padding excluded)
+    product: bool = False  # a Conv/Gemm/MatMul sum at scale s_x·s_w (ONNX Runtime requantizes it in float32)
 
 
 @dataclass(frozen=True)
@@ -309,13 +311,19 @@ class _Compiler:
         else:
             offset, real = 0, value.scale / q.s()
             reference = {"accumulator_scale": value.scale.reshape(-1).tolist(), "output_scale": q.s()}
-        m0, shift = quantize_multiplier(real)
         reference["multiplier"] = np.asarray(real).reshape(-1).tolist()
         divisor = value.divisor if isinstance(value, Accumulator) else ""
         if divisor:
             reference["divided_by_window_count"] = True
+        rounding = self.rounding
+        if rounding == "onnxruntime" and isinstance(value, Accumulator) and value.product and not divisor:
+            # QLinearConv/QGemm: fl32(fl32(acc) · fl32(fl32(s_x·s_w) / s_y)), rounded half to even
+            m0, shift = float32_multiplier(np.float32(value.scale) / np.float32(q.s()))
+        else:
+            rounding = "single" if rounding == "onnxruntime" else rounding  # ops MLAS does not fuse: exact rounding
+            m0, shift = quantize_multiplier(real)
         self._emit(Requantize(node.name, out, value.name, offset, np.atleast_1d(m0), np.atleast_1d(shift), q.z(),
-                              lo, hi, q.dtype, self.rounding, divisor, reference))
+                              lo, hi, q.dtype, rounding, divisor, reference))
 
     # ---------------------------------------------------------------- op handlers
     def quantize_linear(self, node: onnx.NodeProto) -> None:
@@ -354,7 +362,7 @@ class _Compiler:
                         list(attribute(node, "dilations", [1] * nd)), int(attribute(node, "group", 1)),
                         _text(node, "auto_pad"),
                         {"input_scale": x.q.s(), "weight_scale": w_scale.tolist()}))
-        self.values[node.output[0]] = Accumulator(out, _aligned(acc_scale, 1, codes.ndim))
+        self.values[node.output[0]] = Accumulator(out, _aligned(acc_scale, 1, codes.ndim), product=True)
 
     def gemm(self, node: onnx.NodeProto) -> None:
         trans_b = int(attribute(node, "transB", 0)) if node.op_type == "Gemm" else 0
@@ -376,14 +384,40 @@ class _Compiler:
         self._emit(MatMul(node.name, out, a.name, a.q.z(), np.ascontiguousarray(weight), w_zero.astype(codes.dtype),
                           bias.astype(np.int32), int(attribute(node, "transA", 0)),
                           {"input_scale": a.q.s(), "weight_scale": w_scale.tolist(), "alpha": alpha}))
-        self.values[node.output[0]] = Accumulator(out, acc_scale)
+        self.values[node.output[0]] = Accumulator(out, acc_scale, product=alpha == 1.0)
+
+    def _fused_quantize(self, node: onnx.NodeProto) -> QParams | None:
+        """The parameters of the QuantizeLinear that alone reads ``node``'s output, directly or through a Relu
+        that its zero point at ``qmin`` makes redundant: ONNX Runtime drops such a Relu and fuses the rest."""
+        name, through_relu = node.output[0], False
+        while True:
+            consumers = self.view.consumers.get(name, [])
+            if name in self.view.graph_outputs or len(consumers) != 1 or consumers[0].domain not in ("", "ai.onnx"):
+                return None
+            consumer = consumers[0]
+            if consumer.op_type == "Relu" and not through_relu:
+                name, through_relu = consumer.output[0], True
+                continue
+            if consumer.op_type != "QuantizeLinear":
+                return None
+            q = self._qparams(consumer)
+            return q if q.per_tensor and (not through_relu or q.z() == q.qmin) else None
 
     def add(self, node: onnx.NodeProto) -> None:
         a, b = self._activation(node, 0), self._activation(node, 1)
+        q = self._fused_quantize(node) if self.rounding == "onnxruntime" else None
+        if q is not None and a.q.dtype == b.q.dtype == q.dtype:  # ONNX Runtime's QLinearAdd, bit for bit
+            out = self._out(node)
+            constants = qlinear_add_parameters(a.q.s(), a.q.z(), b.q.s(), b.q.z(), q.s(), q.z())
+            self._emit(QLinearAdd(node.name, out, [a.name, b.name], *(float(v) for v in constants.values()), q.dtype,
+                                  {"input_scales": [a.q.s(), b.q.s()], "output_scale": q.s()}))
+            self.values[node.output[0]] = Codes(out, q)
+            return
         twice_max = 2 * max(a.q.s(), b.q.s())
         m0, shift = quantize_multiplier(np.array([a.q.s(), b.q.s()]) / twice_max)
         out = self._out(node)
-        self._emit(Add(node.name, out, [a.name, b.name], [a.q.z(), b.q.z()], m0, shift, ADD_LEFT_SHIFT, self.rounding,
+        rounding = "single" if self.rounding == "onnxruntime" else self.rounding
+        self._emit(Add(node.name, out, [a.name, b.name], [a.q.z(), b.q.z()], m0, shift, ADD_LEFT_SHIFT, rounding,
                        {"input_scales": [a.q.s(), b.q.s()]}))
         self.values[node.output[0]] = Accumulator(out, np.asarray(twice_max * 2.0**-ADD_LEFT_SHIFT))
 

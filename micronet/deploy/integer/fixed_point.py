@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from micronet.deploy.integer.float32 import multiply_float32
 from micronet.errors import DeployError
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-ROUNDINGS = ("single", "gemmlowp")
+ROUNDINGS = ("single", "gemmlowp", "onnxruntime")
 ADD_LEFT_SHIFT = 20  # TFLite's guard bits for 8-bit ADD: (255 << 20) · 2 still fits int32
 FORMAT, FORMAT_VERSION = "micronet-integer-program", 1
 PROGRAM_JSON, PARAMETERS_FILE = "program.json", "parameters.safetensors"
@@ -69,14 +70,17 @@ def _shift_right_to_even(x: np.ndarray, shift: np.ndarray) -> np.ndarray:
 def multiply_by_quantized_multiplier(acc: np.ndarray, m0: np.ndarray, shift: np.ndarray,
                                      rounding: str = "single") -> np.ndarray:
     """``acc · M0 · 2^-(31+shift)`` rounded to an integer and saturated to int32: ``"single"`` rounds the exact
-    product once, ties to even; ``"gemmlowp"`` rounds twice as gemmlowp does (see the module docstring
-    for what each guarantees). ``m0``/``shift`` broadcast against ``acc``."""
+    product once, ties to even; ``"gemmlowp"`` rounds twice as gemmlowp does; ``"onnxruntime"`` takes a float32
+    scale ``m0·2^-shift`` and rounds as ONNX Runtime's float32 requantization (see the package docstring for
+    what each guarantees). ``m0``/``shift`` broadcast against ``acc``."""
     acc64 = np.asarray(acc, dtype=np.int64)
     m0, shift = np.asarray(m0, dtype=np.int64), np.asarray(shift, dtype=np.int64)
     if rounding == "single":
         total = 31 + shift  # ≥ 1 because M < 2^30
         product = acc64 * m0  # |acc| ≤ 2^31, M0 < 2^31: fits int64
         return _saturate_int32(_shift_right_to_even(product, total))
+    if rounding == "onnxruntime":  # (m0, shift) from float32_multiplier: MLAS's float32 requantization
+        return multiply_float32(acc64, m0, shift)
     if rounding == "gemmlowp":
         shifted = acc64 << np.maximum(-shift, 0)  # M ≥ 1: left shift first (exact in int64)
         return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(shifted, m0), np.maximum(shift, 0))

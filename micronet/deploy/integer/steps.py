@@ -11,6 +11,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from micronet.deploy.integer.float32 import qlinear_add
 from micronet.deploy.integer.fixed_point import ADD_LEFT_SHIFT, _saturate_int32, divide_by_count, multiply_by_quantized_multiplier
 
 
@@ -251,6 +252,27 @@ class Add(Step):
 
 
 @dataclass
+class QLinearAdd(Step):
+    """ONNX Runtime's fused ``DequantizeLinear → Add → QuantizeLinear`` (its x86 ``QLinearAdd`` kernel),
+    bit for bit in integers: ``saturate(round(fma(a_q, s_a/s_c, fma(b_q, s_b/s_c, fixed))))`` in float32
+    (:func:`~micronet.deploy.integer.float32.qlinear_add`)."""
+
+    op: ClassVar[str] = "QLinearAdd"
+    inputs: list
+    ratio_a: float
+    ratio_b: float
+    fixed: float
+    dtype: str
+    reference: dict = field(default_factory=dict)
+
+    def run(self, env: Env) -> None:
+        a, b = (env[name] for name in self.inputs)
+        y = qlinear_add(a, b, np.float32(self.ratio_a), np.float32(self.ratio_b), np.float32(self.fixed))
+        info = np.iinfo(self.dtype)
+        env[self.output] = np.clip(y, info.min, info.max).astype(self.dtype)
+
+
+@dataclass
 class Mul(Step):
     """``acc = (a_q − z_a)·(b_q − z_b)`` at scale ``s_a·s_b`` (int32)."""
 
@@ -430,6 +452,6 @@ class IndexOp(Step):
 
 
 STEP_TYPES: dict[str, type[Step]] = {cls.op: cls for cls in (QuantizeInput, Dequantize, Requantize, Clamp, Conv, MatMul,
-                                                            Add, Mul, PoolSum, MaxPool, Shape, Concat, IndexOp)}
+                                                            Add, QLinearAdd, Mul, PoolSum, MaxPool, Shape, Concat, IndexOp)}
 
 
