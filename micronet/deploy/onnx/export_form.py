@@ -13,7 +13,8 @@ quantizer by the QuantizeLinear/DequantizeLinear it stands for (:mod:`.qdq_ops`)
   as odd integers with scale 1/(2^k − 1). Values that no int8 tensor holds exactly (DoReFa 8-bit weights:
   256 half-integer levels) stay float, with the reason in the report;
 * biases of layers with a quantized input and int8 weights → ``DequantizeLinear`` of int32 codes at scale
-  s_x·s_w (the integer kernels' accumulator scale; rounding adds at most half an accumulator step) —
+  s_x·s_w (the integer kernels' accumulator scale), the codes the fake-quant layer adds in eval mode
+  (:mod:`micronet.compression.quantization.core.integer_bias`) —
   except with int8 activations (the TensorRT form), whose parser dequantizes int8 only: float biases;
   a float bias that remains beside a quantized input and int8 weights (DoReFa's clipped inputs, int32
   overflow) is added after the layer, so that ONNX Runtime does not round it to int32 itself;
@@ -31,6 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from micronet.compression.quantization.core.integer_bias import (
+    batchnorm_factor_and_bias,
+    bias_codes,
+    folded_channel_scale,
+)
 from micronet.compression.quantization.core.learned import LearnedScaleQuantizer
 from micronet.compression.quantization.core.lowbit import DoReFaActivationQuantizer, FloatQuantizer, SignActivation
 from micronet.compression.quantization.core.modules import QuantizedModule, WeightedQuantizedModule
@@ -41,7 +47,6 @@ from micronet.models.layers import ChannelShuffle
 
 ACTIVATION_DTYPES = ("uint8", "int8")
 WEIGHT_DTYPES = ("auto", "int8", "uint8")
-INT32 = torch.iinfo(torch.int32)
 
 
 def resolve_weight_dtype(weight_dtype: str, codes: torch.Tensor) -> str:
@@ -240,21 +245,17 @@ class WeightedExport(nn.Module):
                             else module.weight).detach().double()
             note = packed
         if bn is not None:  # y = γ/σ·(conv + b − μ) + β: per-channel factor on the scales, shift on the bias
-            gamma, beta, mean, var = bn.weight.detach().double(), bn.bias.detach().double(), bn.running_mean.double(), bn.running_var.double()
-            factor = gamma / torch.sqrt(var + bn.eps)
-            bias = beta + ((bias if bias is not None else torch.zeros_like(mean)) - mean) * factor
+            factor, bias = batchnorm_factor_and_bias(bn, module.bias)
             if isinstance(packed, str):
                 weight_float = weight_float * _per_axis(factor, self.axis, ndim)
             else:
                 codes, scale = packed
-                if scale.dim() == 0:
-                    scale = scale.expand(factor.numel())
                 if bool((codes == -128).any()) and bool((factor < 0).any()):
                     raise DeployError(f"{name}: a negative BatchNorm γ would flip code −128; fold BN while quantizing (--bn_fuse)")
                 sign = torch.where(factor < 0, -1, 1).to(torch.int8)
                 codes = torch.where(_per_axis(factor == 0, self.axis, ndim), torch.zeros_like(codes),
                                     codes * _per_axis(sign, self.axis, ndim))
-                scale = torch.where(factor == 0, scale.double(), scale.double() * factor.abs()).float()
+                scale = folded_channel_scale(scale, factor)  # what IntegerBiasBatchNorm2d rounds on in eval
                 packed = codes, scale
             note = (note + "; " if note else "") + "BatchNorm folded into the weight scales"
         if isinstance(packed, str):
@@ -279,8 +280,8 @@ class WeightedExport(nn.Module):
                 and self.weight_codes is not None and self.input_quantizer.pre_scale is None:
             bias_scale = (self.input_quantizer.scale * self.weight_scale).float()  # as ORT's quantizer computes it
             bias_scale = bias_scale.expand(bias.shape) if bias_scale.dim() == 0 else bias_scale
-            q = torch.round(bias / bias_scale.double())
-            if q.abs().max() < INT32.max:
+            q = bias_codes(bias, bias_scale)  # the codes the fake-quant layer adds in eval (see integer_bias)
+            if q is not None:
                 self.bias_codes = q.to(torch.int32)
                 self.register_buffer("bias_scale", bias_scale.contiguous())
                 self.register_buffer("bias_zero_point", torch.zeros(bias.shape, dtype=torch.int32))

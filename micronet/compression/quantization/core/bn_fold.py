@@ -220,14 +220,14 @@ class QuantBNFuseConv2d(WeightedQuantizedModule, nn.Conv2d):
 
     def forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         """The deployed conv (running-statistics bias) with a given, already folded and quantized weight."""
-        return self._conv_forward(x, weight, self.folded_weight_and_bias()[1])
+        return self._conv_forward(x, weight, self.integer_bias(self.folded_weight_and_bias()[1]))
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         x = self.input_quantizer(x)
         if not self.training or self.bn_stats_frozen:
             weight, bias = self.folded_weight_and_bias()
-            return self._conv_forward(x, self.weight_quantizer(weight), bias)
+            return self._conv_forward(x, self.weight_quantizer(weight), self.integer_bias(bias))
         if self.bn_fold_method == "one_conv":
             return self._forward_one_conv(x)
         return self._forward_two_convs(x)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from micronet.base_module.op import Add, Concat
+from micronet.compression.quantization.core.integer_bias import integer_bias_grid, round_bias
 from micronet.compression.quantization.core.quantizers import Quantizer
 from micronet.compression.quantization.core.scheme import QuantScheme, QuantizerSpec
 
@@ -67,6 +68,13 @@ class WeightedQuantizedModule(QuantizedModule):
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
 
+    def integer_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """In eval mode, ``bias`` as an integer runtime adds it: int32 codes on the grid s_x·s_w
+        (:mod:`~micronet.compression.quantization.core.integer_bias`); in training, ``bias`` itself."""
+        if bias is None or self.training:
+            return bias
+        return round_bias(bias, integer_bias_grid(self.input_quantizer, self.weight_quantizer))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_weight(self.input_quantizer(x), self.quantized_weight())
 
@@ -76,17 +84,17 @@ class WeightedQuantizedModule(QuantizedModule):
 
 class QuantConv1d(WeightedQuantizedModule, nn.Conv1d):
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, weight, self.bias)
+        return self._conv_forward(x, weight, self.integer_bias(self.bias))
 
 
 class QuantConv2d(WeightedQuantizedModule, nn.Conv2d):
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, weight, self.bias)
+        return self._conv_forward(x, weight, self.integer_bias(self.bias))
 
 
 class QuantLinear(WeightedQuantizedModule, nn.Linear):
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight, self.bias)
+        return F.linear(x, weight, self.integer_bias(self.bias))
 
 
 class QuantConvTranspose2d(WeightedQuantizedModule, nn.ConvTranspose2d):
@@ -99,7 +107,7 @@ class QuantConvTranspose2d(WeightedQuantizedModule, nn.ConvTranspose2d):
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
-        return F.conv_transpose2d(self.input_quantizer(x), self.quantized_weight(), self.bias, self.stride,
+        return F.conv_transpose2d(self.input_quantizer(x), self.quantized_weight(), self.integer_bias(self.bias), self.stride,
                                   self.padding, output_padding, self.groups, self.dilation)
 
 

@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from micronet.compression.quantization.core.integer_bias import IntegerBiasBatchNorm2d
 from micronet.compression.quantization.core.modules import (
     ACTIVATION_MAPPING,
     JOIN_MAPPING,
     POOL_MAPPING,
     WEIGHTED_MAPPING,
     QuantizedModule,
+    WeightedQuantizedModule,
 )
 from micronet.compression.quantization.core.quantizers import CALIBRATE, FROZEN, QAT, Quantizer
 from micronet.compression.quantization.core.scheme import QuantScheme
@@ -226,6 +228,7 @@ def prepare(
     skip_names = (*scheme.skip, *policy_skips)
     _replace_activations(model, scheme, order, first, last, scheme.skip, report)
 
+    unfolded_pairs = [] if scheme.fold_bn else _conv_bn_pairs(model)  # BNs the export will fold
     if scheme.fold_bn:
         from micronet.compression.quantization.core.bn_fold import QuantBNFuseConv2d
 
@@ -255,6 +258,11 @@ def prepare(
             continue
         target.from_float(module, scheme)
         report.quantized.append((name, target.__name__))
+
+    for conv_name, bn_name in unfolded_pairs:  # in eval, add the int32 bias the folded export will add
+        conv = model.get_submodule(conv_name)
+        if isinstance(conv, WeightedQuantizedModule):
+            IntegerBiasBatchNorm2d.attach(model.get_submodule(bn_name), conv)
 
     for name, quantizer in quantizers(model):
         quantizer.qualified_name = name
