@@ -2,17 +2,19 @@
 
 An int8 convolution accumulates ``Σ (x_q − z_x)·w_q`` in int32 at scale ``s_x·s_w`` (per output channel),
 so ONNX Runtime's QLinearConv/QGemm, TFLite and gemmlowp add the bias as int32 codes on that grid:
-``round(b / (s_x·s_w))``. That rounding moves each output by up to half an accumulator step; where an output
-lies near a rounding boundary of the next quantizer, its code flips, and deep residual nets amplify the
-flips. So in eval mode the quantized layers add the rounded bias too (:meth:`WeightedQuantizedModule.
-integer_bias`), and the exporter writes the same codes: the fake-quant model then computes what the
-deployed one computes. Training keeps the float bias (the rounding has no useful gradient).
+``round(b / (s_x·s_w))``. That rounding moves each output by up to half an accumulator step; where an
+output lies near a rounding boundary of the next quantizer its code flips, and deep residual nets amplify
+the flips. So in eval mode the quantized layers add the rounded bias too
+(``WeightedQuantizedModule.integer_bias``; :class:`IntegerBiasBatchNorm2d` for a BatchNorm the export
+folds), and the exporter writes the same codes: the fake-quant model computes what the deployed one does.
+Training and calibration keep the float bias (the rounding has no useful gradient, and the scales are not
+final while observers run).
 
 The bias is rounded where micronet's ONNX export writes an int32 bias: an enabled affine (or learned-scale)
 per-tensor input quantizer of at most 8 bits, and a symmetric affine weight quantizer of at most 8 bits
-(int8 codes; it may be switched off once the weights hold their quantized values, as after
-:func:`~micronet.compression.quantization.core.workflow.convert` or loading a packed artifact). Elsewhere (DoReFa or sign inputs, float weights) the bias stays float, as in the export.
-TensorRT's form (int8 activations) also keeps float biases, which its kernels add in float.
+(int8 codes; it may be switched off once the weights hold their quantized values, as after ``convert`` or
+loading a packed artifact). Elsewhere (DoReFa or sign inputs, float weights) the bias stays float, as in
+the export. TensorRT's form (int8 activations) also keeps float biases, which its kernels add in float.
 """
 
 from __future__ import annotations
