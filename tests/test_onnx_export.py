@@ -75,7 +75,7 @@ def _tolerance(name: str, preset: str) -> tuple[float, float, float]:
     the export writes: ResNet-56 W8A8 1.47 steps, 99.91% within one step, top-1 99.7% (with BN folding: 1.31,
     99.80%, 99.61%) — after 40 training steps its logits are so sensitive that this suite's exact integer
     reference and ONNX Runtime, which differ only in float32 requantization (~1e-6 of the codes of a layer),
-    already disagree by 0.94 steps. DoReFa W4A4 (4-bit activations: one flipped code is several output steps):
+    already disagree by about 0.9 steps. DoReFa W4A4 (4-bit activations: one flipped code is several output steps):
     MobileNetV2 2.10 steps / 99.77%, ResNet-20 2.52 / 99.69%, ResNet-56 1.74 / 99.49%. Binary W / A on
     MobileNetV2: 9.0 steps, 98.9% within one step, top-1 100% — its depthwise layers put millions of values
     into the sign activations, some within 1e-7 of zero, where the runtimes' float rounding (BN folded into
