@@ -4,7 +4,7 @@ Both implement the same five operations on :class:`PackedBits` (int64 words ``(N
 channel ``c`` in bit ``c % 64`` of word ``c // 64``, bit 1 = +1):
 
 * ``pack_sign(x)``: float NCHW → bits of sign(x) (sign(0) = +1, as :class:`SignActivation`);
-* ``unpack(bits)``: bits → float ±1 NCHW;
+* ``unpack(bits, channels_last)``: bits → float ±1 NCHW (memory in channels-last order on request);
 * ``max_pool(bits, …)``: max pooling of ±1 values = OR of the bits over the window;
 * ``permute(bits, source)``: output channel ``c`` takes input channel ``source[c]`` (channel shuffle);
 * ``conv(bits, layer)``: the integer dot product ``D`` of ±1 inputs and ±1 weights over the taps that lie
@@ -85,9 +85,10 @@ class ReferenceKernels:
         bits = (x >= 0).permute(0, 2, 3, 1)
         return PackedBits(words_from_bits(_pad_channels(bits)).contiguous(), x.shape[1])
 
-    def unpack(self, packed: PackedBits) -> torch.Tensor:
+    def unpack(self, packed: PackedBits, channels_last: bool = False) -> torch.Tensor:
         bits = bits_from_words(packed.words, packed.channels)
-        return (bits.to(torch.float32) * 2 - 1).permute(0, 3, 1, 2).contiguous()
+        values = (bits.to(torch.float32) * 2 - 1).permute(0, 3, 1, 2)
+        return values if channels_last else values.contiguous()
 
     def _repack(self, x: torch.Tensor) -> PackedBits:
         return self.pack_sign(x)
@@ -120,9 +121,14 @@ class NativeKernels:
         self._isa = _NATIVE_ID[isa]
 
     def pack_sign(self, x: torch.Tensor) -> PackedBits:
-        return PackedBits(self._ops.pack_sign(x.contiguous().float()), x.shape[1])
+        x = x.float()
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return PackedBits(self._ops.pack_sign_nhwc(x.permute(0, 2, 3, 1)), x.shape[1])
+        return PackedBits(self._ops.pack_sign(x.contiguous()), x.shape[1])
 
-    def unpack(self, packed: PackedBits) -> torch.Tensor:
+    def unpack(self, packed: PackedBits, channels_last: bool = False) -> torch.Tensor:
+        if channels_last:
+            return self._ops.unpack_nhwc(packed.words, packed.channels).permute(0, 3, 1, 2)
         return self._ops.unpack(packed.words, packed.channels)
 
     def max_pool(self, packed: PackedBits, kernel: tuple[int, int], stride: tuple[int, int],

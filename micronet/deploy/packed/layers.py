@@ -44,10 +44,15 @@ class PackSign(_PackedModule):
 
 
 class Unpack(_PackedModule):
-    """Bits → float ±1 NCHW, where a float layer reads a binary activation."""
+    """Bits → float ±1 NCHW, where a float layer reads a binary activation (channels-last memory when the
+    float layers run channels-last)."""
+
+    def __init__(self, channels_last: bool = False) -> None:
+        super().__init__()
+        self.channels_last = channels_last
 
     def forward(self, packed: PackedBits) -> torch.Tensor:
-        return self.kernels.unpack(packed)
+        return self.kernels.unpack(packed, self.channels_last)
 
 
 class PackedMaxPool2d(_PackedModule):

@@ -245,15 +245,54 @@ torch::Tensor pack_sign(torch::Tensor x) {
   const float* src = x.data_ptr<float>();
   uint64_t* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
   at::parallel_for(0, N * CW, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t> words(HW);
     for (int64_t nw = begin; nw < end; ++nw) {
       const int64_t n = nw / CW, w = nw % CW;
-      for (int64_t c = w * 64; c < std::min(C, w * 64 + 64); ++c) {
+      std::fill(words.begin(), words.end(), 0);
+      for (int64_t c = w * 64; c < std::min(C, w * 64 + 64); ++c) {  // planes read contiguously, no branch
         const float* plane = src + (n * C + c) * HW;
-        const uint64_t bit = 1ULL << (c & 63);
-        for (int64_t p = 0; p < HW; ++p)
-          if (plane[p] >= 0.0f) dst[(n * HW + p) * CW + w] |= bit;  // sign(0) = +1; NaN -> -1
+        const int shift = static_cast<int>(c & 63);
+        for (int64_t p = 0; p < HW; ++p) words[p] |= static_cast<uint64_t>(plane[p] >= 0.0f) << shift;  // sign(0) = +1, NaN -> -1
+      }
+      for (int64_t p = 0; p < HW; ++p) dst[(n * HW + p) * CW + w] = words[p];
+    }
+  });
+  return out;
+}
+
+// The same from a channels-last tensor viewed as (N, H, W, C) contiguous: one pixel's channels are adjacent.
+torch::Tensor pack_sign_nhwc(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "pack_sign_nhwc needs a contiguous float32 NHWC tensor");
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), CW = (C + 63) / 64, P = N * H * W;
+  auto out = torch::empty({N, H, W, CW}, torch::kInt64);
+  const float* src = x.data_ptr<float>();
+  uint64_t* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const float* v = src + p * C;
+      for (int64_t w = 0; w < CW; ++w) {
+        uint64_t word = 0;
+        const int64_t last = std::min<int64_t>(64, C - w * 64);
+        for (int64_t b = 0; b < last; ++b) word |= static_cast<uint64_t>(v[w * 64 + b] >= 0.0f) << b;
+        dst[p * CW + w] = word;
       }
     }
+  });
+  return out;
+}
+
+// Bits -> ±1 floats as (N, H, W, C) contiguous (the channels-last layout).
+torch::Tensor unpack_nhwc(torch::Tensor bits, int64_t C) {
+  check_words(bits, "packed bits");
+  const int64_t N = bits.size(0), H = bits.size(1), W = bits.size(2), CW = bits.size(3), P = N * H * W;
+  TORCH_CHECK(CW == (C + 63) / 64, "packed bits hold ", CW, " words per pixel, not the ", C, " channels given");
+  auto out = torch::empty({N, H, W, C}, torch::kFloat32);
+  const uint64_t* src = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      for (int64_t c = 0; c < C; ++c) dst[p * C + c] = ((src[p * CW + (c >> 6)] >> (c & 63)) & 1) ? 1.0f : -1.0f;
   });
   return out;
 }
@@ -425,6 +464,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported_isas", &supported_isas, "kernels this CPU can run, slowest first");
   m.def("pack_sign", &pack_sign, "float NCHW -> packed sign bits (N, H, W, ceil(C/64))");
   m.def("unpack", &unpack, "packed bits -> float ±1 NCHW");
+  m.def("pack_sign_nhwc", &pack_sign_nhwc, "float NHWC -> packed sign bits");
+  m.def("unpack_nhwc", &unpack_nhwc, "packed bits -> float ±1 NHWC");
   m.def("max_pool", &max_pool, "max pooling of ±1 values on packed bits (OR)");
   m.def("permute_channels", &permute_channels, "channel permutation on packed bits");
   m.def("conv", &conv, "binary XNOR-popcount convolution with a fused epilogue");
