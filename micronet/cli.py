@@ -955,13 +955,15 @@ def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from micronet.compression.quantization.core.workflow import calibrate, is_prepared
     from micronet.data import BatchLoader
     from micronet.deploy.onnx import export
-    from micronet.deploy.onnxruntime import build_session, run
+    from micronet.deploy.onnxruntime import build_session, run, top1_agreement
     from micronet.engine import load_checkpoint
     from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.engine.numerics import require_finite, require_finite_weights
     from micronet.errors import ConfigError
 
     checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
     model = checkpoint.build_model().cpu().eval()
+    require_finite_weights(model, str(checkpoint.path))
     name = args.data or (checkpoint.data_info.name if checkpoint.data_info else None)
     needs_data = args.int8 and not is_prepared(model) or args.check_images > 0
     if needs_data and name is None:
@@ -991,8 +993,10 @@ def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
             reference = torch.cat([model(part) for part in images.split(args.batch_size)]).numpy()
         session = build_session(report.path)
         got = np.concatenate([run(session, part.numpy()) for part in images.split(1 if args.static_batch else args.batch_size)])
+        require_finite(reference, f"{checkpoint.path} in PyTorch")
+        require_finite(got, f"{report.path} in ONNX Runtime")
         step = float(np.abs(reference).max()) / 127
-        agree = float((got.argmax(1) == reference.argmax(1)).mean())
+        agree = top1_agreement(got, reference)
         print(f"ONNX Runtime check on {len(images)} test images: max |difference| {np.abs(got - reference).max():.3g} "
               f"({np.abs(got - reference).max() / step:.2f} output steps of max|y|/127), top-1 agreement {agree * 100:.2f}%")
     return 0
