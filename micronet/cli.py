@@ -256,9 +256,16 @@ def _evaluate_parser(sub: Any) -> None:
     _add_data_options(p, default=None)
     p.add_argument("--split", default="test", choices=["test", "val", "train"])
     _add(p, "--batch-size", type=int, default=512)
-    p.add_argument("--threads", type=int, default=1, help="--onnx: ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=int, default=1, help="--onnx: ONNX Runtime intra-op threads; --runtime packed: kernel threads")
+    _add_runtime_option(p)
     _add_device_options(p)
     p.set_defaults(run=cmd_evaluate)
+
+
+def _add_runtime_option(p: Any) -> None:
+    p.add_argument("--runtime", default="torch", choices=["torch", "packed"],
+                   help="--checkpoint: run in PyTorch, or with binary layers on the bit-packed XNOR-popcount kernels "
+                        "(wbwtab W=2 A=2 models; MICRONET_PACKED_ISA picks the kernels)")
 
 
 BENCHMARK_EXAMPLES = """examples:
@@ -274,7 +281,9 @@ def _benchmark_parser(sub: Any) -> None:
                                    "median and p90 ms per run call and images/s for every batch size and thread count, "
                                    "with the CPU, its vector extensions and the load. On a shared machine compare numbers "
                                    "from one call only, and rerun when 'other cores' is 0.25 or more.")
-    p.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file (input N×C×H×W with static C, H, W)")
+    p.add_argument("--onnx", default=None, metavar="FILE", help="ONNX file (input N×C×H×W with static C, H, W)")
+    p.add_argument("--checkpoint", default=None, help="with --runtime packed: a binary checkpoint or packed artifact")
+    _add_runtime_option(p)
     _add(p, "--batch-sizes", default="1,64", help="comma-separated batch sizes (the file needs a dynamic batch for more than one)")
     p.add_argument("--threads", default="1,2", help="comma-separated ONNX Runtime intra-op thread counts")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs before each measurement")
@@ -918,6 +927,8 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     if args.checkpoint and args.onnx:
         raise ConfigError("pass either --checkpoint DIR or --onnx FILE, not both")
+    if args.onnx and args.runtime == "packed":
+        raise ConfigError("--runtime packed runs a checkpoint, not an ONNX file: pass --checkpoint DIR instead of --onnx")
     if args.onnx:
         return _evaluate_onnx(args)
     if not args.checkpoint:
@@ -962,6 +973,12 @@ def cmd_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from micronet.io import atomic_write_text
 
     batch_sizes, threads = _int_list(args.batch_sizes, "--batch-sizes"), _int_list(args.threads, "--threads")
+    if args.runtime == "packed" or args.checkpoint:
+        return _benchmark_packed(args, batch_sizes, threads)
+    if not args.onnx:
+        from micronet.errors import ConfigError
+
+        raise ConfigError("pass --onnx FILE, or --checkpoint DIR --runtime packed")
     results = benchmark(args.onnx, batch_sizes=batch_sizes, threads=threads, warmup=args.warmup,
                         repeats=args.repeats, optimization=args.optimization)
     print(f"{args.onnx}: input {'x'.join(map(str, results[0].input_shape))}, optimization {args.optimization}, "
@@ -992,13 +1009,15 @@ def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from micronet.compression.quantization.core.workflow import calibrate, is_prepared
     from micronet.data import BatchLoader
     from micronet.deploy.onnx import export
-    from micronet.deploy.onnxruntime import build_session, run
+    from micronet.deploy.onnxruntime import build_session, run, top1_agreement
     from micronet.engine import load_checkpoint
     from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.engine.numerics import require_finite, require_finite_weights
     from micronet.errors import ConfigError
 
     checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
     model = checkpoint.build_model().cpu().eval()
+    require_finite_weights(model, str(checkpoint.path))
     name = args.data or (checkpoint.data_info.name if checkpoint.data_info else None)
     needs_data = args.int8 and not is_prepared(model) or args.check_images > 0
     if needs_data and name is None:
@@ -1028,8 +1047,10 @@ def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
             reference = torch.cat([model(part) for part in images.split(args.batch_size)]).numpy()
         session = build_session(report.path)
         got = np.concatenate([run(session, part.numpy()) for part in images.split(1 if args.static_batch else args.batch_size)])
+        require_finite(reference, f"{checkpoint.path} in PyTorch")
+        require_finite(got, f"{report.path} in ONNX Runtime")
         step = float(np.abs(reference).max()) / 127
-        agree = float((got.argmax(1) == reference.argmax(1)).mean())
+        agree = top1_agreement(got, reference)
         print(f"ONNX Runtime check on {len(images)} test images: max |difference| {np.abs(got - reference).max():.3g} "
               f"({np.abs(got - reference).max() / step:.2f} output steps of max|y|/127), top-1 agreement {agree * 100:.2f}%")
     return 0
@@ -1064,9 +1085,60 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
         raise ConfigError(f"{checkpoint.path} expects {arch.in_channels}-channel inputs and {arch.num_classes} classes, "
                           f"but {info.name} has {info.in_channels} and {info.num_classes}: evaluate on the dataset it was trained on")
     split = getattr(splits, args.split)
+    runtime = ""
+    if args.runtime == "packed":
+        model, runtime = _packed_model(model, args.threads), f" (packed runtime, {args.threads} thread(s))"
     stats = evaluate(model, BatchLoader(split, args.batch_size), ctx.device)
     print(f"{arch.name} ({checkpoint.path}) on {info.name} {args.split}: accuracy {stats['acc'] * 100:.2f}%, "
-          f"loss {stats['loss']:.4f}, {stats['samples']} images")
+          f"loss {stats['loss']:.4f}, {stats['samples']} images{runtime}")
+    return 0
+
+
+def _packed_model(model: Any, threads: int) -> Any:
+    """``model`` compiled for the packed runtime on ``threads`` threads; prints what runs where."""
+    import warnings
+
+    import torch
+
+    from micronet.deploy.packed import compile_packed
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        packed = compile_packed(model.cpu())
+    for warning in caught:
+        print(f"warning: {warning.message}")
+    torch.set_num_threads(threads)
+    print(f"packed runtime: {packed.report.summary()}")
+    return packed
+
+
+def _benchmark_packed(args: argparse.Namespace, batch_sizes: list[int], threads: list[int]) -> int:
+    import os
+
+    from micronet.analysis import format_table
+    from micronet.compression.packing import is_packed_artifact, load_packed, read_packed_meta
+    from micronet.deploy.packed.benchmark import benchmark_packed
+    from micronet.engine import load_checkpoint
+    from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.errors import ConfigError
+    from micronet.machine import cpu_flags, cpu_model
+
+    if args.onnx or not args.checkpoint or args.runtime != "packed":
+        raise ConfigError("the packed runtime times a checkpoint: pass --checkpoint DIR --runtime packed (without --onnx)")
+    if is_packed_artifact(args.checkpoint):
+        meta, model = read_packed_meta(args.checkpoint), load_packed(args.checkpoint)
+        info = meta.get("data") or {}
+    else:
+        checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
+        model, info = checkpoint.build_model(), (checkpoint.data_info.to_json() if checkpoint.data_info else {})
+    if not info.get("image_size"):
+        raise ConfigError(f"{args.checkpoint} does not record its input size: train it with micronet")
+    packed = _packed_model(model, threads[0])
+    shape = (int(info["in_channels"]), *map(int, info["image_size"]))
+    rows = benchmark_packed(packed, shape, batch_sizes, threads, args.warmup, args.repeats)
+    print(f"{args.checkpoint}: input {'x'.join(map(str, shape))}, {args.warmup} warm-up + {args.repeats} timed runs each")
+    print(f"{cpu_model()} | flags: {cpu_flags()} | load avg {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(format_table(rows))
     return 0
 
 
