@@ -202,6 +202,13 @@ def _quantize_parser(sub: Any) -> None:
     p.add_argument("--ptq", action="store_true", help="post-training quantization: calibrate, no training")
     _add(p, "--ptq-batch", "--calibration-batches", dest="ptq_batch", type=int, default=200, help="calibration batches for --ptq")
     p.add_argument("--qaft", action="store_true", help="fine-tune a quantized checkpoint with frozen scales and zero points")
+    p.add_argument("--equalize", action="store_true",
+                   help="with --ptq: fold BatchNorm, equalize weight ranges across layer pairs and absorb high biases first")
+    _add(p, "--bias-correction", action="store_true",
+         help="with --ptq: remove the mean output shift quantization leaves in each layer (measured on the calibration data)")
+    p.add_argument("--adaround", action="store_true",
+                   help="with --ptq: learn whether each weight rounds up or down (AdaRound), layer by layer")
+    _add(p, "--adaround-iters", type=int, default=None, help="AdaRound iterations per layer (default 1000)")
     p.add_argument("--skip", nargs="+", default=[], metavar="NAME|FILE",
                    help="modules to keep in float: names, and/or files listing them (a sensitivity.json or skip.txt "
                         "of `micronet sensitivity`; an existing file, a path with / or .txt/.json, or @FILE)")
@@ -496,9 +503,34 @@ def _config_from_args(args: argparse.Namespace):
     )
 
 
+def _command_options(args: argparse.Namespace, argv: Sequence[str]) -> tuple[dict[str, str], set[str]]:
+    """The options of ``args.command`` (destination -> its flag) and the destinations ``argv`` gives a value."""
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    flags: dict[str, str] = {}
+    for action in commands.choices[args.command]._actions:
+        if action.dest in ("help", argparse.SUPPRESS):
+            continue
+        flags[action.dest] = action.option_strings[0] if action.option_strings else action.dest
+        action.default = argparse.SUPPRESS  # so that only the options given on the command line are set
+    return flags, set(vars(parser.parse_args(list(argv)))) & set(flags)
+
+
+def _run_options(args: argparse.Namespace, **resolved: Any) -> dict[str, Any]:
+    """The options to record with a new run: every option of its command, with ``resolved`` values (the model
+    and dataset a default stood for) in place of what was given."""
+    from micronet.engine.resume import recordable_options
+
+    options = {name: getattr(args, name) for name in args.option_flags if hasattr(args, name)}
+    options.update({name: value for name, value in resolved.items() if name in args.option_flags})
+    return recordable_options(options)
+
+
 def _resume_state(args: argparse.Namespace):
-    """(checkpoint meta of OUT/last, saved TrainConfig) when --resume is given, else (None, None)."""
+    """(checkpoint meta of OUT/last, saved TrainConfig) when --resume is given, else (None, None). The options
+    the run was started with are restored into ``args``; one given again with another value is refused."""
     from micronet.engine import TrainConfig, load_checkpoint
+    from micronet.engine.resume import resume_options
 
     if not args.resume:
         return None, None
@@ -509,6 +541,14 @@ def _resume_state(args: argparse.Namespace):
         from micronet.errors import CheckpointError
 
         raise CheckpointError(f"{last.path} holds no training state: resume from the run directory `micronet train --out` wrote")
+    given = {name: getattr(args, name) for name in args.given_options}
+    restored, unchecked = resume_options(str(run), last.training, last.arch.name, given, args.option_flags)
+    for name, value in restored.items():
+        if name in args.option_flags:
+            setattr(args, name, value)
+    if unchecked:
+        print(f"note: {run} was started before runs recorded their options: {', '.join(unchecked)} could not be "
+              "checked against it and are used as given", file=sys.stderr)
     config = TrainConfig.from_json(saved)  # continue exactly as started; only --epochs may grow
     if args.epochs is not None:
         config.epochs = args.epochs
@@ -535,8 +575,9 @@ def _train_and_report(args, ctx, model, config, splits, run_dir: Path, label: st
     if ctx.is_main:
         print(f"{label} | data {info.name}: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test "
               f"| device {ctx.device} x{ctx.world_size}", flush=True)
+    options = None if args.resume else _run_options(args, data=info.name, model=model.arch.name, cfg=list(model.arch.cfg))
     result = Trainer(model, config, train_loader, val_loader, hooks=hooks, ctx=ctx, out_dir=run_dir,
-                     data_info=info).fit(resume=args.resume)
+                     data_info=info, options=options).fit(resume=args.resume)
     if ctx.is_main:
         best = load_checkpoint(resolve_checkpoint(run_dir))
         best_model = best.build_model()
@@ -570,6 +611,7 @@ def _with_devices(command):
         from micronet.engine import setup, teardown
         from micronet.engine.distributed import parse_gpu_ids
 
+        args.option_flags, args.given_options = _command_options(args, argv)
         ctx = setup(cpu=args.cpu, gpu_ids=parse_gpu_ids(args.gpu_id))
         try:
             return command(args, ctx)
@@ -709,14 +751,44 @@ def _lowbit_scheme(args: argparse.Namespace):
     return wbwtab_scheme(A=2 if args.A is None else args.A, W=W, center=args.center_weights)
 
 
+def _iao_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The IAO preset's options (besides bit widths and ``ptq``) the scheme flags describe."""
+    return dict(q_type=args.q_type, q_level=args.q_level, weight_observer=args.weight_observer, bn_fuse=args.bn_fuse,
+                bn_fuse_calib=args.bn_fuse_calib, pretrained_model=True, percentile=args.percentile,
+                activation_observer=args.activation_observer, bn_fold_method=args.bn_fold_method,
+                learned_scale=args.lsq, signed_activations=args.signed_activations)
+
+
 def _scheme(args: argparse.Namespace, lowbit, *, ptq: bool):
     """The scheme the method and scheme flags describe: ``lowbit`` (what _lowbit_scheme returned), else IAO."""
     from micronet.compression.quantization.wqaq.iao.quantize import iao_scheme
 
-    return lowbit or iao_scheme(args.a_bits, args.w_bits, args.q_type, args.q_level, args.weight_observer, args.bn_fuse,
-                                args.bn_fuse_calib, pretrained_model=True, ptq=ptq, percentile=args.percentile,
-                                activation_observer=args.activation_observer, bn_fold_method=args.bn_fold_method,
-                                learned_scale=args.lsq, signed_activations=args.signed_activations)
+    return lowbit or iao_scheme(args.a_bits, args.w_bits, ptq=ptq, **_iao_options(args))
+
+
+def _ptq_recipes(args: argparse.Namespace) -> list[str]:
+    """The post-training recipe flags given, after refusing the combinations that cannot work."""
+    from micronet.errors import ConfigError
+
+    recipes = [flag for flag, on in (("--equalize", args.equalize), ("--bias-correction", args.bias_correction),
+                                     ("--adaround", args.adaround)) if on]
+    if args.adaround_iters is not None and not args.adaround:
+        raise ConfigError("--adaround-iters sets AdaRound's iterations: add --adaround or drop it")
+    if not recipes:
+        return recipes
+    if args.method != "iao":
+        raise ConfigError(f"{' and '.join(recipes)} work on IAO's integer weights, not {args.method}: "
+                          "use `micronet quantize iao --ptq`")
+    if args.qaft or args.resume:
+        raise ConfigError(f"{' and '.join(recipes)} quantize a float checkpoint after training: drop "
+                          f"{'--qaft' if args.qaft else '--resume'}, or start from the float checkpoint with --ptq")
+    if not args.ptq:
+        raise ConfigError(f"{' and '.join(recipes)} are post-training recipes: add --ptq")
+    if args.lsq and args.adaround:
+        raise ConfigError("--adaround learns the rounding of fixed-scale weights and --lsq learns scales by training: drop one")
+    if args.adaround_iters is not None and args.adaround_iters < 1:
+        raise ConfigError(f"--adaround-iters must be at least 1 (got {args.adaround_iters})")
+    return recipes
 
 
 def _skip_list(values: list[str]) -> list[str]:
@@ -741,6 +813,7 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
     from micronet.engine.checkpoint import resolve_checkpoint
     from micronet.errors import ConfigError
 
+    recipes = _ptq_recipes(args)
     last, config = _resume_state(args)
     if args.ptq and args.distill:
         raise ConfigError("--distill adds a loss term to training, and --ptq does not train: drop one of them")
@@ -773,20 +846,36 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
             raise ConfigError(f"{source.path} is already quantized ({model.quant_scheme.name}): "
                               "use --qaft to fine-tune it, or start from the float checkpoint")
         scheme = _scheme(args, lowbit, ptq=args.ptq)
-        model = prepare(model, scheme, skip=skip)
-        if ctx.is_main:
-            print(model.quantization_report.summary(), flush=True)
+        if recipes:
+            from micronet.compression.quantization.ptq import describe, post_training_quantize
+
+            calibration = BatchLoader(splits.train, config.batch_size, shuffle=True, seed=config.seed)
+            model = post_training_quantize(model.to(ctx.device), calibration, w_bits=args.w_bits, a_bits=args.a_bits,
+                                           num_batches=args.ptq_batch, equalize=args.equalize,
+                                           bias_correction=args.bias_correction, adaround=args.adaround,
+                                           adaround_iterations=args.adaround_iters, skip=skip,
+                                           progress=config.progress, **_iao_options(args))
+            if ctx.is_main:
+                print(model.quantization_report.summary(), describe(model), sep="\n", flush=True)
+        else:
+            model = prepare(model, scheme, skip=skip)
+            if ctx.is_main:
+                print(model.quantization_report.summary(), flush=True)
         label = f"QAT {scheme.name}"
         if args.ptq:
             model.to(ctx.device)
-            calibration = BatchLoader(splits.train, config.batch_size, shuffle=True, seed=config.seed)
-            calibrate(model, calibration, num_batches=args.ptq_batch)
+            if not recipes:
+                calibration = BatchLoader(splits.train, config.batch_size, shuffle=True, seed=config.seed)
+                calibrate(model, calibration, num_batches=args.ptq_batch)
+            recipe = getattr(model, "ptq_recipe", None)
             save_checkpoint(run_dir / "best", model, data_info=splits.info,
-                            metrics={"calibration_batches": model.calibrated_batches})
+                            metrics={"calibration_batches": model.calibrated_batches},
+                            extra={"ptq": recipe} if recipe else None)
             best = load_checkpoint(run_dir / "best")
             extra = {"float_test_acc": float_acc} if float_acc is not None else {}
             acc = _test_and_record(model, best, splits, ctx.device, config.eval_batch_size, **extra)
-            line = f"PTQ {scheme.name}: {model.calibrated_batches} calibration batches of {config.batch_size}, " \
+            with_recipes = " with " + ", ".join(flag.lstrip("-") for flag in recipes) if recipes else ""
+            line = f"PTQ {scheme.name}{with_recipes}: {model.calibrated_batches} calibration batches of {config.batch_size}, " \
                    f"test accuracy {acc * 100:.2f}%"
             if float_acc is not None:
                 line += f" (float {float_acc * 100:.2f}%, loss {(float_acc - acc) * 100:.2f} pt)"
