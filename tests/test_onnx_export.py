@@ -170,8 +170,9 @@ def _assert_sign_flips_are_rounding(model, path, x: torch.Tensor) -> None:
     close to 0 may get the other sign, which changes one ±1 input of the next layers: after such a flip the
     two runs no longer see the same inputs, and nothing about later layers or the outputs is implied (one
     flip early in MobileNetV2 moved its logits by 9 output steps here, 16.9 on a CPU without VNNI). So, per
-    image: up to and including the first layer where any sign differs, every pre-sign value agrees within
-    the bound, and every differing sign there is a value within it of 0; an image with no differing sign
+    image: in the first layer where any sign differs, every differing sign is a value within the bound of
+    0 (the export may scale pre-sign values by a positive factor, σ/|γ| when it folds BatchNorm into a sign
+    threshold, so their values are not compared across runtimes, only their signs); an image with no differing sign
     has outputs within float32 error (1e-4 of the range) of the model's. An export error (a wrong fold,
     bias or threshold) moves pre-sign values by far more than 1e-4 of their range on every image."""
     reference, torch_signs = _sign_activations(model, x)
@@ -182,10 +183,8 @@ def _assert_sign_flips_are_rounding(model, path, x: torch.Tensor) -> None:
     theirs = {name: np.concatenate([run[name] for run in runs]) for name in names}
     assert len(pairs) == len(torch_signs) > 0
     for image in range(len(x)):
-        for layer, ((pre, sign), (torch_pre, torch_sign)) in enumerate(zip(pairs, torch_signs)):
+        for layer, ((_, sign), (torch_pre, torch_sign)) in enumerate(zip(pairs, torch_signs)):
             bound = SIGN_ROUNDING * np.abs(torch_pre[image]).max()
-            gap = np.abs(theirs[pre][image] - torch_pre[image]).max()
-            assert gap <= bound, f"image {image}, sign layer {layer}: pre-sign values differ by {gap:.3g} > {bound:.3g}"
             flipped = theirs[sign][image] != torch_sign[image]
             if flipped.any():
                 far = np.abs(torch_pre[image][flipped]).max()
