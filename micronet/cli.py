@@ -741,14 +741,14 @@ def _ptq_recipes(args: argparse.Namespace) -> list[str]:
         raise ConfigError("--adaround-iters sets AdaRound's iterations: add --adaround or drop it")
     if not recipes:
         return recipes
+    named = f"post-training recipes ({', '.join(recipes)})"
     if args.method != "iao":
-        raise ConfigError(f"{' and '.join(recipes)} work on IAO's integer weights, not {args.method}: "
-                          "use `micronet quantize iao --ptq`")
+        raise ConfigError(f"{named} work on IAO's integer weights, not {args.method}: use `micronet quantize iao --ptq`")
     if args.qaft or args.resume:
-        raise ConfigError(f"{' and '.join(recipes)} quantize a float checkpoint after training: drop "
-                          f"{'--qaft' if args.qaft else '--resume'}, or start from the float checkpoint with --ptq")
+        raise ConfigError(f"{named} start from a float checkpoint: drop {'--qaft' if args.qaft else '--resume'} "
+                          "and pass the float checkpoint with --ptq")
     if not args.ptq:
-        raise ConfigError(f"{' and '.join(recipes)} are post-training recipes: add --ptq")
+        raise ConfigError(f"{named} calibrate instead of training: add --ptq")
     if args.lsq and args.adaround:
         raise ConfigError("--adaround learns the rounding of fixed-scale weights and --lsq learns scales by training: drop one")
     if args.adaround_iters is not None and args.adaround_iters < 1:
