@@ -251,6 +251,7 @@ def test_cli_evaluate_and_benchmark_with_the_packed_runtime(tmp_path, capsys, cl
     out = capsys.readouterr().out
     assert "binary convolutions on packed bits" in out and out.count("| packed (") == 2
     cli_fails(["evaluate", "--onnx", "x.onnx", "--runtime", "packed"], "--runtime packed runs a checkpoint")
+    cli_fails(["benchmark", "--runtime", "packed"], "the packed runtime times a checkpoint")
     float_ck = tmp_path / "float"
     save_checkpoint(float_ck, build_model("nin", info.num_classes, info.in_channels, SMALL_NIN), data_info=info)
     cli_fails(["evaluate", "--checkpoint", str(float_ck), "--test_subset", "64", "--runtime", "packed"],
