@@ -139,6 +139,9 @@ def _train_parser(sub: Any) -> None:
                    help="sparse training for network slimming: L1 penalty s*|gamma| on every BatchNorm scale")
     p.add_argument("--s", type=float, default=1e-4, help="sparsity strength for --sr (1e-4; with SGD the push is lr*s per step)")
     _add(p, "--sr-ramp", type=int, default=0, help="--sr: grow s linearly over this many first epochs (0: constant)")
+    _add(p, "--sr-all-bn", action="store_true",
+         help="--sr: penalise every BatchNorm, also those over channels pruning cannot remove (the logits BN; "
+              "as the original did)")
     _add(p, "--prune-refine", default=None, metavar="DIR",
          help="fine-tune a pruned checkpoint (written by micronet prune): its architecture, channels and weights")
     _add(p, "--gc-prune-refine", nargs="+", default=None, metavar="C",
@@ -664,7 +667,7 @@ def cmd_train(args: argparse.Namespace, ctx) -> int:
 
             raise ConfigError(f"{args.resume} was not started with --sr: sparse training cannot be added on resume")
     else:
-        hooks = [BatchNormL1(args.s, ramp_epochs=args.sr_ramp)] if args.sr else []
+        hooks = [BatchNormL1(args.s, ramp_epochs=args.sr_ramp, prunable_only=not args.sr_all_bn)] if args.sr else []
     label = f"model {model_name} cfg {list(model.arch.cfg)}" + "".join(
         f" | sparse training s={hook.s:g}" for hook in hooks)
     distillation = _distillation_hooks(args, last, splits.info)

@@ -291,10 +291,14 @@ torch::Tensor pack_sign_nhwc(torch::Tensor x) {
   at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const float* v = src + p * C;
+      const __m128 zero = _mm_setzero_ps();
       for (int64_t w = 0; w < CW; ++w) {
         uint64_t word = 0;
         const int64_t last = std::min<int64_t>(64, C - w * 64);
-        for (int64_t b = 0; b < last; ++b) word |= static_cast<uint64_t>(v[w * 64 + b] >= 0.0f) << b;
+        int64_t b = 0;
+        for (; b + 4 <= last; b += 4)  // SSE2 (every x86-64): 4 signs per compare; NaN compares false -> -1
+          word |= static_cast<uint64_t>(_mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(v + w * 64 + b), zero))) << b;
+        for (; b < last; ++b) word |= static_cast<uint64_t>(v[w * 64 + b] >= 0.0f) << b;
         dst[p * CW + w] = word;
       }
     }
@@ -310,9 +314,20 @@ torch::Tensor unpack_nhwc(torch::Tensor bits, int64_t C) {
   auto out = torch::empty({N, H, W, C}, torch::kFloat32);
   const uint64_t* src = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
   float* dst = out.data_ptr<float>();
+  static const std::vector<float> table = [] {  // byte -> its 8 bits as ±1 floats
+    std::vector<float> t(256 * 8);
+    for (int byte = 0; byte < 256; ++byte)
+      for (int b = 0; b < 8; ++b) t[byte * 8 + b] = ((byte >> b) & 1) ? 1.0f : -1.0f;
+    return t;
+  }();
   at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p)
-      for (int64_t c = 0; c < C; ++c) dst[p * C + c] = ((src[p * CW + (c >> 6)] >> (c & 63)) & 1) ? 1.0f : -1.0f;
+    for (int64_t p = begin; p < end; ++p) {
+      const uint8_t* bytes = reinterpret_cast<const uint8_t*>(src + p * CW);  // little-endian: channel c in byte c/8
+      float* d = dst + p * C;
+      int64_t c = 0;
+      for (; c + 8 <= C; c += 8) std::memcpy(d + c, table.data() + bytes[c >> 3] * 8, 8 * sizeof(float));
+      for (; c < C; ++c) d[c] = ((src[p * CW + (c >> 6)] >> (c & 63)) & 1) ? 1.0f : -1.0f;
+    }
   });
   return out;
 }
