@@ -71,3 +71,15 @@ def test_cli_clamp_weights_is_saved_kept_on_resume_and_refused_elsewhere(tmp_pat
                  "--out", str(plain)]) == 0
     cli_fails(["quantize", "wbwtab", "--resume", str(plain), "--epochs", "2", "--clamp-weights"],
               "was not started with --clamp-weights")
+
+
+def test_pipeline_step_passes_clamp_weights(tmp_path):
+    from micronet.pipeline import load_config
+    from micronet.pipeline.config import step_argv
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("name: t\ndata: {data: synthetic}\nsteps:\n"
+                    "  - {name: fp32, run: train, args: {model: lenet, epochs: 1}}\n"
+                    "  - {name: bnn, run: quantize, from: fp32, args: {method: wbwtab, W: 2, A: 2, clamp-weights: true}}\n")
+    config = load_config(path)
+    assert "--clamp-weights" in step_argv(config, config.step("bnn"))
