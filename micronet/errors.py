@@ -41,3 +41,7 @@ class DeployError(MicronetError):
 
 class PipelineError(MicronetError):
     """A pipeline config that is malformed or names what does not exist, or a step whose input is missing."""
+
+
+class OutputError(MicronetError):
+    """An output path that holds what micronet may not replace, or that cannot be created or written."""
