@@ -43,5 +43,9 @@ class PipelineError(MicronetError):
     """A pipeline config that is malformed or names what does not exist, or a step whose input is missing."""
 
 
+class NumericalError(MicronetError):
+    """Training diverged (a NaN or infinite loss), or a model's outputs are not finite numbers."""
+
+
 class OutputError(MicronetError):
     """An output path that holds what micronet may not replace, or that cannot be created or written."""
