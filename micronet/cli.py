@@ -152,6 +152,9 @@ def _train_parser(sub: Any) -> None:
                    help="sparse training for network slimming: L1 penalty s*|gamma| on every BatchNorm scale")
     p.add_argument("--s", type=float, default=1e-4, help="sparsity strength for --sr (1e-4; with SGD the push is lr*s per step)")
     _add(p, "--sr-ramp", type=int, default=0, help="--sr: grow s linearly over this many first epochs (0: constant)")
+    _add(p, "--sr-all-bn", action="store_true",
+         help="--sr: penalise every BatchNorm, also those over channels pruning cannot remove (the logits BN; "
+              "as the original did)")
     _add(p, "--prune-refine", default=None, metavar="DIR",
          help="fine-tune a pruned checkpoint (written by micronet prune): its architecture, channels and weights")
     _add(p, "--gc-prune-refine", nargs="+", default=None, metavar="C",
@@ -523,9 +526,34 @@ def _config_from_args(args: argparse.Namespace):
     )
 
 
+def _command_options(args: argparse.Namespace, argv: Sequence[str]) -> tuple[dict[str, str], set[str]]:
+    """The options of ``args.command`` (destination -> its flag) and the destinations ``argv`` gives a value."""
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    flags: dict[str, str] = {}
+    for action in commands.choices[args.command]._actions:
+        if action.dest in ("help", argparse.SUPPRESS):
+            continue
+        flags[action.dest] = action.option_strings[0] if action.option_strings else action.dest
+        action.default = argparse.SUPPRESS  # so that only the options given on the command line are set
+    return flags, set(vars(parser.parse_args(list(argv)))) & set(flags)
+
+
+def _run_options(args: argparse.Namespace, **resolved: Any) -> dict[str, Any]:
+    """The options to record with a new run: every option of its command, with ``resolved`` values (the model
+    and dataset a default stood for) in place of what was given."""
+    from micronet.engine.resume import recordable_options
+
+    options = {name: getattr(args, name) for name in args.option_flags if hasattr(args, name)}
+    options.update({name: value for name, value in resolved.items() if name in args.option_flags})
+    return recordable_options(options)
+
+
 def _resume_state(args: argparse.Namespace):
-    """(checkpoint meta of OUT/last, saved TrainConfig) when --resume is given, else (None, None)."""
+    """(checkpoint meta of OUT/last, saved TrainConfig) when --resume is given, else (None, None). The options
+    the run was started with are restored into ``args``; one given again with another value is refused."""
     from micronet.engine import TrainConfig, load_checkpoint
+    from micronet.engine.resume import resume_options
 
     if not args.resume:
         return None, None
@@ -536,6 +564,14 @@ def _resume_state(args: argparse.Namespace):
         from micronet.errors import CheckpointError
 
         raise CheckpointError(f"{last.path} holds no training state: resume from the run directory `micronet train --out` wrote")
+    given = {name: getattr(args, name) for name in args.given_options}
+    restored, unchecked = resume_options(str(run), last.training, last.arch.name, given, args.option_flags)
+    for name, value in restored.items():
+        if name in args.option_flags:
+            setattr(args, name, value)
+    if unchecked:
+        print(f"note: {run} was started before runs recorded their options: {', '.join(unchecked)} could not be "
+              "checked against it and are used as given", file=sys.stderr)
     config = TrainConfig.from_json(saved)  # continue exactly as started; only --epochs may grow
     if args.epochs is not None:
         config.epochs = args.epochs
@@ -574,8 +610,9 @@ def _train_and_report(args, ctx, model, config, splits, run_dir: Path, label: st
               f"| device {ctx.device} x{ctx.world_size}", flush=True)
     if output is not None and ctx.is_main:
         output.prepare()
+    options = None if args.resume else _run_options(args, data=info.name, model=model.arch.name, cfg=list(model.arch.cfg))
     result = Trainer(model, config, train_loader, val_loader, hooks=hooks, ctx=ctx, out_dir=run_dir,
-                     data_info=info).fit(resume=args.resume)
+                     data_info=info, options=options).fit(resume=args.resume)
     if ctx.is_main:
         best = load_checkpoint(resolve_checkpoint(run_dir))
         best_model = best.build_model()
@@ -609,6 +646,7 @@ def _with_devices(command):
         from micronet.engine import setup, teardown
         from micronet.engine.distributed import parse_gpu_ids
 
+        args.option_flags, args.given_options = _command_options(args, argv)
         ctx = setup(cpu=args.cpu, gpu_ids=parse_gpu_ids(args.gpu_id))
         try:
             return command(args, ctx)
@@ -662,7 +700,7 @@ def cmd_train(args: argparse.Namespace, ctx) -> int:
 
             raise ConfigError(f"{args.resume} was not started with --sr: sparse training cannot be added on resume")
     else:
-        hooks = [BatchNormL1(args.s, ramp_epochs=args.sr_ramp)] if args.sr else []
+        hooks = [BatchNormL1(args.s, ramp_epochs=args.sr_ramp, prunable_only=not args.sr_all_bn)] if args.sr else []
     label = f"model {model_name} cfg {list(model.arch.cfg)}" + "".join(
         f" | sparse training s={hook.s:g}" for hook in hooks)
     distillation = _distillation_hooks(args, last, splits.info)

@@ -38,6 +38,8 @@ COLUMNS: list[tuple[str, str, str | None]] = [
     ("ORT b1 (ms)", "latency_ms_b1", ".2f"), ("ORT b64 (ms)", "latency_ms_b64", ".2f"),
 ]
 PACKED_COLUMN = ("Packed (MB)", "packed_mb", ".4g")  # only shown when some row has a packed artifact
+PACKED_RUNTIME_COLUMNS = [("Packed b1 (ms)", "packed_latency_ms_b1", ".2f"),  # only shown when some row ran on
+                          ("Packed b64 (ms)", "packed_latency_ms_b64", ".2f")]  # the bit-packed binary runtime
 SENSITIVITY_COLUMNS: list[tuple[str, str, str | None]] = [
     ("Rank", "rank", "g"), ("Layer", "layer", None), ("Only this layer quantized (%)", "only_acc", ".2f"),
     ("Drop (pt)", "only_drop", ".2f"), ("All but this layer quantized (%)", "all_but_acc", ".2f"),
@@ -223,6 +225,8 @@ def render_markdown(report: dict[str, Any], sensitivity: dict[str, Any] | None) 
     columns = list(COLUMNS)
     if any(row.get("packed_mb") is not None for row in rows):
         columns.insert([key for _, key, _ in COLUMNS].index("file_mb") + 1, PACKED_COLUMN)
+    if any(row.get("packed_latency_ms_b1") is not None or row.get("packed_latency_ms_b64") is not None for row in rows):
+        columns += PACKED_RUNTIME_COLUMNS
     lines = [
         f"# Compression pipeline: {report.get('name', MISSING)}", "",
         f"Config: `{report.get('config', MISSING)}` · Data: {report.get('data', MISSING)}, "
@@ -230,7 +234,8 @@ def render_markdown(report: dict[str, Any], sensitivity: dict[str, Any] | None) 
         f"Wall time: {_duration(report.get('wall_time_s'))}", "",
         _markdown_table(columns, rows), "",
         f"Size (MB, theory) counts parameter bits / 8; File (MB) is the exported ONNX file. Compression and loss "
-        f"are relative to `{report.get('baseline', MISSING)}`; latencies are ONNX Runtime medians.", "",
+        f"are relative to `{report.get('baseline', MISSING)}`; latencies are ONNX Runtime medians (Packed: the "
+        f"binary layers on micronet's bit-packed XNOR-popcount runtime, same threads).", "",
     ]
     alt = {ACCURACY_PNG: "Accuracy vs size", LATENCY_PNG: "ONNX Runtime latency"}
     lines += [f"![{alt[name]}]({name})" for name in alt if name in drawn]
