@@ -219,6 +219,9 @@ def _quantize_parser(sub: Any) -> None:
     p.add_argument("--ptq", action="store_true", help="post-training quantization: calibrate, no training")
     _add(p, "--ptq-batch", "--calibration-batches", dest="ptq_batch", type=int, default=200, help="calibration batches for --ptq")
     p.add_argument("--qaft", action="store_true", help="fine-tune a quantized checkpoint with frozen scales and zero points")
+    _add(p, "--clamp-weights", action="store_true",
+         help="wbwtab binary weights: clamp the latent float weights to [-1, 1] after every optimizer step (the "
+              "original's W_clip; beyond ±1 they get no gradient)")
     p.add_argument("--equalize", action="store_true",
                    help="with --ptq: fold BatchNorm, equalize weight ranges across layer pairs and absorb high biases first")
     _add(p, "--bias-correction", action="store_true",
@@ -762,8 +765,10 @@ def _lowbit_scheme(args: argparse.Namespace):
     """The DoReFa or WbWtAb scheme the flags describe (None for iao), after refusing flags of other methods."""
     from micronet.errors import ConfigError
 
-    if args.method != "wbwtab" and (args.W is not None or args.A is not None or args.center_weights):
-        raise ConfigError(f"--W, --A and --center-weights belong to `micronet quantize wbwtab`; {args.method} takes --w_bits and --a_bits")
+    if args.method != "wbwtab" and (args.W is not None or args.A is not None or args.center_weights
+                                    or getattr(args, "clamp_weights", False)):
+        raise ConfigError(f"--W, --A, --center-weights and --clamp-weights belong to `micronet quantize wbwtab`; "
+                          f"{args.method} takes --w_bits and --a_bits")
     if args.method == "iao":
         return None
     if getattr(args, "ptq", False):
@@ -782,8 +787,9 @@ def _lowbit_scheme(args: argparse.Namespace):
     from micronet.compression.quantization.wbwtab.quantize import wbwtab_scheme
 
     W = 2 if args.W is None else args.W  # noqa: N806 - the original's flag name
-    if args.center_weights and W != 2:
-        raise ConfigError(f"--center-weights applies to binary weights (--W 2), not --W {W}")
+    for flag, on in (("--center-weights", args.center_weights), ("--clamp-weights", getattr(args, "clamp_weights", False))):
+        if on and W != 2:
+            raise ConfigError(f"{flag} applies to binary weights (--W 2), not --W {W}")
     return wbwtab_scheme(A=2 if args.A is None else args.A, W=W, center=args.center_weights)
 
 
@@ -812,14 +818,14 @@ def _ptq_recipes(args: argparse.Namespace) -> list[str]:
         raise ConfigError("--adaround-iters sets AdaRound's iterations: add --adaround or drop it")
     if not recipes:
         return recipes
+    named = f"post-training recipes ({', '.join(recipes)})"
     if args.method != "iao":
-        raise ConfigError(f"{' and '.join(recipes)} work on IAO's integer weights, not {args.method}: "
-                          "use `micronet quantize iao --ptq`")
+        raise ConfigError(f"{named} work on IAO's integer weights, not {args.method}: use `micronet quantize iao --ptq`")
     if args.qaft or args.resume:
-        raise ConfigError(f"{' and '.join(recipes)} quantize a float checkpoint after training: drop "
-                          f"{'--qaft' if args.qaft else '--resume'}, or start from the float checkpoint with --ptq")
+        raise ConfigError(f"{named} start from a float checkpoint: drop {'--qaft' if args.qaft else '--resume'} "
+                          "and pass the float checkpoint with --ptq")
     if not args.ptq:
-        raise ConfigError(f"{' and '.join(recipes)} are post-training recipes: add --ptq")
+        raise ConfigError(f"{named} calibrate instead of training: add --ptq")
     if args.lsq and args.adaround:
         raise ConfigError("--adaround learns the rounding of fixed-scale weights and --lsq learns scales by training: drop one")
     if args.adaround_iters is not None and args.adaround_iters < 1:
@@ -931,6 +937,14 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
         raise ConfigError(f"{args.resume} was started with --freeze-bn-after {saved[0].after_epochs}: "
                           "a resumed run keeps it (drop the flag)")
     hooks = saved or ([FreezeBNStatistics(freeze_after)] if freeze_after is not None else [])
+    from micronet.compression.quantization.core.schedule import ClampBinaryWeights
+
+    if last is not None:  # a resumed run keeps clamping if it was started so
+        hooks += [ClampBinaryWeights() for _ in _saved_hook_states(last, "clamp_binary_weights")]
+    elif args.clamp_weights:
+        hooks.append(ClampBinaryWeights())
+    if any(isinstance(hook, ClampBinaryWeights) for hook in hooks):
+        label += " | binary latent weights clamped to [-1, 1] after each step"
     distillation = _distillation_hooks(args, last, splits.info)
     hooks += distillation
     label += "".join(f" | distilling from {hook.source} (T={hook.temperature:g}, weight {hook.weight:g})"
