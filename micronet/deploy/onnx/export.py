@@ -26,8 +26,20 @@ from micronet.deploy.onnx.export_form import ExportFormReport, export_form
 from micronet.deploy.onnx.graph import GraphView
 from micronet.errors import DeployError
 from micronet.io import atomic_write
+from micronet.outputs import OutputKind
 
 EXPORTERS = ("dynamo", "legacy")
+PRODUCER = "micronet"
+
+
+def _is_micronet_onnx(path: Path) -> bool:
+    try:
+        return onnx.load(str(path), load_external_data=False).producer_name == PRODUCER
+    except Exception:  # noqa: BLE001 - any file onnx cannot parse is not ours
+        return False
+
+
+ONNX_OUTPUT = OutputKind("ONNX file", _is_micronet_onnx, directory=False)
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 
 
@@ -284,7 +296,7 @@ def export(
         _one_add_per_quantizer(proto)
     _strip_debug_info(proto)
     _drop_unused_initializers(proto)
-    proto.producer_name = "micronet"
+    proto.producer_name = PRODUCER
     for key, value in (metadata or {}).items():
         proto.metadata_props.add(key=str(key), value=str(value))
     try:
