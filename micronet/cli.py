@@ -255,6 +255,8 @@ def _evaluate_parser(sub: Any) -> None:
     p.add_argument("--split", default="test", choices=["test", "val", "train"])
     _add(p, "--batch-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=1, help="--onnx: ONNX Runtime intra-op threads")
+    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"],
+                   help="--onnx: the CPU runtime that runs the file (openvino: pip install openvino)")
     _add_device_options(p)
     p.set_defaults(run=cmd_evaluate)
 
@@ -275,6 +277,8 @@ def _benchmark_parser(sub: Any) -> None:
     p.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file (input N×C×H×W with static C, H, W)")
     _add(p, "--batch-sizes", default="1,64", help="comma-separated batch sizes (the file needs a dynamic batch for more than one)")
     p.add_argument("--threads", default="1,2", help="comma-separated ONNX Runtime intra-op thread counts")
+    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"],
+                   help="the CPU runtime that runs the file (openvino: pip install openvino)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs before each measurement")
     p.add_argument("--repeats", type=int, default=30, help="timed runs per batch size and thread count")
     p.add_argument("--optimization", default="all", choices=["disable", "basic", "extended", "all"],
@@ -892,11 +896,11 @@ def _evaluate_onnx(args: argparse.Namespace) -> int:
     name = args.data or read_metadata(args.onnx).get("micronet.dataset")
     if not name:
         raise ConfigError(f"{args.onnx} does not record its dataset: pass --data (e.g. --data fashion-mnist)")
-    session = build_session(args.onnx, threads=args.threads)
+    session = build_session(args.onnx, threads=args.threads, runtime=args.runtime)
     splits = _load_data(args, name)
     stats = evaluate(session, getattr(splits, args.split), batch_size=args.batch_size)
     print(f"{args.onnx} on {splits.info.name} {args.split}: accuracy {stats['acc'] * 100:.2f}%, loss {stats['loss']:.4f}, "
-          f"{stats['samples']} images ({runtime_label(args.threads)})")
+          f"{stats['samples']} images ({runtime_label(args.threads, args.runtime)})")
     return 0
 
 
@@ -916,13 +920,14 @@ def cmd_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import json
 
     from micronet.analysis import format_table
-    from micronet.deploy.onnxruntime import benchmark, int8_coverage, machine_header
+    from micronet.deploy.onnxruntime import benchmark, int8_coverage, machine_header, runtime_label
     from micronet.io import atomic_write_text
 
     batch_sizes, threads = _int_list(args.batch_sizes, "--batch-sizes"), _int_list(args.threads, "--threads")
     results = benchmark(args.onnx, batch_sizes=batch_sizes, threads=threads, warmup=args.warmup,
-                        repeats=args.repeats, optimization=args.optimization)
-    print(f"{args.onnx}: input {'x'.join(map(str, results[0].input_shape))}, optimization {args.optimization}, "
+                        repeats=args.repeats, optimization=args.optimization, runtime=args.runtime)
+    where = f"optimization {args.optimization}" if args.runtime == "onnxruntime" else runtime_label(threads[0], args.runtime)
+    print(f"{args.onnx}: input {'x'.join(map(str, results[0].input_shape))}, {where}, "
           f"{args.warmup} warm-up + {args.repeats} timed runs each")
     print(machine_header(results[0].machine))
     print(format_table([r.row() for r in results]))
