@@ -207,6 +207,13 @@ def _quantize_parser(sub: Any) -> None:
     p.add_argument("--ptq", action="store_true", help="post-training quantization: calibrate, no training")
     _add(p, "--ptq-batch", "--calibration-batches", dest="ptq_batch", type=int, default=200, help="calibration batches for --ptq")
     p.add_argument("--qaft", action="store_true", help="fine-tune a quantized checkpoint with frozen scales and zero points")
+    p.add_argument("--equalize", action="store_true",
+                   help="with --ptq: fold BatchNorm, equalize weight ranges across layer pairs and absorb high biases first")
+    _add(p, "--bias-correction", action="store_true",
+         help="with --ptq: remove the mean output shift quantization leaves in each layer (measured on the calibration data)")
+    p.add_argument("--adaround", action="store_true",
+                   help="with --ptq: learn whether each weight rounds up or down (AdaRound), layer by layer")
+    _add(p, "--adaround-iters", type=int, default=None, help="AdaRound iterations per layer (default 1000)")
     p.add_argument("--skip", nargs="+", default=[], metavar="NAME|FILE",
                    help="modules to keep in float: names, and/or files listing them (a sensitivity.json or skip.txt "
                         "of `micronet sensitivity`; an existing file, a path with / or .txt/.json, or @FILE)")
@@ -254,11 +261,27 @@ def _evaluate_parser(sub: Any) -> None:
     _add_data_options(p, default=None)
     p.add_argument("--split", default="test", choices=["test", "val", "train"])
     _add(p, "--batch-size", type=int, default=512)
-    p.add_argument("--threads", type=int, default=1, help="--onnx: ONNX Runtime intra-op threads")
-    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"],
-                   help="--onnx: the CPU runtime that runs the file (openvino: pip install openvino)")
+    p.add_argument("--threads", type=int, default=1, help="--onnx: runtime threads; --runtime packed: kernel threads")
+    _add_runtime_option(p)
     _add_device_options(p)
     p.set_defaults(run=cmd_evaluate)
+
+
+def _add_runtime_option(p: Any) -> None:
+    p.add_argument("--runtime", default=None, choices=["torch", "packed", "onnxruntime", "openvino"],
+                   help="--checkpoint: torch (default), or packed = binary layers on the bit-packed XNOR-popcount kernels "
+                        "(wbwtab W=2 A=2 models; MICRONET_PACKED_ISA picks the kernels); --onnx: onnxruntime "
+                        "(default) or openvino (pip install openvino)")
+
+
+def _onnx_runtime(args: argparse.Namespace) -> str:
+    """The runtime that runs ``--onnx`` (ONNX Runtime unless --runtime openvino)."""
+    from micronet.errors import ConfigError
+
+    if args.runtime in ("torch", "packed"):
+        raise ConfigError(f"--runtime {args.runtime} runs a checkpoint, not an ONNX file: pass --checkpoint DIR instead "
+                          "of --onnx, or --runtime onnxruntime|openvino")
+    return args.runtime or "onnxruntime"
 
 
 BENCHMARK_EXAMPLES = """examples:
@@ -274,11 +297,11 @@ def _benchmark_parser(sub: Any) -> None:
                                    "median and p90 ms per run call and images/s for every batch size and thread count, "
                                    "with the CPU, its vector extensions and the load. On a shared machine compare numbers "
                                    "from one call only, and rerun when 'other cores' is 0.25 or more.")
-    p.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file (input N×C×H×W with static C, H, W)")
+    p.add_argument("--onnx", default=None, metavar="FILE", help="ONNX file (input N×C×H×W with static C, H, W)")
+    p.add_argument("--checkpoint", default=None, help="with --runtime packed: a binary checkpoint or packed artifact")
+    _add_runtime_option(p)
     _add(p, "--batch-sizes", default="1,64", help="comma-separated batch sizes (the file needs a dynamic batch for more than one)")
     p.add_argument("--threads", default="1,2", help="comma-separated ONNX Runtime intra-op thread counts")
-    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"],
-                   help="the CPU runtime that runs the file (openvino: pip install openvino)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs before each measurement")
     p.add_argument("--repeats", type=int, default=30, help="timed runs per batch size and thread count")
     p.add_argument("--optimization", default="all", choices=["disable", "basic", "extended", "all"],
@@ -716,14 +739,44 @@ def _lowbit_scheme(args: argparse.Namespace):
     return replace(wbwtab_scheme(A=2 if args.A is None else args.A, W=W, center=args.center_weights), target=args.target)
 
 
+def _iao_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The IAO preset's options (besides bit widths and ``ptq``) the scheme flags describe."""
+    return dict(q_type=args.q_type, q_level=args.q_level, weight_observer=args.weight_observer, bn_fuse=args.bn_fuse,
+                bn_fuse_calib=args.bn_fuse_calib, pretrained_model=True, percentile=args.percentile,
+                activation_observer=args.activation_observer, bn_fold_method=args.bn_fold_method,
+                learned_scale=args.lsq, signed_activations=args.signed_activations, target=args.target)
+
+
 def _scheme(args: argparse.Namespace, lowbit, *, ptq: bool):
     """The scheme the method and scheme flags describe: ``lowbit`` (what _lowbit_scheme returned), else IAO."""
     from micronet.compression.quantization.wqaq.iao.quantize import iao_scheme
 
-    return lowbit or iao_scheme(args.a_bits, args.w_bits, args.q_type, args.q_level, args.weight_observer, args.bn_fuse,
-                                args.bn_fuse_calib, pretrained_model=True, ptq=ptq, percentile=args.percentile,
-                                activation_observer=args.activation_observer, bn_fold_method=args.bn_fold_method,
-                                learned_scale=args.lsq, signed_activations=args.signed_activations, target=args.target)
+    return lowbit or iao_scheme(args.a_bits, args.w_bits, ptq=ptq, **_iao_options(args))
+
+
+def _ptq_recipes(args: argparse.Namespace) -> list[str]:
+    """The post-training recipe flags given, after refusing the combinations that cannot work."""
+    from micronet.errors import ConfigError
+
+    recipes = [flag for flag, on in (("--equalize", args.equalize), ("--bias-correction", args.bias_correction),
+                                     ("--adaround", args.adaround)) if on]
+    if args.adaround_iters is not None and not args.adaround:
+        raise ConfigError("--adaround-iters sets AdaRound's iterations: add --adaround or drop it")
+    if not recipes:
+        return recipes
+    if args.method != "iao":
+        raise ConfigError(f"{' and '.join(recipes)} work on IAO's integer weights, not {args.method}: "
+                          "use `micronet quantize iao --ptq`")
+    if args.qaft or args.resume:
+        raise ConfigError(f"{' and '.join(recipes)} quantize a float checkpoint after training: drop "
+                          f"{'--qaft' if args.qaft else '--resume'}, or start from the float checkpoint with --ptq")
+    if not args.ptq:
+        raise ConfigError(f"{' and '.join(recipes)} are post-training recipes: add --ptq")
+    if args.lsq and args.adaround:
+        raise ConfigError("--adaround learns the rounding of fixed-scale weights and --lsq learns scales by training: drop one")
+    if args.adaround_iters is not None and args.adaround_iters < 1:
+        raise ConfigError(f"--adaround-iters must be at least 1 (got {args.adaround_iters})")
+    return recipes
 
 
 def _skip_list(values: list[str]) -> list[str]:
@@ -748,6 +801,7 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
     from micronet.engine.checkpoint import resolve_checkpoint
     from micronet.errors import ConfigError
 
+    recipes = _ptq_recipes(args)
     last, config = _resume_state(args)
     if args.ptq and args.distill:
         raise ConfigError("--distill adds a loss term to training, and --ptq does not train: drop one of them")
@@ -780,20 +834,36 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
             raise ConfigError(f"{source.path} is already quantized ({model.quant_scheme.name}): "
                               "use --qaft to fine-tune it, or start from the float checkpoint")
         scheme = _scheme(args, lowbit, ptq=args.ptq)
-        model = prepare(model, scheme, skip=skip)
-        if ctx.is_main:
-            print(model.quantization_report.summary(), flush=True)
+        if recipes:
+            from micronet.compression.quantization.ptq import describe, post_training_quantize
+
+            calibration = BatchLoader(splits.train, config.batch_size, shuffle=True, seed=config.seed)
+            model = post_training_quantize(model.to(ctx.device), calibration, w_bits=args.w_bits, a_bits=args.a_bits,
+                                           num_batches=args.ptq_batch, equalize=args.equalize,
+                                           bias_correction=args.bias_correction, adaround=args.adaround,
+                                           adaround_iterations=args.adaround_iters, skip=skip,
+                                           progress=config.progress, **_iao_options(args))
+            if ctx.is_main:
+                print(model.quantization_report.summary(), describe(model), sep="\n", flush=True)
+        else:
+            model = prepare(model, scheme, skip=skip)
+            if ctx.is_main:
+                print(model.quantization_report.summary(), flush=True)
         label = f"QAT {scheme.name}"
         if args.ptq:
             model.to(ctx.device)
-            calibration = BatchLoader(splits.train, config.batch_size, shuffle=True, seed=config.seed)
-            calibrate(model, calibration, num_batches=args.ptq_batch)
+            if not recipes:
+                calibration = BatchLoader(splits.train, config.batch_size, shuffle=True, seed=config.seed)
+                calibrate(model, calibration, num_batches=args.ptq_batch)
+            recipe = getattr(model, "ptq_recipe", None)
             save_checkpoint(run_dir / "best", model, data_info=splits.info,
-                            metrics={"calibration_batches": model.calibrated_batches})
+                            metrics={"calibration_batches": model.calibrated_batches},
+                            extra={"ptq": recipe} if recipe else None)
             best = load_checkpoint(run_dir / "best")
             extra = {"float_test_acc": float_acc} if float_acc is not None else {}
             acc = _test_and_record(model, best, splits, ctx.device, config.eval_batch_size, **extra)
-            line = f"PTQ {scheme.name}: {model.calibrated_batches} calibration batches of {config.batch_size}, " \
+            with_recipes = " with " + ", ".join(flag.lstrip("-") for flag in recipes) if recipes else ""
+            line = f"PTQ {scheme.name}{with_recipes}: {model.calibrated_batches} calibration batches of {config.batch_size}, " \
                    f"test accuracy {acc * 100:.2f}%"
             if float_acc is not None:
                 line += f" (float {float_acc * 100:.2f}%, loss {(float_acc - acc) * 100:.2f} pt)"
@@ -880,6 +950,10 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     if args.checkpoint and args.onnx:
         raise ConfigError("pass either --checkpoint DIR or --onnx FILE, not both")
+    if args.onnx and args.runtime == "packed":
+        raise ConfigError("--runtime packed runs a checkpoint, not an ONNX file: pass --checkpoint DIR instead of --onnx")
+    if args.checkpoint and args.runtime in ("onnxruntime", "openvino"):
+        raise ConfigError(f"--runtime {args.runtime} runs an ONNX file: pass --onnx FILE (micronet export writes one)")
     if args.onnx:
         return _evaluate_onnx(args)
     if not args.checkpoint:
@@ -896,11 +970,12 @@ def _evaluate_onnx(args: argparse.Namespace) -> int:
     name = args.data or read_metadata(args.onnx).get("micronet.dataset")
     if not name:
         raise ConfigError(f"{args.onnx} does not record its dataset: pass --data (e.g. --data fashion-mnist)")
-    session = build_session(args.onnx, threads=args.threads, runtime=args.runtime)
+    runtime = _onnx_runtime(args)
+    session = build_session(args.onnx, threads=args.threads, runtime=runtime)
     splits = _load_data(args, name)
     stats = evaluate(session, getattr(splits, args.split), batch_size=args.batch_size)
     print(f"{args.onnx} on {splits.info.name} {args.split}: accuracy {stats['acc'] * 100:.2f}%, loss {stats['loss']:.4f}, "
-          f"{stats['samples']} images ({runtime_label(args.threads, args.runtime)})")
+          f"{stats['samples']} images ({runtime_label(args.threads, runtime)})")
     return 0
 
 
@@ -924,9 +999,16 @@ def cmd_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from micronet.io import atomic_write_text
 
     batch_sizes, threads = _int_list(args.batch_sizes, "--batch-sizes"), _int_list(args.threads, "--threads")
+    if args.runtime == "packed" or args.checkpoint:
+        return _benchmark_packed(args, batch_sizes, threads)
+    if not args.onnx:
+        from micronet.errors import ConfigError
+
+        raise ConfigError("pass --onnx FILE, or --checkpoint DIR --runtime packed")
+    runtime = _onnx_runtime(args)
     results = benchmark(args.onnx, batch_sizes=batch_sizes, threads=threads, warmup=args.warmup,
-                        repeats=args.repeats, optimization=args.optimization, runtime=args.runtime)
-    where = f"optimization {args.optimization}" if args.runtime == "onnxruntime" else runtime_label(threads[0], args.runtime)
+                        repeats=args.repeats, optimization=args.optimization, runtime=runtime)
+    where = f"optimization {args.optimization}" if runtime == "onnxruntime" else runtime_label(threads[0], runtime)
     print(f"{args.onnx}: input {'x'.join(map(str, results[0].input_shape))}, {where}, "
           f"{args.warmup} warm-up + {args.repeats} timed runs each")
     print(machine_header(results[0].machine))
@@ -955,13 +1037,15 @@ def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from micronet.compression.quantization.core.workflow import calibrate, is_prepared
     from micronet.data import BatchLoader
     from micronet.deploy.onnx import export
-    from micronet.deploy.onnxruntime import build_session, run
+    from micronet.deploy.onnxruntime import build_session, run, top1_agreement
     from micronet.engine import load_checkpoint
     from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.engine.numerics import require_finite, require_finite_weights
     from micronet.errors import ConfigError
 
     checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
     model = checkpoint.build_model().cpu().eval()
+    require_finite_weights(model, str(checkpoint.path))
     name = args.data or (checkpoint.data_info.name if checkpoint.data_info else None)
     needs_data = args.int8 and not is_prepared(model) or args.check_images > 0
     if needs_data and name is None:
@@ -992,8 +1076,10 @@ def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
             reference = torch.cat([model(part) for part in images.split(args.batch_size)]).numpy()
         session = build_session(report.path)
         got = np.concatenate([run(session, part.numpy()) for part in images.split(1 if args.static_batch else args.batch_size)])
+        require_finite(reference, f"{checkpoint.path} in PyTorch")
+        require_finite(got, f"{report.path} in ONNX Runtime")
         step = float(np.abs(reference).max()) / 127
-        agree = float((got.argmax(1) == reference.argmax(1)).mean())
+        agree = top1_agreement(got, reference)
         print(f"ONNX Runtime check on {len(images)} test images: max |difference| {np.abs(got - reference).max():.3g} "
               f"({np.abs(got - reference).max() / step:.2f} output steps of max|y|/127), top-1 agreement {agree * 100:.2f}%")
     return 0
@@ -1028,9 +1114,60 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
         raise ConfigError(f"{checkpoint.path} expects {arch.in_channels}-channel inputs and {arch.num_classes} classes, "
                           f"but {info.name} has {info.in_channels} and {info.num_classes}: evaluate on the dataset it was trained on")
     split = getattr(splits, args.split)
+    runtime = ""
+    if args.runtime == "packed":
+        model, runtime = _packed_model(model, args.threads), f" (packed runtime, {args.threads} thread(s))"
     stats = evaluate(model, BatchLoader(split, args.batch_size), ctx.device)
     print(f"{arch.name} ({checkpoint.path}) on {info.name} {args.split}: accuracy {stats['acc'] * 100:.2f}%, "
-          f"loss {stats['loss']:.4f}, {stats['samples']} images")
+          f"loss {stats['loss']:.4f}, {stats['samples']} images{runtime}")
+    return 0
+
+
+def _packed_model(model: Any, threads: int) -> Any:
+    """``model`` compiled for the packed runtime on ``threads`` threads; prints what runs where."""
+    import warnings
+
+    import torch
+
+    from micronet.deploy.packed import compile_packed
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        packed = compile_packed(model.cpu())
+    for warning in caught:
+        print(f"warning: {warning.message}")
+    torch.set_num_threads(threads)
+    print(f"packed runtime: {packed.report.summary()}")
+    return packed
+
+
+def _benchmark_packed(args: argparse.Namespace, batch_sizes: list[int], threads: list[int]) -> int:
+    import os
+
+    from micronet.analysis import format_table
+    from micronet.compression.packing import is_packed_artifact, load_packed, read_packed_meta
+    from micronet.deploy.packed.benchmark import benchmark_packed
+    from micronet.engine import load_checkpoint
+    from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.errors import ConfigError
+    from micronet.machine import cpu_flags, cpu_model
+
+    if args.onnx or not args.checkpoint or args.runtime != "packed":
+        raise ConfigError("the packed runtime times a checkpoint: pass --checkpoint DIR --runtime packed (without --onnx)")
+    if is_packed_artifact(args.checkpoint):
+        meta, model = read_packed_meta(args.checkpoint), load_packed(args.checkpoint)
+        info = meta.get("data") or {}
+    else:
+        checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
+        model, info = checkpoint.build_model(), (checkpoint.data_info.to_json() if checkpoint.data_info else {})
+    if not info.get("image_size"):
+        raise ConfigError(f"{args.checkpoint} does not record its input size: train it with micronet")
+    packed = _packed_model(model, threads[0])
+    shape = (int(info["in_channels"]), *map(int, info["image_size"]))
+    rows = benchmark_packed(packed, shape, batch_sizes, threads, args.warmup, args.repeats)
+    print(f"{args.checkpoint}: input {'x'.join(map(str, shape))}, {args.warmup} warm-up + {args.repeats} timed runs each")
+    print(f"{cpu_model()} | flags: {cpu_flags()} | load avg {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(format_table(rows))
     return 0
 
 

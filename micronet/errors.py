@@ -41,3 +41,7 @@ class DeployError(MicronetError):
 
 class PipelineError(MicronetError):
     """A pipeline config that is malformed or names what does not exist, or a step whose input is missing."""
+
+
+class NumericalError(MicronetError):
+    """Training diverged (a NaN or infinite loss), or a model's outputs are not finite numbers."""

@@ -441,6 +441,26 @@ def test_imagefolder_errors(tmp_path):
         load_dataset("imagefolder")
 
 
+def test_fewer_than_two_classes_are_refused(tmp_path, toy_registry, cli_fails):
+    """A one-class dataset trains to a trivial 100%: every dataset needs images of at least 2 classes."""
+    root = _imagefolder(tmp_path / "one", classes=("cat",))
+    with pytest.raises(DatasetError, match=r"has 1 class \(cat\): a classifier needs at least 2 classes"):
+        load_dataset("imagefolder", root)
+    cli_fails(["train", "--data", "imagefolder", "--data-root", str(root), "--epochs", "1", "--out", str(tmp_path / "run")],
+              "has 1 class (cat)", "at least 2 classes")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(DatasetError, match="use num_classes >= 2"):
+        load_dataset("synthetic", num_classes=1)
+
+    def one_label(root, n: int = 40):
+        data = _indexed_dataset(n)
+        return ArrayDataset(data.images, torch.full_like(data.labels, 2), data.info), data
+
+    register_dataset("one-label", one_label)
+    with pytest.raises(DatasetError, match="holds images of 1 of its 3 classes"):
+        load_dataset("one-label")
+
+
 # ---------------------------------------------------------------- synthetic
 
 

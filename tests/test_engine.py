@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from micronet.data import BatchLoader, load_dataset
-from micronet.engine import Hook, TrainConfig, evaluate, fit, lr_factor
-from micronet.errors import ConfigError
+from micronet.deploy.onnxruntime import top1_agreement
+from micronet.engine import Hook, TrainConfig, evaluate, fit, load_checkpoint, lr_factor, save_checkpoint
+from micronet.errors import ConfigError, NumericalError
 from micronet.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,3 +166,55 @@ def test_ddp_two_cpu_processes_hold_identical_weights(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps_per_rank"] * 2 * 16 >= summary["train_images"] - 32
     assert summary["val_acc"] > 0.8
+
+
+class _NaNAt(Hook):
+    """Adds NaN to the loss of one batch (epoch and batch 1-based), as a diverging run would."""
+
+    def __init__(self, epoch, batch):
+        self.at, self.step = (epoch - 1, batch - 1), 0
+
+    def on_epoch_start(self, trainer, epoch):
+        self.epoch, self.step = epoch, 0
+
+    def extra_loss(self, trainer, outputs, targets):
+        self.step += 1
+        return outputs.sum() * float("nan") if (self.epoch, self.step - 1) == self.at else None
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    splits, train, val, _ = _synthetic_loaders(num_train=256)
+    torch.manual_seed(0)
+    model = build_model("lenet", splits.info.num_classes, splits.info.in_channels)
+    run = tmp_path / "run"
+    with pytest.raises(NumericalError, match=rf"loss became NaN at epoch 2, batch 3 of {len(train)}: training stopped "
+                                             rf"\({run / 'last'} keeps epoch 1\)"):
+        fit(model, TrainConfig(epochs=3, lr=0.05), train, val, hooks=[_NaNAt(2, 3)], out_dir=run)
+    last = load_checkpoint(run / "last")
+    assert last.training["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in last.state_dict.values())
+    assert [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_diverging_cli_run_fails_and_nan_models_report_no_accuracy(tmp_path, cli_fails):
+    run = tmp_path / "run"
+    cli_fails(["train", "--model", "lenet", "--data", "synthetic", "--epochs", "2", "--lr", "1e30", "--out", str(run),
+               "--no-progress"], "became", "at epoch 1, batch", "no checkpoint was written", "lower --lr")
+    assert not (run / "last").exists() and not (run / "best").exists()
+    cli_fails(["train", "--model", "lenet", "--data", "synthetic", "--lr", "inf", "--out", str(run)],
+              "learning rate must be a positive number (got inf)")
+
+    model = build_model("lenet", 10, 1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+    splits = load_dataset("synthetic", train_subset=64, test_subset=64)
+    save_checkpoint(tmp_path / "nan", model, data_info=splits.info)
+    cli_fails(["evaluate", "--checkpoint", str(tmp_path / "nan"), "--data", "synthetic", "--test-subset", "64"],
+              "gives NaN or infinite outputs for 64 of 64 images")
+    cli_fails(["export", "--checkpoint", str(tmp_path / "nan"), "--out", str(tmp_path / "nan.onnx")],
+              "holds NaN or infinite values in")
+    assert not (tmp_path / "nan.onnx").exists()
+    nan = torch.full((4, 10), float("nan"))
+    with pytest.raises(NumericalError, match="NaN or infinite outputs for 4 of 4 images"):
+        top1_agreement(nan, nan)

@@ -48,6 +48,19 @@ def _check_options(name: str, fn: LoaderFn, options: dict[str, Any]) -> None:
         raise ConfigError(f"dataset {name!r} does not take option(s) {', '.join(unknown)}: it takes {takes}.")
 
 
+def _check_classes(name: str, train: ArrayDataset, root: str | os.PathLike | None) -> None:
+    """Refuse a dataset a classifier cannot learn anything from: with one class every prediction is right."""
+    present = int((train.class_counts() > 0).sum())
+    if present >= 2:
+        return
+    where = f" in {root}" if root is not None else ""
+    if train.info.num_classes < 2:
+        raise DatasetError(f"dataset {name!r}{where} has {train.info.num_classes} class ({', '.join(train.info.class_names)}): "
+                           "a classifier needs at least 2 classes (imagefolder: one subfolder per class under train/ and test/).")
+    raise DatasetError(f"the training set of dataset {name!r}{where} holds images of {present} of its {train.info.num_classes} "
+                       "classes: a classifier needs images of at least 2 classes.")
+
+
 def load_dataset(
     name: str,
     root: str | os.PathLike | None = None,
@@ -75,6 +88,7 @@ def load_dataset(
     train, test = fn(root, **options)
     if train.info != test.info:
         raise DatasetError(f"dataset {name!r} returned train and test sets with different info: the loader must share one DatasetInfo.")
+    _check_classes(name, train, root)
     if train_subset is not None:
         train = balanced_subset(train, train_subset, seed, "train-subset")
     if test_subset is not None:

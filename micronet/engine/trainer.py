@@ -25,8 +25,9 @@ from micronet.engine.checkpoint import load_checkpoint, resolve_checkpoint, save
 from micronet.engine.config import TrainConfig, lr_factor
 from micronet.engine.distributed import DistContext, broadcast_object
 from micronet.engine.hooks import Hook
+from micronet.engine.numerics import nonfinite_tensor, require_finite
 from micronet.engine.state import optimizer_state_join, optimizer_state_split, restore_rng_state, rng_state
-from micronet.errors import CheckpointError
+from micronet.errors import CheckpointError, NumericalError
 from micronet.io import atomic_write_text
 
 LOG_FILE = "log.jsonl"
@@ -79,8 +80,10 @@ def evaluate(
     device: torch.device | str | None = None,
     *,
     amp: bool = False,
+    source: str = "the model",
 ) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of ``model`` in eval mode; restores the model's mode."""
+    """Mean cross-entropy and accuracy of ``model`` in eval mode; restores the model's mode. Non-finite
+    outputs raise :class:`~micronet.errors.NumericalError` naming ``source``."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -90,6 +93,7 @@ def evaluate(
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with _autocast(device, amp):
                 outputs = model(inputs)
+            require_finite(outputs, source)
             loss_sum += F.cross_entropy(outputs.float(), targets, reduction="sum").item()
             correct += (outputs.argmax(1) == targets).sum().item()
             seen += targets.numel()
@@ -243,6 +247,7 @@ class Trainer:
                     term = hook.extra_loss(self, outputs, targets)
                     if term is not None:
                         loss = loss + term
+            self._check_loss(loss, epoch, step, steps)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -261,6 +266,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}", img_s=f"{seen / elapsed:.0f}")
             bar.update(1)
         bar.close()
+        self._check_weights(epoch, steps)
         elapsed = time.perf_counter() - started
         totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)])
         if self.ctx.distributed:
@@ -275,6 +281,32 @@ class Trainer:
             "seconds": round(elapsed, 3),
             "img_per_s": round(total_seen / elapsed, 1),
         }
+
+    def _kept_checkpoint(self) -> str:
+        if self.out_dir is None or self.epoch == 0 or not (self.out_dir / "last").exists():
+            return "no checkpoint was written"
+        return f"{self.out_dir / 'last'} keeps epoch {self.epoch}"
+
+    def _check_loss(self, loss: torch.Tensor, epoch: int, step: int, steps: int) -> None:
+        """Stop before a NaN or infinite loss reaches the weights (all ranks stop together under DDP)."""
+        finite = torch.isfinite(loss.detach()).to(torch.int32)
+        if self.ctx.distributed:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not finite.item():
+            value = loss.item()
+            raise NumericalError(
+                f"the training loss became {'NaN' if value != value else value} at epoch {epoch + 1}, batch {step + 1} of "
+                f"{steps}: training stopped ({self._kept_checkpoint()}); lower --lr (it is {self.config.lr:g}) "
+                "or add --warmup-epochs")
+
+    def _check_weights(self, epoch: int, steps: int) -> None:
+        """The last step of an epoch can make the weights non-finite without any loss showing it."""
+        bad = nonfinite_tensor(self.model)
+        if bad is not None:
+            raise NumericalError(
+                f"weight {bad} became NaN or infinite in the last step of epoch {epoch + 1} (batch {steps} of {steps}): "
+                f"training stopped ({self._kept_checkpoint()}); lower --lr (it is {self.config.lr:g}) "
+                "or add --warmup-epochs")
 
     def _sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BN running statistics drift apart between broadcasts)."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from micronet.data import ArrayDataset, BatchLoader
 from micronet.deploy.onnxruntime.session import ModelSource, as_session, check_image_shape, fixed_batch, run
+from micronet.engine.numerics import require_finite
 from micronet.errors import DeployError
 
 
@@ -41,6 +42,7 @@ def evaluate(model: ModelSource | ort.InferenceSession, split: ArrayDataset, bat
             raise DeployError(f"the model outputs shape {list(logits.shape)} but {info.name} has "
                               f"{info.num_classes} classes: evaluate on the dataset the model was trained on")
         out = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+        require_finite(out, "the ONNX model")
         loss_sum += F.cross_entropy(out, labels, reduction="sum").item()
         correct += (out.argmax(1) == labels).sum().item()
         seen += n
@@ -50,10 +52,15 @@ def evaluate(model: ModelSource | ort.InferenceSession, split: ArrayDataset, bat
 
 
 def top1_agreement(a_logits: np.ndarray | torch.Tensor, b_logits: np.ndarray | torch.Tensor) -> float:
-    """Share of samples where two models' top-1 classes agree (e.g. ORT INT8 against PyTorch FP32)."""
+    """Share of samples where two models' top-1 classes agree (e.g. ORT INT8 against PyTorch FP32).
+
+    Raises :class:`~micronet.errors.NumericalError` when either holds NaN or infinite logits: an argmax over
+    NaN picks a class all the same, and two NaN models would "agree" 100%."""
     a, b = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in (a_logits, b_logits))
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"top1_agreement needs two N×K logit arrays of the same shape (got {a.shape} and {b.shape})")
+    require_finite(a, "the first model")
+    require_finite(b, "the second model")
     if len(a) == 0:
         return float("nan")
     return float((a.argmax(1) == b.argmax(1)).mean())

@@ -100,18 +100,25 @@ class IntegerBiasBatchNorm2d(nn.BatchNorm2d):
         object.__setattr__(bn, "_conv", conv)  # not a submodule: its tensors stay the conv's own
         return bn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def integer_shift(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(γ/σ, float shift β + (b − μ)·γ/σ, the int32-grid shift added instead)`` per channel in float64,
+        or ``None`` where the eval forward adds the float shift (training, no grid, int32 overflow)."""
         conv = self._conv
         grid = None if self.training or conv is None else integer_bias_grid(conv.input_quantizer, conv.weight_quantizer)
         if grid is None or not self.track_running_stats or self.running_mean is None:
-            return super().forward(x)
+            return None
         factor, shift = batchnorm_factor_and_bias(self, conv.bias)
         input_scale = conv.input_quantizer.scale.detach().float().reshape(())
         grid = (input_scale * folded_channel_scale(conv.weight_quantizer.scale, factor)).float()
         codes = bias_codes(shift, grid)
-        if codes is None:
+        return None if codes is None else (factor, shift, codes * grid.double())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        folded = self.integer_shift()
+        if folded is None:
             return super().forward(x)
-        added = conv.integer_bias(conv.bias)  # what the conv already added to x
-        total = codes * grid.double() - (added.detach().double() * factor if added is not None else 0.0)
+        factor, _, shift = folded
+        added = self._conv.integer_bias(self._conv.bias)  # what the conv already added to x
+        total = shift - (added.detach().double() * factor if added is not None else 0.0)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return x * factor.to(x.dtype).reshape(shape) + total.to(x.dtype).reshape(shape)

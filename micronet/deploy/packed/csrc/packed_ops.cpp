@@ -1,0 +1,472 @@
+// Bit-packed binary kernels: sign packing, XNOR-popcount direct convolution with a fused epilogue,
+// max pooling and channel permutation on packed bits, unpacking to ±1 floats.
+//
+// Layout of a packed activation: int64 words (N, H, W, CW), CW = ceil(C / 64); channel c is bit c % 64
+// (LSB first) of word c / 64; bit 1 means +1, bit 0 means -1; unused high bits are 0.
+//
+// One build runs on every x86-64 CPU: the vector kernels carry function-level target attributes and are
+// only called after __builtin_cpu_supports says the CPU has the instructions.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 8;  // output channels per weight block (one 512-bit vector of 64-bit words)
+
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vpopcnt = 3 };
+
+bool isa_supported(int64_t isa) {
+  __builtin_cpu_init();
+  switch (isa) {
+    case kScalar: return true;
+    case kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+    case kAvx512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    case kAvx512Vpopcnt:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vpopcntdq");
+    default: return false;
+  }
+}
+
+// Portable popcount: no popcnt instruction assumed (the scalar path must run on any x86-64).
+inline int popcount64(uint64_t v) {
+  v = v - ((v >> 1) & 0x5555555555555555ULL);
+  v = (v & 0x3333333333333333ULL) + ((v >> 2) & 0x3333333333333333ULL);
+  v = (v + (v >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+  return static_cast<int>((v * 0x0101010101010101ULL) >> 56);
+}
+
+// Everything one convolution call needs, resolved once.
+struct ConvGeometry {
+  int64_t N, H, W, CW;           // input
+  int64_t OH, OW, CWo;           // output
+  int64_t KH, KW, sh, sw, ph, pw, dh, dw;
+  int64_t cout, cin_per_group, groups, cout_per_group, nwg, blocks;
+  const uint64_t* x;
+  const uint64_t* weight;        // (blocks, KH*KW, nwg, kLanes)
+  const int64_t* word_start;     // (groups)
+  const uint64_t* mask;          // (groups, nwg)
+};
+
+// Valid taps of one output pixel: their index in the kernel and the input pixel's first word.
+struct Taps {
+  std::vector<int64_t> tap;
+  std::vector<const uint64_t*> row;
+};
+
+inline void collect_taps(const ConvGeometry& g, int64_t n, int64_t oh, int64_t ow, Taps& taps) {
+  taps.tap.clear();
+  taps.row.clear();
+  for (int64_t kh = 0; kh < g.KH; ++kh) {
+    const int64_t ih = oh * g.sh - g.ph + kh * g.dh;
+    if (ih < 0 || ih >= g.H) continue;  // zero padding: the tap contributes nothing (not ±1)
+    for (int64_t kw = 0; kw < g.KW; ++kw) {
+      const int64_t iw = ow * g.sw - g.pw + kw * g.dw;
+      if (iw < 0 || iw >= g.W) continue;
+      taps.tap.push_back(kh * g.KW + kw);
+      taps.row.push_back(g.x + ((n * g.H + ih) * g.W + iw) * g.CW);
+    }
+  }
+}
+
+// The masked input words of one group for every valid tap: xbuf[t * nwg + j].
+inline void gather_words(const ConvGeometry& g, const Taps& taps, int64_t group, std::vector<uint64_t>& xbuf) {
+  const int64_t start = g.word_start[group];
+  const uint64_t* mask = g.mask + group * g.nwg;
+  xbuf.resize(taps.row.size() * g.nwg);
+  for (size_t t = 0; t < taps.row.size(); ++t)
+    for (int64_t j = 0; j < g.nwg; ++j) xbuf[t * g.nwg + j] = taps.row[t][start + j] & mask[j];
+}
+
+// ---------------------------------------------------------------------------------- popcount blocks
+// Each computes, for one output pixel and one block of kLanes output channels, the number of
+// mismatching bits summed over every valid tap and word, into mismatches[kLanes].
+inline void block_scalar(const ConvGeometry& g, const Taps& taps, const uint64_t* xbuf, int64_t block,
+                         int64_t* mismatches) {
+  for (int l = 0; l < kLanes; ++l) mismatches[l] = 0;
+  for (size_t t = 0; t < taps.tap.size(); ++t) {
+    const uint64_t* w = g.weight + ((block * g.KH * g.KW + taps.tap[t]) * g.nwg) * kLanes;
+    for (int64_t j = 0; j < g.nwg; ++j) {
+      const uint64_t xv = xbuf[t * g.nwg + j];
+      for (int l = 0; l < kLanes; ++l) mismatches[l] += popcount64(xv ^ w[j * kLanes + l]);
+    }
+  }
+}
+
+__attribute__((target("avx2")))
+inline __m256i popcount_bytes_avx2(__m256i v) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(v, low);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+  return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+}
+
+__attribute__((target("avx2")))
+void block_avx2(const ConvGeometry& g, const Taps& taps, const uint64_t* xbuf, int64_t block, int64_t* mismatches) {
+  // Byte counters hold at most 8 per word: flush them into 64-bit lanes every 31 words.
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i acc_lo = zero, acc_hi = zero, bytes_lo = zero, bytes_hi = zero;
+  int pending = 0;
+  for (size_t t = 0; t < taps.tap.size(); ++t) {
+    const uint64_t* w = g.weight + ((block * g.KH * g.KW + taps.tap[t]) * g.nwg) * kLanes;
+    for (int64_t j = 0; j < g.nwg; ++j) {
+      const __m256i xv = _mm256_set1_epi64x(static_cast<long long>(xbuf[t * g.nwg + j]));
+      const __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * kLanes));
+      const __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * kLanes + 4));
+      bytes_lo = _mm256_add_epi8(bytes_lo, popcount_bytes_avx2(_mm256_xor_si256(xv, w_lo)));
+      bytes_hi = _mm256_add_epi8(bytes_hi, popcount_bytes_avx2(_mm256_xor_si256(xv, w_hi)));
+      if (++pending == 31) {
+        acc_lo = _mm256_add_epi64(acc_lo, _mm256_sad_epu8(bytes_lo, zero));
+        acc_hi = _mm256_add_epi64(acc_hi, _mm256_sad_epu8(bytes_hi, zero));
+        bytes_lo = bytes_hi = zero;
+        pending = 0;
+      }
+    }
+  }
+  acc_lo = _mm256_add_epi64(acc_lo, _mm256_sad_epu8(bytes_lo, zero));
+  acc_hi = _mm256_add_epi64(acc_hi, _mm256_sad_epu8(bytes_hi, zero));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(mismatches), acc_lo);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(mismatches + 4), acc_hi);
+}
+
+__attribute__((target("avx512f,avx512bw")))
+void block_avx512(const ConvGeometry& g, const Taps& taps, const uint64_t* xbuf, int64_t block, int64_t* mismatches) {
+  // AVX-512BW has no 64-bit popcount: nibble lookup (vpshufb) into byte counters, summed by vpsadbw.
+  const __m512i lut = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i acc = zero, bytes = zero;
+  int pending = 0;
+  for (size_t t = 0; t < taps.tap.size(); ++t) {
+    const uint64_t* w = g.weight + ((block * g.KH * g.KW + taps.tap[t]) * g.nwg) * kLanes;
+    for (int64_t j = 0; j < g.nwg; ++j) {
+      const __m512i v = _mm512_xor_si512(_mm512_set1_epi64(static_cast<long long>(xbuf[t * g.nwg + j])),
+                                         _mm512_loadu_si512(w + j * kLanes));
+      const __m512i lo = _mm512_and_si512(v, low);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      bytes = _mm512_add_epi8(bytes, _mm512_add_epi8(_mm512_shuffle_epi8(lut, lo), _mm512_shuffle_epi8(lut, hi)));
+      if (++pending == 31) {
+        acc = _mm512_add_epi64(acc, _mm512_sad_epu8(bytes, zero));
+        bytes = zero;
+        pending = 0;
+      }
+    }
+  }
+  acc = _mm512_add_epi64(acc, _mm512_sad_epu8(bytes, zero));
+  _mm512_storeu_si512(mismatches, acc);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vpopcntdq")))
+void block_avx512_vpopcnt(const ConvGeometry& g, const Taps& taps, const uint64_t* xbuf, int64_t block,
+                          int64_t* mismatches) {
+  __m512i acc = _mm512_setzero_si512();
+  for (size_t t = 0; t < taps.tap.size(); ++t) {
+    const uint64_t* w = g.weight + ((block * g.KH * g.KW + taps.tap[t]) * g.nwg) * kLanes;
+    for (int64_t j = 0; j < g.nwg; ++j) {
+      const __m512i v = _mm512_xor_si512(_mm512_set1_epi64(static_cast<long long>(xbuf[t * g.nwg + j])),
+                                         _mm512_loadu_si512(w + j * kLanes));
+      acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(v));
+    }
+  }
+  _mm512_storeu_si512(mismatches, acc);
+}
+
+using BlockFn = void (*)(const ConvGeometry&, const Taps&, const uint64_t*, int64_t, int64_t*);
+
+BlockFn block_function(int64_t isa) {
+  switch (isa) {
+    case kAvx2: return block_avx2;
+    case kAvx512: return block_avx512;
+    case kAvx512Vpopcnt: return block_avx512_vpopcnt;
+    default: return block_scalar;
+  }
+}
+
+// ---------------------------------------------------------------------------------- epilogues
+// D = (valid taps · cin_per_group) − 2 · mismatches: the exact ±1 dot product over the real inputs.
+// Bits: bit o = (D_o >= threshold_o) XOR flip_o (threshold and flip padded to CWo·64 channels, the
+// padding never set). Floats: y = float(D)·α + bias, written to (N, C, OH, OW).
+void epilogue_bits_scalar(const int32_t* dot, const int32_t* threshold, const uint8_t* flip, int64_t cwo,
+                          uint64_t* out) {
+  for (int64_t w = 0; w < cwo; ++w) {
+    uint64_t word = 0;
+    for (int b = 0; b < 64; ++b) {
+      const int64_t o = w * 64 + b;
+      const uint64_t bit = static_cast<uint64_t>((dot[o] >= threshold[o]) ^ flip[o]);
+      word |= bit << b;
+    }
+    out[w] = word;
+  }
+}
+
+__attribute__((target("avx512f")))
+void epilogue_bits_avx512(const int32_t* dot, const int32_t* threshold, const uint16_t* flip16, int64_t cwo,
+                          uint64_t* out) {
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out);
+  for (int64_t i = 0; i < cwo * 4; ++i) {
+    const __m512i d = _mm512_loadu_si512(dot + i * 16);
+    const __m512i t = _mm512_loadu_si512(threshold + i * 16);
+    dst[i] = static_cast<uint16_t>(_mm512_cmpge_epi32_mask(d, t) ^ flip16[i]);
+  }
+}
+
+torch::Tensor check_words(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.scalar_type() == torch::kInt64 && t.is_contiguous() && t.device().is_cpu(),
+              what, " must be a contiguous CPU int64 tensor");
+  return t;
+}
+
+}  // namespace
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  const char* labels[] = {"scalar", "avx2", "avx512", "avx512_vpopcnt"};
+  for (int64_t isa = 0; isa < 4; ++isa)
+    if (isa_supported(isa)) names.push_back(labels[isa]);
+  return names;
+}
+
+torch::Tensor pack_sign(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32, "pack_sign needs a float32 NCHW tensor");
+  x = x.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), CW = (C + 63) / 64, HW = H * W;
+  auto out = torch::zeros({N, H, W, CW}, torch::kInt64);
+  const float* src = x.data_ptr<float>();
+  uint64_t* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  at::parallel_for(0, N * CW, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t> words(HW);
+    for (int64_t nw = begin; nw < end; ++nw) {
+      const int64_t n = nw / CW, w = nw % CW;
+      std::fill(words.begin(), words.end(), 0);
+      for (int64_t c = w * 64; c < std::min(C, w * 64 + 64); ++c) {  // planes read contiguously, no branch
+        const float* plane = src + (n * C + c) * HW;
+        const int shift = static_cast<int>(c & 63);
+        for (int64_t p = 0; p < HW; ++p) words[p] |= static_cast<uint64_t>(plane[p] >= 0.0f) << shift;  // sign(0) = +1, NaN -> -1
+      }
+      for (int64_t p = 0; p < HW; ++p) dst[(n * HW + p) * CW + w] = words[p];
+    }
+  });
+  return out;
+}
+
+// The same from a channels-last tensor viewed as (N, H, W, C) contiguous: one pixel's channels are adjacent.
+torch::Tensor pack_sign_nhwc(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "pack_sign_nhwc needs a contiguous float32 NHWC tensor");
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), CW = (C + 63) / 64, P = N * H * W;
+  auto out = torch::empty({N, H, W, CW}, torch::kInt64);
+  const float* src = x.data_ptr<float>();
+  uint64_t* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const float* v = src + p * C;
+      for (int64_t w = 0; w < CW; ++w) {
+        uint64_t word = 0;
+        const int64_t last = std::min<int64_t>(64, C - w * 64);
+        for (int64_t b = 0; b < last; ++b) word |= static_cast<uint64_t>(v[w * 64 + b] >= 0.0f) << b;
+        dst[p * CW + w] = word;
+      }
+    }
+  });
+  return out;
+}
+
+// Bits -> ±1 floats as (N, H, W, C) contiguous (the channels-last layout).
+torch::Tensor unpack_nhwc(torch::Tensor bits, int64_t C) {
+  check_words(bits, "packed bits");
+  const int64_t N = bits.size(0), H = bits.size(1), W = bits.size(2), CW = bits.size(3), P = N * H * W;
+  TORCH_CHECK(CW == (C + 63) / 64, "packed bits hold ", CW, " words per pixel, not the ", C, " channels given");
+  auto out = torch::empty({N, H, W, C}, torch::kFloat32);
+  const uint64_t* src = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      for (int64_t c = 0; c < C; ++c) dst[p * C + c] = ((src[p * CW + (c >> 6)] >> (c & 63)) & 1) ? 1.0f : -1.0f;
+  });
+  return out;
+}
+
+torch::Tensor unpack(torch::Tensor bits, int64_t C) {
+  check_words(bits, "packed bits");
+  const int64_t N = bits.size(0), H = bits.size(1), W = bits.size(2), CW = bits.size(3), HW = H * W;
+  TORCH_CHECK(CW == (C + 63) / 64, "packed bits hold ", CW, " words per pixel, not the ", C, " channels given");
+  auto out = torch::empty({N, C, H, W}, torch::kFloat32);
+  const uint64_t* src = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t n = nc / C, c = nc % C;
+      for (int64_t p = 0; p < HW; ++p)
+        dst[nc * HW + p] = ((src[(n * HW + p) * CW + (c >> 6)] >> (c & 63)) & 1) ? 1.0f : -1.0f;
+    }
+  });
+  return out;
+}
+
+// Max pooling of ±1 values is the OR of the bits over the window (padding, -inf, never wins).
+torch::Tensor max_pool(torch::Tensor bits, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                       int64_t OH, int64_t OW) {
+  check_words(bits, "packed bits");
+  const int64_t N = bits.size(0), H = bits.size(1), W = bits.size(2), CW = bits.size(3);
+  auto out = torch::zeros({N, OH, OW, CW}, torch::kInt64);
+  const uint64_t* src = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
+  uint64_t* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  at::parallel_for(0, N * OH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / OH, oh = row % OH;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        uint64_t* o = dst + ((n * OH + oh) * OW + ow) * CW;
+        for (int64_t kh = 0; kh < KH; ++kh) {
+          const int64_t ih = oh * sh - ph + kh;
+          if (ih < 0 || ih >= H) continue;
+          for (int64_t kw = 0; kw < KW; ++kw) {
+            const int64_t iw = ow * sw - pw + kw;
+            if (iw < 0 || iw >= W) continue;
+            const uint64_t* s = src + ((n * H + ih) * W + iw) * CW;
+            for (int64_t w = 0; w < CW; ++w) o[w] |= s[w];
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Output channel c takes input channel source[c] (a channel shuffle on packed bits).
+torch::Tensor permute_channels(torch::Tensor bits, torch::Tensor source) {
+  check_words(bits, "packed bits");
+  check_words(source, "channel source");
+  const int64_t N = bits.size(0), H = bits.size(1), W = bits.size(2), CW = bits.size(3), C = source.size(0);
+  auto out = torch::zeros_like(bits);
+  const uint64_t* src = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
+  const int64_t* from = source.data_ptr<int64_t>();
+  uint64_t* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  at::parallel_for(0, N * H * W, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const uint64_t* s = src + p * CW;
+      uint64_t* d = dst + p * CW;
+      for (int64_t c = 0; c < C; ++c) d[c >> 6] |= ((s[from[c] >> 6] >> (from[c] & 63)) & 1) << (c & 63);
+    }
+  });
+  return out;
+}
+
+// Direct (im2col-free) binary convolution over packed channels, two or more threads over output rows.
+torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_start, torch::Tensor mask,
+                   std::vector<int64_t> geometry, torch::Tensor threshold, torch::Tensor flip, torch::Tensor alpha,
+                   torch::Tensor bias, bool bits_out, int64_t isa) {
+  check_words(bits, "packed bits");
+  check_words(weight, "packed weight");
+  check_words(word_start, "group word offsets");
+  check_words(mask, "group masks");
+  TORCH_CHECK(geometry.size() == 13, "conv geometry needs 13 integers");
+  TORCH_CHECK(isa_supported(isa), "this CPU lacks the instructions of the requested kernel");
+  ConvGeometry g{};
+  g.N = bits.size(0); g.H = bits.size(1); g.W = bits.size(2); g.CW = bits.size(3);
+  g.KH = geometry[0]; g.KW = geometry[1]; g.sh = geometry[2]; g.sw = geometry[3]; g.ph = geometry[4];
+  g.pw = geometry[5]; g.dh = geometry[6]; g.dw = geometry[7]; g.cout = geometry[8]; g.cin_per_group = geometry[9];
+  g.groups = geometry[10]; g.OH = geometry[11]; g.OW = geometry[12];
+  g.cout_per_group = g.cout / g.groups;
+  g.nwg = mask.size(1);
+  g.blocks = weight.size(0);
+  g.CWo = (g.cout + 63) / 64;
+  TORCH_CHECK(weight.size(1) == g.KH * g.KW && weight.size(2) == g.nwg && weight.size(3) == kLanes,
+              "packed weight layout does not match the geometry");
+  TORCH_CHECK(g.blocks * kLanes >= g.cout && word_start.size(0) == g.groups, "packed weight does not cover the channels");
+  g.x = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
+  g.weight = reinterpret_cast<const uint64_t*>(weight.data_ptr<int64_t>());
+  g.word_start = word_start.data_ptr<int64_t>();
+  g.mask = reinterpret_cast<const uint64_t*>(mask.data_ptr<int64_t>());
+  for (int64_t grp = 0; grp < g.groups; ++grp)
+    TORCH_CHECK(g.word_start[grp] >= 0 && g.word_start[grp] + g.nwg <= g.CW, "group words outside the input");
+
+  // A vector block must not straddle two groups (each group reads its own input words).
+  const bool uniform_blocks = g.groups == 1 || g.cout_per_group % kLanes == 0;
+  const BlockFn block_fn = uniform_blocks ? block_function(isa) : block_scalar;
+  const bool avx512_epilogue = isa == kAvx512 || isa == kAvx512Vpopcnt;
+
+  const int64_t padded = g.CWo * 64;
+  TORCH_CHECK(threshold.scalar_type() == torch::kInt32 && threshold.numel() == padded, "threshold layout");
+  TORCH_CHECK(flip.scalar_type() == torch::kUInt8 && flip.numel() == padded, "flip layout");
+  TORCH_CHECK(alpha.scalar_type() == torch::kFloat32 && alpha.numel() == g.cout, "alpha layout");
+  TORCH_CHECK(bias.scalar_type() == torch::kFloat32 && bias.numel() == g.cout, "bias layout");
+  const int32_t* thr = threshold.data_ptr<int32_t>();
+  const uint8_t* flp = flip.data_ptr<uint8_t>();
+  std::vector<uint16_t> flip16(padded / 16, 0);
+  for (int64_t o = 0; o < padded; ++o) flip16[o / 16] |= static_cast<uint16_t>(flp[o] & 1) << (o % 16);
+  const float* a = alpha.data_ptr<float>();
+  const float* b = bias.data_ptr<float>();
+
+  torch::Tensor out = bits_out ? torch::empty({g.N, g.OH, g.OW, g.CWo}, torch::kInt64)
+                               : torch::empty({g.N, g.cout, g.OH, g.OW}, torch::kFloat32);
+  uint64_t* out_bits = bits_out ? reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()) : nullptr;
+  float* out_float = bits_out ? nullptr : out.data_ptr<float>();
+  const int64_t plane = g.OH * g.OW;
+
+  at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
+    Taps taps;
+    std::vector<uint64_t> xbuf;
+    std::vector<int32_t> dot(padded, 0);
+    alignas(64) int64_t mismatches[kLanes];
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.OH, oh = row % g.OH;
+      for (int64_t ow = 0; ow < g.OW; ++ow) {
+        collect_taps(g, n, oh, ow, taps);
+        const int32_t valid = static_cast<int32_t>(taps.tap.size() * g.cin_per_group);
+        int64_t gathered = -1;
+        if (uniform_blocks) {
+          for (int64_t blk = 0; blk < g.blocks; ++blk) {
+            const int64_t grp = std::min(blk * kLanes, g.cout - 1) / g.cout_per_group;
+            if (grp != gathered) { gather_words(g, taps, grp, xbuf); gathered = grp; }
+            block_fn(g, taps, xbuf.data(), blk, mismatches);
+            for (int l = 0; l < kLanes; ++l) {
+              const int64_t o = blk * kLanes + l;
+              if (o < g.cout) dot[o] = valid - 2 * static_cast<int32_t>(mismatches[l]);
+            }
+          }
+        } else {  // channels of several groups share a block: one channel at a time
+          for (int64_t o = 0; o < g.cout; ++o) {
+            const int64_t grp = o / g.cout_per_group;
+            if (grp != gathered) { gather_words(g, taps, grp, xbuf); gathered = grp; }
+            block_scalar(g, taps, xbuf.data(), o / kLanes, mismatches);
+            dot[o] = valid - 2 * static_cast<int32_t>(mismatches[o % kLanes]);
+          }
+        }
+        if (bits_out) {
+          uint64_t* dst = out_bits + ((n * g.OH + oh) * g.OW + ow) * g.CWo;
+          if (avx512_epilogue) epilogue_bits_avx512(dot.data(), thr, flip16.data(), g.CWo, dst);
+          else epilogue_bits_scalar(dot.data(), thr, flp, g.CWo, dst);
+        } else {
+          float* dst = out_float + n * g.cout * plane + oh * g.OW + ow;
+          for (int64_t o = 0; o < g.cout; ++o) {
+            const float product = static_cast<float>(dot[o]) * a[o];  // exact: α on the float16 grid, |D| < 2^13
+            dst[o * plane] = product + b[o];
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("supported_isas", &supported_isas, "kernels this CPU can run, slowest first");
+  m.def("pack_sign", &pack_sign, "float NCHW -> packed sign bits (N, H, W, ceil(C/64))");
+  m.def("unpack", &unpack, "packed bits -> float ±1 NCHW");
+  m.def("pack_sign_nhwc", &pack_sign_nhwc, "float NHWC -> packed sign bits");
+  m.def("unpack_nhwc", &unpack_nhwc, "packed bits -> float ±1 NHWC");
+  m.def("max_pool", &max_pool, "max pooling of ±1 values on packed bits (OR)");
+  m.def("permute_channels", &permute_channels, "channel permutation on packed bits");
+  m.def("conv", &conv, "binary XNOR-popcount convolution with a fused epilogue");
+}

@@ -1,0 +1,257 @@
+"""Tests for micronet.deploy.packed: the bit-packed binary runtime gives the PyTorch model's outputs on
+every kernel path (AVX-512 VPOPCNTDQ / AVX-512BW / AVX2 / scalar where this CPU has them, and the
+pure-torch reference everywhere)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from micronet.cli import main
+from micronet.compression.fusion import fuse
+from micronet.compression.packing import META_FILE, save_packed
+from micronet.compression.quantization.wbwtab import quantize as wbwtab
+from micronet.deploy.packed import (ISA_ENV, PackedRuntimeWarning, available_isas, compile_packed, kernels,
+                                    resolve_isa)
+from micronet.deploy.packed.layers import PackedConv2d
+from micronet.engine import save_checkpoint
+from micronet.errors import CheckpointError, DeployError
+from micronet.models import build_model
+
+ISA_PATHS = available_isas()  # every path this machine can run, reference included
+SMALL_NIN = [64, 48, 32, 64, 64, 64, 128, 128]  # the default pipeline's NIN: partial words (48, 32 channels)
+SMALL_NIN_GC = [64, 64, 64, 128, 128, 128, 256, 256]
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Trained-looking BatchNorms: some negative γ (flipped thresholds), offsets that move thresholds."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=g) * 2 - 0.6
+            m.bias.data = torch.randn(n, generator=g) * 0.5
+            m.running_mean = torch.randn(n, generator=g) * 3
+            m.running_var = torch.rand(n, generator=g) * 4 + 0.5
+    return model
+
+
+def binary(name: str, cfg=None, in_channels: int = 1, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_model(name, 10, in_channels, cfg)
+    return randomize_batchnorm(wbwtab.prepare(model, A=2, W=2), seed).eval()
+
+
+def assert_same_logits(packed: torch.Tensor, expected: torch.Tensor) -> None:
+    """The float epilogue within 1e-5 relative of the logits' scale, and the same top-1 everywhere."""
+    scale = expected.abs().max().clamp(min=1e-6)
+    assert float((packed - expected).abs().max() / scale) <= 1e-5
+    assert torch.equal(packed.argmax(1), expected.argmax(1))
+
+
+CASES = {
+    "nin": lambda: binary("nin", SMALL_NIN),
+    "nin_fused": lambda: fuse(binary("nin", SMALL_NIN))[0],
+    "resnet20": lambda: binary("resnet20", in_channels=3),
+    "nin_gc": lambda: binary("nin_gc", SMALL_NIN_GC, in_channels=3),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_kernel_path_gives_the_model_logits(case):
+    model = CASES[case]()
+    x = torch.randn(5, model.arch.in_channels if hasattr(model, "arch") else 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x)
+    outputs = {}
+    for isa in ISA_PATHS:
+        packed = compile_packed(model, isa=isa, float_layout="model")
+        assert packed.isa == isa
+        outputs[isa] = packed(x)
+        assert_same_logits(outputs[isa], expected)
+    for isa, out in outputs.items():  # integer popcounts and the same epilogue: identical bit for bit
+        assert torch.equal(out, outputs["reference"]), isa
+    convs = [m for m in packed.modules() if isinstance(m, PackedConv2d)]
+    assert len(convs) == {"nin": 7, "nin_fused": 7, "resnet20": 20, "nin_gc": 7}[case]
+
+
+def test_bits_flow_between_binary_layers_and_fused_epilogues():
+    packed = compile_packed(binary("nin", SMALL_NIN), isa="reference")
+    convs = {n: m for n, m in packed.graph_module.named_modules() if isinstance(m, PackedConv2d)}
+    assert all(m.bits_out for m in convs.values())  # BN + sign folded into thresholds, bits passed on
+    kinds = dict(packed.report.packed)
+    assert kinds["features.3"] == "max pool on bits (OR)"
+    assert "folded into features.1.conv's threshold" in kinds["features.1.bn"]
+    assert [n for n, _ in packed.report.torch] == ["features.10.conv"]  # the float classifier, listed
+
+
+def test_residual_convs_write_floats_for_the_addition():
+    packed = compile_packed(binary("resnet20", in_channels=3), isa="reference")
+    convs = dict(packed.graph_module.named_modules())
+    assert convs["layer1.0.conv1"].bits_out and not convs["layer1.0.conv2"].bits_out
+
+
+class GroupedNet(nn.Module):
+    """Depthwise, grouped with 48 channels per group (groups straddle 64-bit words), strided, dilated,
+    padded convs, a channel shuffle and a padded max pool between sign activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from micronet.models.layers import ChannelShuffle
+
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU(),
+            nn.Conv2d(96, 96, 3, padding=1, groups=96), nn.BatchNorm2d(96), nn.ReLU(),
+            nn.Conv2d(96, 144, 3, stride=2, padding=1, groups=2), nn.BatchNorm2d(144), nn.ReLU(),
+            ChannelShuffle(3), nn.MaxPool2d(3, 2, 1),
+            nn.Conv2d(144, 72, 3, padding=2, dilation=2, groups=3), nn.BatchNorm2d(72), nn.ReLU(),
+            nn.Conv2d(72, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_grouped_depthwise_dilated_and_shuffled_layers_match():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(wbwtab.prepare(GroupedNet(), A=2, W=2)).eval()
+    x = torch.randn(3, 3, 17, 15)
+    with torch.no_grad():
+        expected = model(x)
+    reference = compile_packed(model, isa="reference", float_layout="model")(x)
+    assert_same_logits(reference, expected)
+    for isa in ISA_PATHS:
+        packed = compile_packed(model, isa=isa, float_layout="model")
+        assert torch.equal(packed(x), reference), isa
+    assert ("body.9", "channel shuffle on bits") in packed.report.packed
+
+
+def test_padding_is_zero_not_minus_one():
+    """A padded position contributes 0 to the dot product (the trained model pads its ±1 input with zeros):
+    at a corner a 3×3 conv of all +1 inputs and weights sums 4 terms, not 9 (nor 9 − 2·5)."""
+    net = nn.Sequential(nn.Conv2d(1, 8, 1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1, bias=False), nn.Conv2d(1, 1, 1))
+    model = wbwtab.prepare(net, A=2, W=2).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.fill_(0.0)
+        model[2].weight.fill_(0.5)
+        model[3].weight.fill_(1.0)
+        model[3].bias.fill_(0.0)
+    packed = compile_packed(model, isa="reference", float_layout="model")
+    conv = dict(packed.graph_module.named_modules())["2"]
+    x = torch.ones(1, 1, 4, 4)
+    dot = kernels.ReferenceKernels().conv(kernels.ReferenceKernels().pack_sign(x.expand(1, 8, 4, 4)), conv)
+    assert dot[0, 0, 0, 0].item() == pytest.approx(0.5 * 8 * 4) and dot[0, 0, 1, 1].item() == pytest.approx(0.5 * 8 * 9)
+    for isa in ISA_PATHS:
+        assert torch.equal(compile_packed(model, isa=isa, float_layout="model")(x), model(x)), isa
+
+
+def test_channels_last_float_layers_agree_on_top1():
+    model = binary("nin", SMALL_NIN)
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(x)
+    out = compile_packed(model)(x)
+    assert torch.equal(out.argmax(1), expected.argmax(1))
+
+
+def test_packed_artifact_runs_like_the_model(tmp_path):
+    model = fuse(binary("nin", SMALL_NIN))[0]
+    save_packed(model, tmp_path / "packed")
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x)
+    assert_same_logits(compile_packed(tmp_path / "packed", float_layout="model")(x), expected)
+
+
+def test_artifact_of_another_version_is_one_line_error(tmp_path):
+    save_packed(binary("nin", SMALL_NIN), tmp_path / "packed")
+    meta = json.loads((tmp_path / "packed" / META_FILE).read_text())
+    meta["format_version"] = 999
+    (tmp_path / "packed" / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as err:
+        compile_packed(tmp_path / "packed")
+    assert "\n" not in str(err.value)
+
+
+def test_resident_binary_weights_are_a_32nd_of_fp32_when_channels_fill_words():
+    packed = compile_packed(binary("nin", [64, 64, 64, 64, 64, 64, 128, 128]), isa="reference")
+    weights, fp32 = packed.resident_binary_weight_bytes()
+    assert weights * 32 == fp32
+
+
+def test_layers_the_kernels_do_not_cover_stay_in_torch_and_are_listed():
+    model = binary("nin", SMALL_NIN)
+    ternary = randomize_batchnorm(wbwtab.prepare(build_model("nin", 10, 1, SMALL_NIN), A=2, W=3)).eval()
+    with pytest.raises(DeployError, match="no binary convolution"):
+        compile_packed(ternary)
+    with pytest.raises(DeployError, match="no binary convolution"):
+        compile_packed(build_model("nin", 10, 1, SMALL_NIN).eval())
+    skipped = randomize_batchnorm(wbwtab.prepare(build_model("nin", 10, 1, SMALL_NIN), A=2, W=2,
+                                                 skip=["features.4.conv"])).eval()
+    packed = compile_packed(skipped, isa="reference", float_layout="model")
+    assert ("features.4.conv", "float weights") in packed.report.torch
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert_same_logits(packed(x), skipped(x))
+    del model
+
+
+def test_isa_is_chosen_by_argument_or_environment(monkeypatch):
+    monkeypatch.setenv(ISA_ENV, "scalar")
+    assert resolve_isa() == ("scalar" if "scalar" in ISA_PATHS else "reference")
+    monkeypatch.setenv(ISA_ENV, "reference")
+    assert compile_packed(binary("nin", SMALL_NIN)).isa == "reference"
+    monkeypatch.setenv(ISA_ENV, "sse9")
+    with pytest.raises(DeployError, match="unknown packed kernel 'sse9'"):
+        resolve_isa()
+    monkeypatch.delenv(ISA_ENV)
+    assert resolve_isa() == ISA_PATHS[0]
+
+
+def test_no_compiler_means_reference_path_with_one_warning(monkeypatch):
+    import torch.utils.cpp_extension as cpp
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp, "load", broken)
+    kernels.native_extension.cache_clear()
+    try:
+        with pytest.warns(PackedRuntimeWarning, match="running the pure-torch reference path") as caught:
+            assert resolve_isa() == "reference"
+            assert resolve_isa("avx2") == "reference"
+        assert len(caught) == 1
+        model = binary("nin", SMALL_NIN)
+        x = torch.randn(2, 1, 28, 28)
+        with torch.no_grad():
+            assert_same_logits(compile_packed(model, float_layout="model")(x), model(x))
+    finally:
+        kernels.native_extension.cache_clear()
+
+
+def test_cli_evaluate_and_benchmark_with_the_packed_runtime(tmp_path, capsys, cli_fails):
+    from micronet.data import load_dataset
+
+    info = load_dataset("synthetic", test_subset=64).info
+    torch.manual_seed(0)
+    model = randomize_batchnorm(wbwtab.prepare(build_model("nin", info.num_classes, info.in_channels, SMALL_NIN),
+                                               A=2, W=2)).eval()
+    save_checkpoint(tmp_path / "ck", model, data_info=info)
+    results = []
+    for runtime in ("torch", "packed"):
+        assert main(["evaluate", "--checkpoint", str(tmp_path / "ck"), "--test_subset", "64", "--runtime", runtime]) == 0
+        out = capsys.readouterr().out
+        results.append(out.strip().splitlines()[-1].split(": ", 1)[1].split("images")[0])
+    assert results[0] == results[1]
+    assert main(["benchmark", "--checkpoint", str(tmp_path / "ck"), "--runtime", "packed", "--batch-sizes", "1,4",
+                 "--threads", "1", "--repeats", "2", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "binary convolutions on packed bits" in out and out.count("| packed (") == 2
+    cli_fails(["evaluate", "--onnx", "x.onnx", "--runtime", "packed"], "--runtime packed runs a checkpoint")
+    float_ck = tmp_path / "float"
+    save_checkpoint(float_ck, build_model("nin", info.num_classes, info.in_channels, SMALL_NIN), data_info=info)
+    cli_fails(["evaluate", "--checkpoint", str(float_ck), "--test_subset", "64", "--runtime", "packed"],
+              "no binary convolution", "micronet quantize wbwtab")

@@ -1,0 +1,265 @@
+"""Post-training recipes: cross-layer equalization, bias correction, AdaRound, post_training_quantize.
+
+Toy models and synthetic data: every test runs in seconds. Accuracy on trained models is measured by
+bench/ptq_accuracy.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from micronet.compression.quantization import post_training_quantize
+from micronet.compression.quantization.core.integer_bias import folded_channel_scale
+from micronet.compression.quantization.ptq import AdaRoundOptions, equalize, output_shift
+from micronet.compression.quantization.ptq.adaround import rectified_sigmoid
+from micronet.compression.quantization.ptq.layers import layer_units
+from micronet.errors import QuantizationError
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Conv output channels and BatchNorm scales spread over three decades: the range imbalance CLE is for."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data *= (10 ** (torch.rand(m.out_channels, generator=g) * 3 - 2)).reshape(-1, 1, 1, 1)
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = 10 ** (torch.rand(n, generator=g) * 3 - 2)
+            m.bias.data = torch.randn(n, generator=g) * 0.5
+            m.running_mean = torch.randn(n, generator=g) * 0.2
+            m.running_var = torch.rand(n, generator=g) + 0.5
+    return model.eval()
+
+
+def _toy(seed: int = 0) -> nn.Module:
+    """conv → BN → ReLU → depthwise conv → BN → ReLU → 1×1 conv → BN → ReLU → pool → linear."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4),
+    )
+    return _randomize_bn(model, seed)
+
+
+def _data(n_batches: int, seed: int, batch: int = 32, shape=(3, 10, 10)) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, *shape, generator=g) for _ in range(n_batches)]
+
+
+# ------------------------------------------------------------------------------------------ equalization
+def test_equalization_keeps_the_function_and_balances_the_ranges():
+    model = _toy()
+    x = torch.cat(_data(2, 1))
+    equalized, report = equalize(model, absorb_high_bias=False)
+    with torch.no_grad():
+        reference, got = model(x), equalized(x)
+    assert (got - reference).abs().max() <= 1e-5 * reference.abs().max()
+    assert report.folded_bn == 3 and len(report.pairs) == 2  # conv→depthwise, depthwise→1×1 (ReLU in between)
+    layers = dict(equalized.named_modules())
+    for first, second in report.pairs:  # both sides of every pair end with the same per-channel ranges
+        r1 = layers[first].weight.abs().flatten(1).amax(1)
+        w2 = layers[second].weight
+        r2 = w2.abs().amax(dim=(1, 2, 3)) if layers[second].groups > 1 else w2.abs().transpose(0, 1).flatten(1).amax(1)
+        assert torch.allclose(r1, r2, rtol=1e-3), (first, second)
+    # the depthwise layer's channel ranges were spread over ~3 decades by the BatchNorms, and no longer are
+    spread = lambda w: float(w.detach().abs().flatten(1).amax(1).max() / w.abs().flatten(1).amax(1).min())  # noqa: E731
+    from micronet.compression.fusion import fuse
+
+    folded = dict(fuse(model)[0].named_modules())
+    assert spread(layers["3"].weight) < spread(folded["3"].weight) / 10
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in equalized.modules())
+    assert equalized.fusion_record is not None  # checkpoints rebuild the folded structure
+
+
+def test_equalization_lowers_the_error_of_per_tensor_weights():
+    model = _toy()
+    calibration, held_out = _data(4, 2), torch.cat(_data(2, 3))
+    with torch.no_grad():
+        reference = model(held_out)
+    errors = {}
+    for flag in (False, True):
+        quantized = post_training_quantize(model, calibration, w_bits=8, a_bits=8, num_batches=4, equalize=flag, q_level=1)
+        with torch.no_grad():
+            errors[flag] = float(((quantized.eval()(held_out) - reference) ** 2).mean())
+    assert errors[True] < errors[False] / 4, errors
+
+
+def test_high_bias_absorption_moves_the_bias_and_keeps_the_function():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6, momentum=1.0), nn.ReLU(), nn.Conv2d(6, 5, 1))
+    x = torch.randn(256, 4, 6, 6)
+    model.train()
+    with torch.no_grad():
+        model[1].weight.fill_(1.0)
+        model[1].bias.copy_(torch.linspace(4, 8, 6))  # every channel's mean is ≥ 4σ above zero
+        model(x)  # running statistics = these data's
+    model.eval()
+    equalized, report = equalize(model)
+    assert report.absorbed == [("0", "3")]
+    with torch.no_grad():
+        reference, got = model(x), equalized(x)
+        first_bias = dict(equalized.named_modules())["0"].bias
+    assert float((got - reference).abs().mean()) <= 1e-3 * float(reference.abs().mean())
+    unabsorbed, _ = equalize(model, absorb_high_bias=False)
+    plain = dict(unabsorbed.named_modules())
+    assert bool((first_bias < plain["0"].bias - 0.1).all())  # c = β − 3γ (in equalized units) taken out of every channel
+    assert bool((dict(equalized.named_modules())["3"].bias > plain["3"].bias).any())
+
+
+def test_relu6_pairs_are_left_alone():
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU6(), nn.Conv2d(4, 4, 1)))
+    equalized, report = equalize(model)
+    assert report.pairs == [] and "ReLU6" in report.skipped[0][1]
+
+
+# ------------------------------------------------------------------------------------------ bias correction
+def _grid(unit) -> torch.Tensor:
+    """The int32 bias grid of a unit's output (per channel), in the unit's output units."""
+    s_x = unit.layer.input_quantizer.scale.reshape(())
+    if unit.bn is None:
+        return (s_x * unit.layer.weight_quantizer.scale).double().reshape(-1)
+    factor = unit.bn.integer_shift()[0]
+    return (s_x * folded_channel_scale(unit.layer.weight_quantizer.scale, factor)).double()
+
+
+def test_bias_correction_zeroes_the_mean_shift_on_the_calibration_data():
+    model, data = _toy(1), _data(4, 4)
+    plain = post_training_quantize(model, data, w_bits=4, a_bits=8, num_batches=4)
+    corrected = post_training_quantize(model, data, w_bits=4, a_bits=8, num_batches=4, bias_correction=True)
+    float_model = _toy(1)
+    from micronet.compression.fusion import fuse  # noqa: F401 - same float model, same module names
+
+    worst_before, worst_after = 0.0, 0.0
+    for before, after in zip(layer_units(plain.eval()), layer_units(corrected.eval())):
+        shift_before = output_shift(plain, float_model, before, data)
+        shift_after = output_shift(corrected, float_model, after, data)
+        grid = _grid(after)
+        assert bool((shift_after.abs() <= grid / 2 + 1e-6).all()), (after.name, shift_after, grid)
+        worst_before = max(worst_before, float((shift_before.abs() / grid).max()))
+        worst_after = max(worst_after, float((shift_after.abs() / grid).max()))
+    assert len(layer_units(corrected)) == 4  # three convs with BatchNorm, the linear layer with its own bias
+    assert worst_before > 4 * worst_after, (worst_before, worst_after)  # in grid steps
+
+
+# ------------------------------------------------------------------------------------------ AdaRound
+def test_rectified_sigmoid_reaches_zero_and_one():
+    v = torch.tensor([-20.0, 0.0, 20.0])
+    assert rectified_sigmoid(v).tolist() == [0.0, 0.5, 1.0]
+
+
+def _layer_pair() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 1)).eval()
+
+
+def _correlated(n_batches: int, seed: int) -> list[torch.Tensor]:
+    """Smooth 8-channel images mixed from 3 sources: inputs with the correlations AdaRound exploits (for
+    white noise nearest rounding is already optimal)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(8, 3, generator=torch.Generator().manual_seed(99))
+    out = []
+    for _ in range(n_batches):
+        z = torch.nn.functional.interpolate(torch.randn(32, 3, 4, 4, generator=g), size=(8, 8), mode="bilinear")
+        out.append(torch.einsum("oc,bchw->bohw", mix, z) + 0.1 * torch.randn(32, 8, 8, 8, generator=g))
+    return out
+
+
+def test_adaround_lowers_the_held_out_error_and_only_rounds_up_or_down():
+    model = _layer_pair()
+    calibration, held_out = _correlated(4, 5), torch.cat(_correlated(4, 6))
+    nearest = post_training_quantize(model, calibration, w_bits=3, a_bits=8, num_batches=4)
+    learned = post_training_quantize(model, calibration, w_bits=3, a_bits=8, num_batches=4, adaround=True,
+                                     adaround_iterations=120, progress=False)
+    with torch.no_grad():
+        reference = model[0](held_out)
+        errors = [float(((m.eval()[0](held_out) - reference) ** 2).mean()) for m in (nearest, learned)]
+    assert errors[1] < 0.8 * errors[0], errors
+    changed = 0
+    for name in ("0", "2"):
+        float_weight = dict(model.named_modules())[name].weight
+        layer = dict(learned.named_modules())[name]
+        scale = layer.weight_quantizer.scale.reshape(-1, 1, 1, 1)
+        codes = layer.weight / scale
+        assert torch.allclose(codes, codes.round(), atol=1e-4)  # the weight holds its codes exactly
+        assert bool(((codes.round() - float_weight / scale).abs() < 1).all())  # rounded up or down, never further
+        changed += int((codes.round() != torch.round(float_weight / scale)).sum())
+    assert changed > 0
+    rows = learned.ptq_recipe["adaround_layers"]
+    assert [r["layer"] for r in rows] == ["0", "2"] and all(r["error_learned"] <= r["error_nearest"] for r in rows)
+
+
+def test_adaround_codes_survive_a_checkpoint_and_run_in_onnxruntime(tmp_path):
+    import onnxruntime as ort
+
+    from micronet.deploy.onnx import GraphView, export, load_model
+    from micronet.engine import load_checkpoint, save_checkpoint
+    from micronet.models import build_model
+
+    torch.manual_seed(0)
+    float_model = _randomize_bn(build_model("nin", num_classes=10, in_channels=1, cfg=[8, 8, 8, 8, 8, 8, 16, 16]))
+    data = _data(2, 7, shape=(1, 16, 16))
+    model = post_training_quantize(float_model, data, w_bits=4, a_bits=8, num_batches=2, equalize=True,
+                                   bias_correction=True, adaround=True, adaround_iterations=10, progress=False)
+    save_checkpoint(tmp_path / "ckpt", model, extra={"ptq": model.ptq_recipe})
+    checkpoint = load_checkpoint(tmp_path / "ckpt")
+    reloaded = checkpoint.load_into(checkpoint.build_model()).eval()
+    assert checkpoint.meta["extra"]["ptq"]["adaround"] is True
+    x = torch.cat(_data(2, 8, shape=(1, 16, 16)))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model.eval()(x))
+    codes = {}
+    for unit, again in zip(layer_units(model), layer_units(reloaded)):
+        a = unit.layer.weight_quantizer.weight_codes(unit.layer.weight)
+        b = again.layer.weight_quantizer.weight_codes(again.layer.weight)
+        assert torch.equal(a.codes, b.codes)
+        codes[unit.name] = (a.codes - a.zero_point.to(torch.int64)).numpy()
+
+    report = export(model, tmp_path / "m.onnx", x[:1], exporter="legacy")
+    view = GraphView(load_model(report.path))
+    onnx_codes = [view.constant(dq.input[0]) for dq in view.nodes("DequantizeLinear")]
+    onnx_codes = [c for c in onnx_codes if c is not None and c.ndim == 4]
+    for name, expected in codes.items():  # the file holds exactly the learned codes (4-bit values in int8)
+        assert any(c.shape == expected.shape and np.array_equal(c.astype(np.int64), expected) for c in onnx_codes), name
+    session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    step = float(np.abs(expected).max()) / 127
+    assert np.abs(got - expected).max() <= step
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+def test_bad_inputs_raise_one_line_errors():
+    model, data = _toy(), _data(2, 9)
+    with pytest.raises(QuantizationError, match="no conv or linear layer"):
+        post_training_quantize(nn.Sequential(nn.ReLU(), nn.Flatten()), data, num_batches=2)
+    with pytest.raises(QuantizationError, match="one-shot iterator"):
+        post_training_quantize(model, iter(data), num_batches=2)
+    with pytest.raises(QuantizationError, match="draws 32 calibration images per iteration but only 16"):
+        post_training_quantize(model, [d[:8] for d in data], num_batches=2, adaround=True, adaround_iterations=5,
+                               progress=False)
+    with pytest.raises(QuantizationError, match="at least 1 iteration"):
+        post_training_quantize(model, data, adaround=True, adaround_options=AdaRoundOptions(iterations=0))
+    with pytest.raises(QuantizationError, match="already quantized"):
+        post_training_quantize(post_training_quantize(model, data, num_batches=1), data)
+
+
+def test_cli_refuses_recipes_it_cannot_apply(tmp_path, cli_fails):
+    from micronet.engine import save_checkpoint
+    from micronet.models import build_model
+
+    save_checkpoint(tmp_path / "lenet", build_model("lenet", 10, 1))
+    base = ["quantize", "iao", "--checkpoint", str(tmp_path / "lenet"), "--data", "synthetic", "--out", str(tmp_path / "q")]
+    cli_fails(base + ["--adaround"], "--adaround are post-training recipes: add --ptq")
+    cli_fails(base + ["--ptq", "--adaround", "--qaft"], "drop --qaft")
+    cli_fails(["quantize", "dorefa", *base[2:], "--ptq", "--adaround"], "IAO's integer weights, not dorefa")
+    cli_fails(base + ["--ptq", "--adaround", "--adaround-iters", "0"], "--adaround-iters must be at least 1")
+    cli_fails(base + ["--ptq", "--adaround-iters", "5"], "add --adaround")
+    cli_fails(base + ["--ptq", "--adaround", "--lsq"], "drop one")
+    cli_fails(base + ["--ptq", "--adaround", "--ptq_batch", "1", "--batch-size", "8", "--no-progress"],
+              "AdaRound draws 32 calibration images per iteration but only 8")
+    assert not (tmp_path / "q").exists()
