@@ -38,6 +38,9 @@ COLUMNS: list[tuple[str, str, str | None]] = [
     ("ORT b1 (ms)", "latency_ms_b1", ".2f"), ("ORT b64 (ms)", "latency_ms_b64", ".2f"),
 ]
 PACKED_COLUMN = ("Packed (MB)", "packed_mb", ".4g")  # only shown when some row has a packed artifact
+# only shown when OpenVINO measured some row (it is an optional dependency): the same ONNX file
+OPENVINO_COLUMNS = [("Acc OpenVINO (%)", "acc_openvino", ".2f"), ("OpenVINO b1 (ms)", "openvino_ms_b1", ".2f"),
+                    ("OpenVINO b64 (ms)", "openvino_ms_b64", ".2f")]
 SENSITIVITY_COLUMNS: list[tuple[str, str, str | None]] = [
     ("Rank", "rank", "g"), ("Layer", "layer", None), ("Only this layer quantized (%)", "only_acc", ".2f"),
     ("Drop (pt)", "only_drop", ".2f"), ("All but this layer quantized (%)", "all_but_acc", ".2f"),
@@ -223,6 +226,10 @@ def render_markdown(report: dict[str, Any], sensitivity: dict[str, Any] | None) 
     columns = list(COLUMNS)
     if any(row.get("packed_mb") is not None for row in rows):
         columns.insert([key for _, key, _ in COLUMNS].index("file_mb") + 1, PACKED_COLUMN)
+    openvino = any(row.get("acc_openvino") is not None for row in rows)
+    if openvino:
+        columns.insert([key for _, key, _ in columns].index("acc_ort") + 1, OPENVINO_COLUMNS[0])
+        columns += OPENVINO_COLUMNS[1:]
     lines = [
         f"# Compression pipeline: {report.get('name', MISSING)}", "",
         f"Config: `{report.get('config', MISSING)}` · Data: {report.get('data', MISSING)}, "
@@ -230,7 +237,8 @@ def render_markdown(report: dict[str, Any], sensitivity: dict[str, Any] | None) 
         f"Wall time: {_duration(report.get('wall_time_s'))}", "",
         _markdown_table(columns, rows), "",
         f"Size (MB, theory) counts parameter bits / 8; File (MB) is the exported ONNX file. Compression and loss "
-        f"are relative to `{report.get('baseline', MISSING)}`; latencies are ONNX Runtime medians.", "",
+        f"are relative to `{report.get('baseline', MISSING)}`; latencies are medians of the same ONNX file in ONNX Runtime"
+        f"{' and in OpenVINO' if openvino else ''}.", "",
     ]
     alt = {ACCURACY_PNG: "Accuracy vs size", LATENCY_PNG: "ONNX Runtime latency"}
     lines += [f"![{alt[name]}]({name})" for name in alt if name in drawn]
