@@ -208,3 +208,6 @@ def test_openvino_columns_appear_when_openvino_measured():
     assert cells[-2:] == ["OpenVINO b1 (ms)", "OpenVINO b64 (ms)"]
     int8_row = next(line for line in text.splitlines() if line.startswith("| INT8"))
     assert "92.04" in int8_row and "5.90" in int8_row and "in ONNX Runtime and in OpenVINO" in text
+    report["machine"].update(cpu_class="AVX-512 VNNI", openvino="2026.4.1")
+    assert "AMD EPYC 7B13, AVX-512 VNNI, 2 cores" in render_markdown(report, None)
+    assert "openvino 2026.4.1" in render_markdown(report, None)

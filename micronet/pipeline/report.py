@@ -178,9 +178,11 @@ def _duration(seconds: float | None) -> str:
 
 def _machine(machine: dict[str, Any]) -> str:
     parts = [str(machine["cpu"])] if machine.get("cpu") else []
+    if machine.get("cpu_class"):  # what decides the int8 kernels, hence the latency ratios
+        parts.append(str(machine["cpu_class"]))
     if machine.get("cores") is not None:
         parts.append(f"{machine['cores']} cores")
-    parts += [f"{lib} {machine[lib]}" for lib in ("torch", "onnxruntime") if machine.get(lib)]
+    parts += [f"{lib} {machine[lib]}" for lib in ("torch", "onnxruntime", "openvino") if machine.get(lib)]
     if machine.get("threads") is not None:
         parts.append(f"{machine['threads']} thread{'s' if machine['threads'] != 1 else ''}")
     return ", ".join(parts) or MISSING
