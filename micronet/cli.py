@@ -139,6 +139,9 @@ def _train_parser(sub: Any) -> None:
                    help="sparse training for network slimming: L1 penalty s*|gamma| on every BatchNorm scale")
     p.add_argument("--s", type=float, default=1e-4, help="sparsity strength for --sr (1e-4; with SGD the push is lr*s per step)")
     _add(p, "--sr-ramp", type=int, default=0, help="--sr: grow s linearly over this many first epochs (0: constant)")
+    _add(p, "--sr-all-bn", action="store_true",
+         help="--sr: penalise every BatchNorm, also those over channels pruning cannot remove (the logits BN; "
+              "as the original did)")
     _add(p, "--prune-refine", default=None, metavar="DIR",
          help="fine-tune a pruned checkpoint (written by micronet prune): its architecture, channels and weights")
     _add(p, "--gc-prune-refine", nargs="+", default=None, metavar="C",
@@ -207,6 +210,9 @@ def _quantize_parser(sub: Any) -> None:
     p.add_argument("--ptq", action="store_true", help="post-training quantization: calibrate, no training")
     _add(p, "--ptq-batch", "--calibration-batches", dest="ptq_batch", type=int, default=200, help="calibration batches for --ptq")
     p.add_argument("--qaft", action="store_true", help="fine-tune a quantized checkpoint with frozen scales and zero points")
+    _add(p, "--clamp-weights", action="store_true",
+         help="wbwtab binary weights: clamp the latent float weights to [-1, 1] after every optimizer step (the "
+              "original's W_clip; beyond ±1 they get no gradient)")
     p.add_argument("--equalize", action="store_true",
                    help="with --ptq: fold BatchNorm, equalize weight ranges across layer pairs and absorb high biases first")
     _add(p, "--bias-correction", action="store_true",
@@ -523,9 +529,34 @@ def _config_from_args(args: argparse.Namespace):
     )
 
 
+def _command_options(args: argparse.Namespace, argv: Sequence[str]) -> tuple[dict[str, str], set[str]]:
+    """The options of ``args.command`` (destination -> its flag) and the destinations ``argv`` gives a value."""
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    flags: dict[str, str] = {}
+    for action in commands.choices[args.command]._actions:
+        if action.dest in ("help", argparse.SUPPRESS):
+            continue
+        flags[action.dest] = action.option_strings[0] if action.option_strings else action.dest
+        action.default = argparse.SUPPRESS  # so that only the options given on the command line are set
+    return flags, set(vars(parser.parse_args(list(argv)))) & set(flags)
+
+
+def _run_options(args: argparse.Namespace, **resolved: Any) -> dict[str, Any]:
+    """The options to record with a new run: every option of its command, with ``resolved`` values (the model
+    and dataset a default stood for) in place of what was given."""
+    from micronet.engine.resume import recordable_options
+
+    options = {name: getattr(args, name) for name in args.option_flags if hasattr(args, name)}
+    options.update({name: value for name, value in resolved.items() if name in args.option_flags})
+    return recordable_options(options)
+
+
 def _resume_state(args: argparse.Namespace):
-    """(checkpoint meta of OUT/last, saved TrainConfig) when --resume is given, else (None, None)."""
+    """(checkpoint meta of OUT/last, saved TrainConfig) when --resume is given, else (None, None). The options
+    the run was started with are restored into ``args``; one given again with another value is refused."""
     from micronet.engine import TrainConfig, load_checkpoint
+    from micronet.engine.resume import resume_options
 
     if not args.resume:
         return None, None
@@ -536,6 +567,14 @@ def _resume_state(args: argparse.Namespace):
         from micronet.errors import CheckpointError
 
         raise CheckpointError(f"{last.path} holds no training state: resume from the run directory `micronet train --out` wrote")
+    given = {name: getattr(args, name) for name in args.given_options}
+    restored, unchecked = resume_options(str(run), last.training, last.arch.name, given, args.option_flags)
+    for name, value in restored.items():
+        if name in args.option_flags:
+            setattr(args, name, value)
+    if unchecked:
+        print(f"note: {run} was started before runs recorded their options: {', '.join(unchecked)} could not be "
+              "checked against it and are used as given", file=sys.stderr)
     config = TrainConfig.from_json(saved)  # continue exactly as started; only --epochs may grow
     if args.epochs is not None:
         config.epochs = args.epochs
@@ -562,8 +601,9 @@ def _train_and_report(args, ctx, model, config, splits, run_dir: Path, label: st
     if ctx.is_main:
         print(f"{label} | data {info.name}: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test "
               f"| device {ctx.device} x{ctx.world_size}", flush=True)
+    options = None if args.resume else _run_options(args, data=info.name, model=model.arch.name, cfg=list(model.arch.cfg))
     result = Trainer(model, config, train_loader, val_loader, hooks=hooks, ctx=ctx, out_dir=run_dir,
-                     data_info=info).fit(resume=args.resume)
+                     data_info=info, options=options).fit(resume=args.resume)
     if ctx.is_main:
         best = load_checkpoint(resolve_checkpoint(run_dir))
         best_model = best.build_model()
@@ -597,6 +637,7 @@ def _with_devices(command):
         from micronet.engine import setup, teardown
         from micronet.engine.distributed import parse_gpu_ids
 
+        args.option_flags, args.given_options = _command_options(args, argv)
         ctx = setup(cpu=args.cpu, gpu_ids=parse_gpu_ids(args.gpu_id))
         try:
             return command(args, ctx)
@@ -649,7 +690,7 @@ def cmd_train(args: argparse.Namespace, ctx) -> int:
 
             raise ConfigError(f"{args.resume} was not started with --sr: sparse training cannot be added on resume")
     else:
-        hooks = [BatchNormL1(args.s, ramp_epochs=args.sr_ramp)] if args.sr else []
+        hooks = [BatchNormL1(args.s, ramp_epochs=args.sr_ramp, prunable_only=not args.sr_all_bn)] if args.sr else []
     label = f"model {model_name} cfg {list(model.arch.cfg)}" + "".join(
         f" | sparse training s={hook.s:g}" for hook in hooks)
     distillation = _distillation_hooks(args, last, splits.info)
@@ -713,8 +754,10 @@ def _lowbit_scheme(args: argparse.Namespace):
 
     from micronet.errors import ConfigError
 
-    if args.method != "wbwtab" and (args.W is not None or args.A is not None or args.center_weights):
-        raise ConfigError(f"--W, --A and --center-weights belong to `micronet quantize wbwtab`; {args.method} takes --w_bits and --a_bits")
+    if args.method != "wbwtab" and (args.W is not None or args.A is not None or args.center_weights
+                                    or getattr(args, "clamp_weights", False)):
+        raise ConfigError(f"--W, --A, --center-weights and --clamp-weights belong to `micronet quantize wbwtab`; "
+                          f"{args.method} takes --w_bits and --a_bits")
     if args.method == "iao":
         return None
     if getattr(args, "ptq", False):
@@ -734,8 +777,9 @@ def _lowbit_scheme(args: argparse.Namespace):
     from micronet.compression.quantization.wbwtab.quantize import wbwtab_scheme
 
     W = 2 if args.W is None else args.W  # noqa: N806 - the original's flag name
-    if args.center_weights and W != 2:
-        raise ConfigError(f"--center-weights applies to binary weights (--W 2), not --W {W}")
+    for flag, on in (("--center-weights", args.center_weights), ("--clamp-weights", getattr(args, "clamp_weights", False))):
+        if on and W != 2:
+            raise ConfigError(f"{flag} applies to binary weights (--W 2), not --W {W}")
     return replace(wbwtab_scheme(A=2 if args.A is None else args.A, W=W, center=args.center_weights), target=args.target)
 
 
@@ -764,14 +808,14 @@ def _ptq_recipes(args: argparse.Namespace) -> list[str]:
         raise ConfigError("--adaround-iters sets AdaRound's iterations: add --adaround or drop it")
     if not recipes:
         return recipes
+    named = f"post-training recipes ({', '.join(recipes)})"
     if args.method != "iao":
-        raise ConfigError(f"{' and '.join(recipes)} work on IAO's integer weights, not {args.method}: "
-                          "use `micronet quantize iao --ptq`")
+        raise ConfigError(f"{named} work on IAO's integer weights, not {args.method}: use `micronet quantize iao --ptq`")
     if args.qaft or args.resume:
-        raise ConfigError(f"{' and '.join(recipes)} quantize a float checkpoint after training: drop "
-                          f"{'--qaft' if args.qaft else '--resume'}, or start from the float checkpoint with --ptq")
+        raise ConfigError(f"{named} start from a float checkpoint: drop {'--qaft' if args.qaft else '--resume'} "
+                          "and pass the float checkpoint with --ptq")
     if not args.ptq:
-        raise ConfigError(f"{' and '.join(recipes)} are post-training recipes: add --ptq")
+        raise ConfigError(f"{named} calibrate instead of training: add --ptq")
     if args.lsq and args.adaround:
         raise ConfigError("--adaround learns the rounding of fixed-scale weights and --lsq learns scales by training: drop one")
     if args.adaround_iters is not None and args.adaround_iters < 1:
@@ -881,6 +925,14 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
         raise ConfigError(f"{args.resume} was started with --freeze-bn-after {saved[0].after_epochs}: "
                           "a resumed run keeps it (drop the flag)")
     hooks = saved or ([FreezeBNStatistics(freeze_after)] if freeze_after is not None else [])
+    from micronet.compression.quantization.core.schedule import ClampBinaryWeights
+
+    if last is not None:  # a resumed run keeps clamping if it was started so
+        hooks += [ClampBinaryWeights() for _ in _saved_hook_states(last, "clamp_binary_weights")]
+    elif args.clamp_weights:
+        hooks.append(ClampBinaryWeights())
+    if any(isinstance(hook, ClampBinaryWeights) for hook in hooks):
+        label += " | binary latent weights clamped to [-1, 1] after each step"
     distillation = _distillation_hooks(args, last, splits.info)
     hooks += distillation
     label += "".join(f" | distilling from {hook.source} (T={hook.temperature:g}, weight {hook.weight:g})"

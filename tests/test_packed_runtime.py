@@ -251,7 +251,24 @@ def test_cli_evaluate_and_benchmark_with_the_packed_runtime(tmp_path, capsys, cl
     out = capsys.readouterr().out
     assert "binary convolutions on packed bits" in out and out.count("| packed (") == 2
     cli_fails(["evaluate", "--onnx", "x.onnx", "--runtime", "packed"], "--runtime packed runs a checkpoint")
+    cli_fails(["benchmark", "--runtime", "packed"], "the packed runtime times a checkpoint")
     float_ck = tmp_path / "float"
     save_checkpoint(float_ck, build_model("nin", info.num_classes, info.in_channels, SMALL_NIN), data_info=info)
     cli_fails(["evaluate", "--checkpoint", str(float_ck), "--test_subset", "64", "--runtime", "packed"],
               "no binary convolution", "micronet quantize wbwtab")
+
+
+@pytest.mark.parametrize("channels", [1, 7, 64, 77, 130])
+def test_pack_and_unpack_agree_with_the_reference_in_both_layouts(channels):
+    g = torch.Generator().manual_seed(channels)
+    x = torch.randn(2, channels, 5, 3, generator=g)
+    x[0, 0, 0, 0] = 0.0  # sign(0) = +1
+    reference = kernels.ReferenceKernels()
+    expected = reference.pack_sign(x)
+    for isa in ISA_PATHS:
+        ops = kernels.kernels_for(isa)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            packed = ops.pack_sign(x.contiguous(memory_format=layout))
+            assert torch.equal(packed.words, expected.words) and packed.channels == channels, (isa, layout)
+        for channels_last in (False, True):
+            assert torch.equal(ops.unpack(expected, channels_last), torch.where(x >= 0, 1.0, -1.0)), isa

@@ -255,6 +255,9 @@ def test_smoke_config_end_to_end(tmp_path):
         assert row["errors"] == [], row
         assert row["acc_ort"] is not None and row["latency_ms_b1"] > 0 and row["latency_ms_b64"] > 0
         assert row["file_mb"] == pytest.approx((out / row["name"] / "model.onnx").stat().st_size / 1e6)
+    assert rows["binary"]["packed_latency_ms_b1"] > 0 and rows["binary"]["packed_latency_ms_b64"] > 0
+    assert all("packed_latency_ms_b1" not in row for name, row in rows.items() if name != "binary")
+    assert "Packed b64 (ms)" in (out / "report.md").read_text()
     int8 = [row for row in rows.values() if row["int8_onnx"]]
     assert {row["name"] for row in int8} == {"iao_ptq", "dorefa_w4a4", "binary", "iao_w8a8_mixed"}
     for row in int8:

@@ -274,3 +274,25 @@ def test_resumed_qat_keeps_its_freeze_bn_epoch(tmp_path, capsys, cli_fails):
     model = load_model(qat / "last")
     frozen = [m.freeze_bn_stats.item() for m in model.modules() if hasattr(m, "freeze_bn_stats")]
     assert frozen and all(frozen)
+
+
+def test_iao_quant_inference_uses_the_stored_weights(tmp_path):
+    """The original's quant_inference=True: layers use their weights as stored (already quantized ones, say), inputs
+    are still quantized; the switch survives a checkpoint."""
+    torch.manual_seed(0)
+    float_model = build_model("lenet", 10, 1)
+    model = iao.prepare(float_model, ptq=True, quant_inference=True)
+    assert all(not q.enabled.item() for name, q in quantizers(model) if name.endswith("weight_quantizer"))
+    assert all(q.enabled.item() for name, q in quantizers(model) if name.endswith("input_quantizer"))
+    x = torch.randn(8, 1, 28, 28)
+    calibrate(model, [x])
+    conv = model.conv1 if hasattr(model, "conv1") else next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    inputs = torch.randn(2, conv.in_channels, 12, 12)
+    expected = torch.nn.functional.conv2d(conv.input_quantizer(inputs), conv.weight, conv.integer_bias(conv.bias),
+                                          conv.stride, conv.padding, conv.dilation, conv.groups)
+    assert torch.equal(conv(inputs), expected)
+    save_checkpoint(tmp_path / "q", model)
+    again = load_model(tmp_path / "q").eval()
+    assert torch.equal(again(x), model.eval()(x))
+    layer = iao.QuantConv2d(3, 4, 3, quant_inference=True)
+    assert not layer.weight_quantizer.enabled.item() and layer.input_quantizer.enabled.item()

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from micronet.cli import main
-from micronet.compression.pruning import BatchNormL1
+from micronet.compression.pruning import BatchNormL1, prunable_batchnorms
 from micronet.errors import ConfigError
+from micronet.models import build_model
 
 
 class _Trainer:
@@ -73,6 +74,9 @@ def test_train_sr_shrinks_gamma_and_resumes_with_the_same_penalty(tmp_path, caps
     assert main(["train", "--resume", str(tmp_path / "sparse"), "--epochs", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "sparse training s=0.01" in out
+    # the logits BatchNorm (over the 10 class channels) cannot be pruned: left out, also on resume
+    assert out.count("sparse training: 8 BatchNorms penalised; left out (channels that cannot be pruned): "
+                     "features.10.bn") == 2
     logs = [json.loads(line) for line in (tmp_path / "sparse" / "log.jsonl").read_text().splitlines()]
     assert [round(entry["sparsity_s"], 6) for entry in logs] == [0.01, 0.01]  # the resumed epoch kept --sr
     plain = [json.loads(line) for line in (tmp_path / "plain" / "log.jsonl").read_text().splitlines()]
@@ -86,3 +90,31 @@ def test_sr_cannot_be_added_on_resume(tmp_path, capsys):
     assert main(["train", *common, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
     assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2", "--sr", "--no-progress"]) == 2
     assert "--sr" in capsys.readouterr().err
+
+
+def test_only_batchnorms_over_prunable_channels_are_penalised_by_default():
+    """NIN's logits BatchNorm sits over the network's output channels, which pruning never removes."""
+    torch.manual_seed(0)
+    model = build_model("nin", 10, 1, cfg=[8] * 8)
+    norms = {name: m.weight for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert prunable_batchnorms(model, torch.zeros(1, 1, 28, 28)) == [n for n in norms if n != "features.10.bn"]
+    x = torch.randn(4, 1, 28, 28)
+    for hook, penalised in ((BatchNormL1(0.01), set(norms) - {"features.10.bn"}),
+                            (BatchNormL1(0.01, prunable_only=False), set(norms))):
+        hook.on_fit_start(_Trainer(model))
+        hook.on_batch(_Trainer(model), x, None)
+        model.zero_grad()
+        for gamma in norms.values():
+            gamma.grad = torch.zeros_like(gamma)
+        hook.after_backward(_Trainer(model))
+        got = {name for name, gamma in norms.items() if gamma.grad.abs().sum() > 0}
+        assert got == penalised
+        torch.testing.assert_close(norms["features.0.bn"].grad, 0.01 * torch.sign(norms["features.0.bn"]))
+    # saved with the run; a run saved before the option existed penalised every BatchNorm and continues so
+    assert BatchNormL1.from_state(BatchNormL1(0.01).state_dict()).prunable_only is True
+    assert BatchNormL1.from_state({"kind": "batchnorm_l1", "s": 0.01}).prunable_only is False
+    only_output = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    hook = BatchNormL1(0.01)
+    hook.on_fit_start(_Trainer(only_output))
+    with pytest.raises(ConfigError, match=r"none of the BatchNorms 1 is over prunable channels.*prunable_only=False"):
+        hook.on_batch(_Trainer(only_output), torch.zeros(1, 1, 5, 5), None)

@@ -109,6 +109,8 @@ class Trainer:
 
     ``train_loader`` must offer ``set_epoch(epoch)`` and ``__len__`` and produce the same batches for
     the same epoch (micronet's :class:`~micronet.data.BatchLoader` does), so resuming is exact.
+    ``options``: the settings the run was started with (JSON values; see :mod:`micronet.engine.resume`),
+    recorded in the resumable checkpoint so that a resumed run can restore and check them.
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         data_info: Any = None,
         checkpoint_extra: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
@@ -137,6 +140,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.data_info = data_info
         self.checkpoint_extra = checkpoint_extra or {}
+        self.options = options  # what the run was started with (data, model, method): restored on resume
         self.optimizer = optimizer or build_optimizer(self.model, config)
         for group in self.optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
@@ -185,6 +189,8 @@ class Trainer:
         self.epoch = int(training["epoch"])
         self.history = list(training.get("history", []))
         self.best = training.get("best")
+        if self.options is None and isinstance(training.get("options"), dict):
+            self.options = training["options"]
         for hook, state in zip(self.hooks, training.get("hooks", [])):
             hook.load_state_dict(state)
 
@@ -351,6 +357,8 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "hooks": [hook.state_dict() for hook in self.hooks],
         }
+        if self.options is not None:
+            training["options"] = self.options
         return training, {**opt_tensors, **rng_state()}
 
     def _save(self, improved: bool) -> None:

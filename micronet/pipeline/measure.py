@@ -78,7 +78,26 @@ def measure_model(step_dir: Path, row: dict[str, Any], splits: Any, measure: dic
         result["packed_mb"] = _packed_megabytes(model, checkpoint, step_dir / PACKED_DIR, result["errors"])
     if measure.get("onnx", True):
         _measure_onnx(model, step_dir / ONNX_FILE, shape, splits, measure, result)
+    if row.get("packed_runtime", is_prepared(model) and w_bits == 1 and result["a_bits"] == 1):
+        _measure_packed_runtime(model, shape, measure, result)
     return result
+
+
+def _measure_packed_runtime(model: nn.Module, shape: tuple[int, ...], measure: dict[str, Any],
+                            result: dict[str, Any]) -> None:
+    """Latency on the bit-packed binary runtime, at the thread count and batch sizes ONNX Runtime gets."""
+    from micronet.deploy.packed import compile_packed
+    from micronet.deploy.packed.benchmark import benchmark_packed
+
+    try:
+        packed = compile_packed(model)
+    except MicronetError as error:
+        result["errors"].append(f"packed runtime: {error}")
+        return
+    batches = [int(b) for b in measure.get("batch_sizes", [1, 64])]
+    for timing in benchmark_packed(packed, shape, batches, [int(measure.get("threads", 1))],
+                                   warmup=int(measure.get("warmup", 3)), repeats=int(measure.get("repeats", 20))):
+        result[f"packed_latency_ms_b{timing['batch']}"] = timing["median (ms)"]
 
 
 def _packed_megabytes(model: nn.Module, checkpoint: Any, out: Path, errors: list[str]) -> float | None:

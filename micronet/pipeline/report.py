@@ -41,6 +41,8 @@ PACKED_COLUMN = ("Packed (MB)", "packed_mb", ".4g")  # only shown when some row 
 # only shown when OpenVINO measured some row (it is an optional dependency): the same ONNX file
 OPENVINO_COLUMNS = [("Acc OpenVINO (%)", "acc_openvino", ".2f"), ("OpenVINO b1 (ms)", "openvino_ms_b1", ".2f"),
                     ("OpenVINO b64 (ms)", "openvino_ms_b64", ".2f")]
+PACKED_RUNTIME_COLUMNS = [("Packed b1 (ms)", "packed_latency_ms_b1", ".2f"),  # only shown when some row ran on
+                          ("Packed b64 (ms)", "packed_latency_ms_b64", ".2f")]  # the bit-packed binary runtime
 SENSITIVITY_COLUMNS: list[tuple[str, str, str | None]] = [
     ("Rank", "rank", "g"), ("Layer", "layer", None), ("Only this layer quantized (%)", "only_acc", ".2f"),
     ("Drop (pt)", "only_drop", ".2f"), ("All but this layer quantized (%)", "all_but_acc", ".2f"),
@@ -232,6 +234,8 @@ def render_markdown(report: dict[str, Any], sensitivity: dict[str, Any] | None) 
     if openvino:
         columns.insert([key for _, key, _ in columns].index("acc_ort") + 1, OPENVINO_COLUMNS[0])
         columns += OPENVINO_COLUMNS[1:]
+    if any(row.get("packed_latency_ms_b1") is not None or row.get("packed_latency_ms_b64") is not None for row in rows):
+        columns += PACKED_RUNTIME_COLUMNS
     lines = [
         f"# Compression pipeline: {report.get('name', MISSING)}", "",
         f"Config: `{report.get('config', MISSING)}` · Data: {report.get('data', MISSING)}, "
@@ -240,7 +244,8 @@ def render_markdown(report: dict[str, Any], sensitivity: dict[str, Any] | None) 
         _markdown_table(columns, rows), "",
         f"Size (MB, theory) counts parameter bits / 8; File (MB) is the exported ONNX file. Compression and loss "
         f"are relative to `{report.get('baseline', MISSING)}`; latencies are medians of the same ONNX file in ONNX Runtime"
-        f"{' and in OpenVINO' if openvino else ''}.", "",
+        f"{' and in OpenVINO' if openvino else ''} (Packed: the binary layers on micronet's bit-packed XNOR-popcount "
+        f"runtime, same threads).", "",
     ]
     alt = {ACCURACY_PNG: "Accuracy vs size", LATENCY_PNG: "ONNX Runtime latency"}
     lines += [f"![{alt[name]}]({name})" for name in alt if name in drawn]

@@ -4,7 +4,8 @@
 channel record; ``apply_channel_record(fresh_model, record)`` rebuilds the pruned shapes on load.
 """
 
-from micronet.compression.pruning.api import LayerRow, PruneReport, UnprunableGroup, plan_pruning, prune
+from micronet.compression.pruning.api import (LayerRow, PruneReport, UnprunableGroup, plan_pruning, prunable_batchnorms,
+                                             prune)
 from micronet.compression.pruning.graph import ChannelGraph, build_channel_graph
 from micronet.compression.pruning.record import RECORD_VERSION, apply_channel_record, channel_record, derive_cfg
 from micronet.compression.pruning.selection import Selection, select_channels
@@ -23,6 +24,7 @@ __all__ = [
     "channel_record",
     "derive_cfg",
     "plan_pruning",
+    "prunable_batchnorms",
     "prune",
     "select_channels",
 ]

@@ -157,6 +157,18 @@ def plan_pruning(model: nn.Module, example_input: torch.Tensor | Sequence[torch.
     return graph, select_channels(graph, percent, normal_regular, importance, min_channels)
 
 
+def prunable_batchnorms(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor]) -> list[str]:
+    """Names of the BatchNorms over channels that :func:`prune` can remove (some of them, at least).
+
+    A BatchNorm over channels that can never be pruned (the network's output, a model input, a grouped
+    layout that cannot shrink) gains nothing from the sparsity penalty: shrinking its scales only costs
+    accuracy. Raises :class:`PruningError` when the model cannot be analysed (see :func:`prune`).
+    """
+    graph, selection = plan_pruning(model, example_input, percent=0.0)
+    return [path for path, use in graph.uses.items() if use.kind == "bn" and any(
+        graph.component(graph.elem_space[e]) not in selection.unprunable for e in use.in_elems)]
+
+
 def _unprunable(graph: ChannelGraph, selection: Selection) -> list[UnprunableGroup]:
     out = []
     for comp, reasons in sorted(selection.unprunable.items()):

@@ -90,7 +90,7 @@ inline void gather_words(const ConvGeometry& g, const Taps& taps, int64_t group,
 // ---------------------------------------------------------------------------------- popcount blocks
 // Each computes, for one output pixel and one block of kLanes output channels, the number of
 // mismatching bits summed over every valid tap and word, into mismatches[kLanes].
-inline void block_scalar(const ConvGeometry& g, const Taps& taps, const uint64_t* xbuf, int64_t block,
+__attribute__((always_inline)) inline void block_scalar(const ConvGeometry& g, const Taps& taps, const uint64_t* xbuf, int64_t block,
                          int64_t* mismatches) {
   for (int l = 0; l < kLanes; ++l) mismatches[l] = 0;
   for (size_t t = 0; t < taps.tap.size(); ++t) {
@@ -102,7 +102,7 @@ inline void block_scalar(const ConvGeometry& g, const Taps& taps, const uint64_t
   }
 }
 
-__attribute__((target("avx2")))
+__attribute__((target("avx2"), always_inline))
 inline __m256i popcount_bytes_avx2(__m256i v) {
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                        0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
@@ -112,8 +112,8 @@ inline __m256i popcount_bytes_avx2(__m256i v) {
   return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
 }
 
-__attribute__((target("avx2")))
-void block_avx2(const ConvGeometry& g, const Taps& taps, const uint64_t* xbuf, int64_t block, int64_t* mismatches) {
+__attribute__((target("avx2"), always_inline))
+inline void block_avx2(const ConvGeometry& g, const Taps& taps, const uint64_t* xbuf, int64_t block, int64_t* mismatches) {
   // Byte counters hold at most 8 per word: flush them into 64-bit lanes every 31 words.
   const __m256i zero = _mm256_setzero_si256();
   __m256i acc_lo = zero, acc_hi = zero, bytes_lo = zero, bytes_hi = zero;
@@ -140,8 +140,8 @@ void block_avx2(const ConvGeometry& g, const Taps& taps, const uint64_t* xbuf, i
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(mismatches + 4), acc_hi);
 }
 
-__attribute__((target("avx512f,avx512bw")))
-void block_avx512(const ConvGeometry& g, const Taps& taps, const uint64_t* xbuf, int64_t block, int64_t* mismatches) {
+__attribute__((target("avx512f,avx512bw"), always_inline))
+inline void block_avx512(const ConvGeometry& g, const Taps& taps, const uint64_t* xbuf, int64_t block, int64_t* mismatches) {
   // AVX-512BW has no 64-bit popcount: nibble lookup (vpshufb) into byte counters, summed by vpsadbw.
   const __m512i lut = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);
   const __m512i low = _mm512_set1_epi8(0x0F);
@@ -167,8 +167,8 @@ void block_avx512(const ConvGeometry& g, const Taps& taps, const uint64_t* xbuf,
   _mm512_storeu_si512(mismatches, acc);
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vpopcntdq")))
-void block_avx512_vpopcnt(const ConvGeometry& g, const Taps& taps, const uint64_t* xbuf, int64_t block,
+__attribute__((target("avx512f,avx512bw,avx512vpopcntdq"), always_inline))
+inline void block_avx512_vpopcnt(const ConvGeometry& g, const Taps& taps, const uint64_t* xbuf, int64_t block,
                           int64_t* mismatches) {
   __m512i acc = _mm512_setzero_si512();
   for (size_t t = 0; t < taps.tap.size(); ++t) {
@@ -182,14 +182,34 @@ void block_avx512_vpopcnt(const ConvGeometry& g, const Taps& taps, const uint64_
   _mm512_storeu_si512(mismatches, acc);
 }
 
-using BlockFn = void (*)(const ConvGeometry&, const Taps&, const uint64_t*, int64_t, int64_t*);
+// One output pixel, every block of output channels: dot[o] = valid − 2·mismatches (each ISA its own
+// copy, so the block kernel inlines and no call is made per block).
+#define DEFINE_PIXEL(NAME, ATTRIBUTES, BLOCK)                                                               \
+  ATTRIBUTES void NAME(const ConvGeometry& g, const Taps& taps,                        \
+                                            std::vector<uint64_t>& xbuf, int32_t valid, int32_t* dot) {     \
+    alignas(64) int64_t mismatches[kLanes];                                                                 \
+    int64_t gathered = -1;                                                                                  \
+    for (int64_t blk = 0; blk < g.blocks; ++blk) {                                                          \
+      const int64_t grp = std::min(blk * kLanes, g.cout - 1) / g.cout_per_group;                            \
+      if (grp != gathered) { gather_words(g, taps, grp, xbuf); gathered = grp; }                            \
+      BLOCK(g, taps, xbuf.data(), blk, mismatches);                                                         \
+      for (int l = 0; l < kLanes; ++l) dot[blk * kLanes + l] = valid - 2 * static_cast<int32_t>(mismatches[l]); \
+    }                                                                                                       \
+  }
 
-BlockFn block_function(int64_t isa) {
+DEFINE_PIXEL(pixel_scalar, , block_scalar)
+DEFINE_PIXEL(pixel_avx2, __attribute__((target("avx2"))), block_avx2)
+DEFINE_PIXEL(pixel_avx512, __attribute__((target("avx512f,avx512bw"))), block_avx512)
+DEFINE_PIXEL(pixel_avx512_vpopcnt, __attribute__((target("avx512f,avx512bw,avx512vpopcntdq"))), block_avx512_vpopcnt)
+
+using PixelFn = void (*)(const ConvGeometry&, const Taps&, std::vector<uint64_t>&, int32_t, int32_t*);
+
+PixelFn pixel_function(int64_t isa) {
   switch (isa) {
-    case kAvx2: return block_avx2;
-    case kAvx512: return block_avx512;
-    case kAvx512Vpopcnt: return block_avx512_vpopcnt;
-    default: return block_scalar;
+    case kAvx2: return pixel_avx2;
+    case kAvx512: return pixel_avx512;
+    case kAvx512Vpopcnt: return pixel_avx512_vpopcnt;
+    default: return pixel_scalar;
   }
 }
 
@@ -271,10 +291,14 @@ torch::Tensor pack_sign_nhwc(torch::Tensor x) {
   at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const float* v = src + p * C;
+      const __m128 zero = _mm_setzero_ps();
       for (int64_t w = 0; w < CW; ++w) {
         uint64_t word = 0;
         const int64_t last = std::min<int64_t>(64, C - w * 64);
-        for (int64_t b = 0; b < last; ++b) word |= static_cast<uint64_t>(v[w * 64 + b] >= 0.0f) << b;
+        int64_t b = 0;
+        for (; b + 4 <= last; b += 4)  // SSE2 (every x86-64): 4 signs per compare; NaN compares false -> -1
+          word |= static_cast<uint64_t>(_mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(v + w * 64 + b), zero))) << b;
+        for (; b < last; ++b) word |= static_cast<uint64_t>(v[w * 64 + b] >= 0.0f) << b;
         dst[p * CW + w] = word;
       }
     }
@@ -290,9 +314,20 @@ torch::Tensor unpack_nhwc(torch::Tensor bits, int64_t C) {
   auto out = torch::empty({N, H, W, C}, torch::kFloat32);
   const uint64_t* src = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
   float* dst = out.data_ptr<float>();
+  static const std::vector<float> table = [] {  // byte -> its 8 bits as ±1 floats
+    std::vector<float> t(256 * 8);
+    for (int byte = 0; byte < 256; ++byte)
+      for (int b = 0; b < 8; ++b) t[byte * 8 + b] = ((byte >> b) & 1) ? 1.0f : -1.0f;
+    return t;
+  }();
   at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p)
-      for (int64_t c = 0; c < C; ++c) dst[p * C + c] = ((src[p * CW + (c >> 6)] >> (c & 63)) & 1) ? 1.0f : -1.0f;
+    for (int64_t p = begin; p < end; ++p) {
+      const uint8_t* bytes = reinterpret_cast<const uint8_t*>(src + p * CW);  // little-endian: channel c in byte c/8
+      float* d = dst + p * C;
+      int64_t c = 0;
+      for (; c + 8 <= C; c += 8) std::memcpy(d + c, table.data() + bytes[c >> 3] * 8, 8 * sizeof(float));
+      for (; c < C; ++c) d[c] = ((src[p * CW + (c >> 6)] >> (c & 63)) & 1) ? 1.0f : -1.0f;
+    }
   });
   return out;
 }
@@ -393,7 +428,7 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
 
   // A vector block must not straddle two groups (each group reads its own input words).
   const bool uniform_blocks = g.groups == 1 || g.cout_per_group % kLanes == 0;
-  const BlockFn block_fn = uniform_blocks ? block_function(isa) : block_scalar;
+  const PixelFn pixel_fn = uniform_blocks ? pixel_function(isa) : nullptr;
   const bool avx512_epilogue = isa == kAvx512 || isa == kAvx512Vpopcnt;
 
   const int64_t padded = g.CWo * 64;
@@ -417,7 +452,7 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
   at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
     Taps taps;
     std::vector<uint64_t> xbuf;
-    std::vector<int32_t> dot(padded, 0);
+    std::vector<int32_t> dot(std::max(padded, g.blocks * kLanes), 0);
     alignas(64) int64_t mismatches[kLanes];
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.OH, oh = row % g.OH;
@@ -426,15 +461,7 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
         const int32_t valid = static_cast<int32_t>(taps.tap.size() * g.cin_per_group);
         int64_t gathered = -1;
         if (uniform_blocks) {
-          for (int64_t blk = 0; blk < g.blocks; ++blk) {
-            const int64_t grp = std::min(blk * kLanes, g.cout - 1) / g.cout_per_group;
-            if (grp != gathered) { gather_words(g, taps, grp, xbuf); gathered = grp; }
-            block_fn(g, taps, xbuf.data(), blk, mismatches);
-            for (int l = 0; l < kLanes; ++l) {
-              const int64_t o = blk * kLanes + l;
-              if (o < g.cout) dot[o] = valid - 2 * static_cast<int32_t>(mismatches[l]);
-            }
-          }
+          pixel_fn(g, taps, xbuf, valid, dot.data());  // padding lanes: their threshold is never met
         } else {  // channels of several groups share a block: one channel at a time
           for (int64_t o = 0; o < g.cout; ++o) {
             const int64_t grp = o / g.cout_per_group;

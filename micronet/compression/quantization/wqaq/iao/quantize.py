@@ -24,6 +24,7 @@ from torch import nn
 from micronet.base_module.op import Add, Concat  # noqa: F401 - re-exported for the original's imports
 from micronet.compression.quantization.core import bn_fold as _bn_fold
 from micronet.compression.quantization.core import modules as _core
+from micronet.compression.quantization.core.presets import use_stored_weights
 from micronet.compression.quantization.core.workflow import calibrate, freeze
 from micronet.compression.quantization.core.workflow import prepare as _prepare
 from micronet.compression.quantization.core.scheme import QuantizerSpec, QuantScheme
@@ -137,12 +138,17 @@ def prepare(
     signed_activations: bool = False,
     target: str = DEFAULT_TARGET,
 ) -> nn.Module:
-    """Prepare ``model`` with the IAO preset (the original's signature; ``quant_inference`` is accepted
-    and ignored: use :mod:`micronet.deploy` for integer inference). ``w_bits=None``: the ``target``'s
-    (7 for ``portable``, see :func:`iao_scheme`)."""
+    """Prepare ``model`` with the IAO preset (the original's signature).
+
+    ``quant_inference=True`` does what the original's did: every layer uses its weight as stored, without
+    the weight quantizer (inputs are still quantized) — for weights that are already quantized, e.g. those of
+    :func:`~micronet.compression.quantization.core.convert`. The switch is saved with the model.
+    ``w_bits=None``: the ``target``'s (7 for ``portable``, see :func:`iao_scheme`)."""
     scheme = iao_scheme(a_bits, w_bits, q_type, q_level, weight_observer, bn_fuse, bn_fuse_calib, pretrained_model, ptq, percentile,
                         signed_activations=signed_activations, target=target)
     prepared = _prepare(model, scheme, inplace=inplace, skip=skip)
+    if quant_inference:
+        use_stored_weights(prepared)
     return freeze(prepared) if qaft else prepared
 
 
@@ -154,6 +160,8 @@ def _with_iao_options(core_class: type) -> type:
         scheme = iao_scheme(a_bits, w_bits, q_type, q_level, weight_observer, bn_fuse=True, bn_fuse_calib=bn_fuse_calib,
                             pretrained_model=pretrained_model, ptq=ptq, percentile=percentile)
         core_class.__init__(self, *args, scheme=scheme, **kwargs)
+        if quant_inference:
+            use_stored_weights(self)
         if qaft:
             for quantizer in self.quantizers().values():
                 quantizer.set_mode(2)
