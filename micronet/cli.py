@@ -53,6 +53,18 @@ def _add_data_options(p: argparse.ArgumentParser, default: str | None = "fashion
     _add(p, "--data-seed", type=int, default=0, help="seed of the train/val split and subsets")
 
 
+def _add_overwrite_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace {what} micronet wrote at the output path (never a folder or file it did not write)")
+
+
+def _claim(path: str | os.PathLike, kind, args: argparse.Namespace, flag: str = "--out"):
+    """Claim the output path before any work (see micronet.outputs): one-line error if it may not be written."""
+    from micronet.outputs import claim_output
+
+    return claim_output(path, kind, overwrite=getattr(args, "overwrite", False), flag=flag)
+
+
 def _add_device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is visible")
     _add(p, "--gpu-id", default=None, help="GPUs to use, e.g. 0 or 0,1 (several GPUs start one DDP process each)")
@@ -134,6 +146,7 @@ def _train_parser(sub: Any) -> None:
     _add_training_options(p)
     _add_distillation_options(p)
     p.add_argument("--out", default=None, help="run directory (default runs/<model>)")
+    _add_overwrite_option(p, "a training run")
     _add(p, "--init", "--refine", dest="init", default=None, help="start from the weights of this checkpoint (fine-tuning)")
     p.add_argument("--sr", "-sr", action="store_true",
                    help="sparse training for network slimming: L1 penalty s*|gamma| on every BatchNorm scale")
@@ -204,6 +217,7 @@ def _quantize_parser(sub: Any) -> None:
     _add_scheme_options(p)
     p.add_argument("--checkpoint", required=False, help="trained checkpoint or run directory to start from")
     p.add_argument("--out", default=None, help="run directory for the quantized model (default <checkpoint>_<method>)")
+    _add_overwrite_option(p, "a training run")
     _add(p, "--freeze-bn-after", type=int, default=None,
          help="with --bn_fuse: train with running BN statistics from this epoch on (0-based)")
     _add(p, "--pretrained-model", action="store_true", help="accepted for compatibility: BN statistics always start from the checkpoint")
@@ -246,6 +260,7 @@ def _sensitivity_parser(sub: Any) -> None:
     _add_scheme_options(p)
     p.add_argument("--checkpoint", required=True, help="float checkpoint or run directory")
     p.add_argument("--out", required=True, help="directory for sensitivity.json and skip.txt")
+    _add_overwrite_option(p, "a sensitivity result")
     p.add_argument("--images", type=int, default=2000, help="validation images to evaluate on (class-balanced subset)")
     _add(p, "--calibration-batches", type=int, default=20, help="calibration batches of --batch-size training images")
     p.add_argument("--top", type=int, default=None, metavar="K", help="keep the K most sensitive layers in float")
@@ -314,6 +329,7 @@ def _benchmark_parser(sub: Any) -> None:
                    help="ONNX Runtime graph optimization level")
     p.add_argument("--coverage", action="store_true", help="also print which ops ONNX Runtime runs in int8 and which stay float")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results (and coverage) as JSON")
+    _add_overwrite_option(p, "a benchmark JSON")
     p.set_defaults(run=cmd_benchmark)
 
 
@@ -335,7 +351,8 @@ def _export_parser(sub: Any) -> None:
                                    "dataset). The file is then run in ONNX Runtime on test images and compared with "
                                    "the PyTorch model.")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
-    p.add_argument("--out", required=True, help="ONNX file to write (its folder must exist)")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    _add_overwrite_option(p, "an ONNX file")
     p.add_argument("--format", default="onnx", choices=["onnx"], help="artifact format (packed low-bit: micronet pack)")
     p.add_argument("--int8", action="store_true", help="float checkpoint: quantize (IAO PTQ, 8-bit activations, weights per --target) before exporting")
     _add(p, "--calib-batches", type=int, default=16, help="--int8: calibration batches of --batch-size training images")
@@ -386,6 +403,7 @@ def _fuse_parser(sub: Any) -> None:
                                    "was folded how and the test accuracy before and after, and write the fused checkpoint.")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     p.add_argument("--out", required=True, help="directory for the fused checkpoint")
+    _add_overwrite_option(p, "a checkpoint")
     _add_data_options(p, default=None)
     _add(p, "--batch-size", type=int, default=512, help="evaluation batch size")
     _add(p, "--no-eval", dest="evaluate", action="store_false", help="skip the accuracy comparison")
@@ -400,6 +418,7 @@ def _pack_parser(sub: Any) -> None:
                                    "bits as two bytes) plus scale and zero point; print measured bytes per layer.")
     p.add_argument("--checkpoint", required=True, help="quantized checkpoint or run directory")
     p.add_argument("--out", required=True, help="directory for the packed artifact")
+    _add_overwrite_option(p, "a packed artifact")
     p.set_defaults(run=cmd_pack)
 
 
@@ -421,6 +440,7 @@ def _prune_parser(sub: Any) -> None:
                                    "(no fine-tuning), and write OUT/best for `micronet train --prune_refine OUT`.")
     p.add_argument("--checkpoint", required=True, help="float checkpoint or run directory (prune before quantizing)")
     p.add_argument("--out", required=True, help="run directory for the pruned model (its checkpoint goes to OUT/best)")
+    _add_overwrite_option(p, "a training run")
     p.add_argument("--percent", type=float, default=0.5, help="share of the prunable channels to remove, in [0, 1)")
     _add(p, "--normal-regular", type=int, default=None, metavar="N",
          help="round each layer's kept channels to a multiple of N (hardware-friendly widths; 1 = plain)")
@@ -582,7 +602,17 @@ def _resume_state(args: argparse.Namespace):
     return last, config
 
 
-def _train_and_report(args, ctx, model, config, splits, run_dir: Path, label: str, hooks=()) -> None:
+def _claim_run(args: argparse.Namespace, run_dir: Path):
+    """Claim the run folder a command writes; None for a resumed run, which continues in its own folder."""
+    from micronet.engine.trainer import RUN_OUTPUT
+    from micronet.outputs import same_path
+
+    if getattr(args, "resume", None) and same_path(run_dir, args.resume):
+        return None
+    return _claim(run_dir, RUN_OUTPUT, args)
+
+
+def _train_and_report(args, ctx, model, config, splits, run_dir: Path, label: str, hooks=(), output=None) -> None:
     """Fit ``model`` with the shared engine, then test the best checkpoint once and print the summary."""
     from micronet.data import BatchLoader, default_augment
     from micronet.engine import Trainer, load_checkpoint
@@ -601,6 +631,8 @@ def _train_and_report(args, ctx, model, config, splits, run_dir: Path, label: st
     if ctx.is_main:
         print(f"{label} | data {info.name}: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test "
               f"| device {ctx.device} x{ctx.world_size}", flush=True)
+    if output is not None and ctx.is_main:
+        output.prepare()
     options = None if args.resume else _run_options(args, data=info.name, model=model.arch.name, cfg=list(model.arch.cfg))
     result = Trainer(model, config, train_loader, val_loader, hooks=hooks, ctx=ctx, out_dir=run_dir,
                      data_info=info, options=options).fit(resume=args.resume)
@@ -670,6 +702,7 @@ def cmd_train(args: argparse.Namespace, ctx) -> int:
         same_model = init is not None and model_name == init.arch.name
         cfg = _cfg_list(args.cfg) if args.cfg else (list(init.arch.cfg) if same_model else None)
     run_dir = Path(args.out or args.resume or f"runs/{model_name}")
+    output = _claim_run(args, run_dir)
     splits = _load_data(args, data_name)
     torch.manual_seed(config.seed)
     if pruned is not None or (last is not None and last.pruning_record):
@@ -699,7 +732,7 @@ def cmd_train(args: argparse.Namespace, ctx) -> int:
                      for hook in distillation)
     if pruned is not None:
         label += f" | fine-tuning the pruned {pruned.path}"
-    _train_and_report(args, ctx, model, config, splits, run_dir, label, hooks)
+    _train_and_report(args, ctx, model, config, splits, run_dir, label, hooks, output)
     return 0
 
 
@@ -863,8 +896,9 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
     data_name = args.data or (held.name if held else None)
     if data_name is None:
         raise ConfigError(f"{source.path} does not record its dataset: pass --data")
-    splits = _load_data(args, data_name)
     run_dir = Path(args.out or args.resume or f"{Path(args.checkpoint).as_posix().rstrip('/')}_{args.method}")
+    output = _claim_run(args, run_dir)
+    splits = _load_data(args, data_name)
     float_acc = source.metrics.get("test_acc")
 
     if last is None and args.qaft:
@@ -900,6 +934,7 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
                 calibration = BatchLoader(splits.train, config.batch_size, shuffle=True, seed=config.seed)
                 calibrate(model, calibration, num_batches=args.ptq_batch)
             recipe = getattr(model, "ptq_recipe", None)
+            output.prepare()
             save_checkpoint(run_dir / "best", model, data_info=splits.info,
                             metrics={"calibration_batches": model.calibrated_batches},
                             extra={"ptq": recipe} if recipe else None)
@@ -937,7 +972,7 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
     hooks += distillation
     label += "".join(f" | distilling from {hook.source} (T={hook.temperature:g}, weight {hook.weight:g})"
                      for hook in distillation)
-    _train_and_report(args, ctx, model, config, splits, run_dir, label, hooks)
+    _train_and_report(args, ctx, model, config, splits, run_dir, label, hooks, output)
     return 0
 
 
@@ -945,7 +980,7 @@ def cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import json
 
     from micronet.analysis import format_table
-    from micronet.analysis.sensitivity import choose_skip, layer_sensitivity
+    from micronet.analysis.sensitivity import SENSITIVITY_OUTPUT, choose_skip, layer_sensitivity
     from micronet.compression.quantization.core import is_prepared
     from micronet.data import BatchLoader
     from micronet.data.dataset import balanced_subset
@@ -961,6 +996,7 @@ def cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise ConfigError(f"--images must be at least 1 and --top at least 0 (got {args.images} and {args.top})")
     scheme = _scheme(args, _lowbit_scheme(args), ptq=True)
     rule = dict(top=args.top) if args.top is not None else dict(max_drop=0.2 if args.max_drop is None else args.max_drop)
+    _claim(args.out, SENSITIVITY_OUTPUT, args)
     checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
     model = checkpoint.build_model()
     if is_prepared(model):
@@ -1048,9 +1084,12 @@ def cmd_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     from micronet.analysis import format_table
     from micronet.deploy.onnxruntime import benchmark, int8_coverage, machine_header, runtime_label
+    from micronet.deploy.onnxruntime.benchmark import BENCHMARK_JSON_OUTPUT
     from micronet.io import atomic_write_text
 
     batch_sizes, threads = _int_list(args.batch_sizes, "--batch-sizes"), _int_list(args.threads, "--threads")
+    if args.json:
+        _claim(args.json, BENCHMARK_JSON_OUTPUT, args, flag="--json")
     if args.runtime == "packed" or args.checkpoint:
         return _benchmark_packed(args, batch_sizes, threads)
     if not args.onnx:
@@ -1089,12 +1128,14 @@ def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from micronet.compression.quantization.core.workflow import calibrate, is_prepared
     from micronet.data import BatchLoader
     from micronet.deploy.onnx import export
+    from micronet.deploy.onnx.export import ONNX_OUTPUT
     from micronet.deploy.onnxruntime import build_session, run, top1_agreement
     from micronet.engine import load_checkpoint
     from micronet.engine.checkpoint import resolve_checkpoint
     from micronet.engine.numerics import require_finite, require_finite_weights
     from micronet.errors import ConfigError
 
+    _claim(args.out, ONNX_OUTPUT, args)
     checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
     model = checkpoint.build_model().cpu().eval()
     require_finite_weights(model, str(checkpoint.path))
@@ -1175,7 +1216,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def _packed_model(model: Any, threads: int) -> Any:
+def _packed_model(model: Any, threads: int, float_layout: str = "model") -> Any:
     """``model`` compiled for the packed runtime on ``threads`` threads; prints what runs where."""
     import warnings
 
@@ -1185,7 +1226,7 @@ def _packed_model(model: Any, threads: int) -> Any:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        packed = compile_packed(model.cpu())
+        packed = compile_packed(model.cpu(), float_layout=float_layout)
     for warning in caught:
         print(f"warning: {warning.message}")
     torch.set_num_threads(threads)
@@ -1214,7 +1255,7 @@ def _benchmark_packed(args: argparse.Namespace, batch_sizes: list[int], threads:
         model, info = checkpoint.build_model(), (checkpoint.data_info.to_json() if checkpoint.data_info else {})
     if not info.get("image_size"):
         raise ConfigError(f"{args.checkpoint} does not record its input size: train it with micronet")
-    packed = _packed_model(model, threads[0])
+    packed = _packed_model(model, threads[0], "channels_last")  # timed in its fast form
     shape = (int(info["in_channels"]), *map(int, info["image_size"]))
     rows = benchmark_packed(packed, shape, batch_sizes, threads, args.warmup, args.repeats)
     print(f"{args.checkpoint}: input {'x'.join(map(str, shape))}, {args.warmup} warm-up + {args.repeats} timed runs each")
@@ -1246,6 +1287,7 @@ def cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from micronet.engine import evaluate, load_checkpoint, save_checkpoint, setup
     from micronet.engine.checkpoint import resolve_checkpoint
     from micronet.engine.distributed import parse_gpu_ids
+    from micronet.engine.trainer import PRUNE_REPORT_FILE
     from micronet.errors import ConfigError, DatasetError
     from micronet.io import atomic_write_text
 
@@ -1255,6 +1297,7 @@ def cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise ConfigError(f"--normal_regular N rounds each layer to a multiple of N and must be at least 1 (got {args.normal_regular})")
     if args.min_channels < 1:
         raise ConfigError(f"--min_channels must be at least 1 (got {args.min_channels}): a layer cannot lose every channel")
+    output = _claim_run(args, Path(args.out))
     checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
     if checkpoint.quant_scheme is not None:
         raise ConfigError(f"{checkpoint.path} is quantized ({checkpoint.quant_scheme.name}): prune first, then quantize "
@@ -1315,9 +1358,10 @@ def cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"{splits.info.name} test ({now['samples']} images): accuracy {was['acc'] * 100:.2f}% before, "
               f"{now['acc'] * 100:.2f}% after pruning, before fine-tuning (loss {was['loss']:.4f} / {now['loss']:.4f})")
         metrics.update(unpruned_test_acc=was["acc"], test_acc=now["acc"], test_loss=now["loss"], test_images=now["samples"])
+    output.prepare()
     out = save_checkpoint(Path(args.out) / "best", pruned.cpu(), data_info=held or (splits.info if splits else None),
                           metrics=metrics, extra=checkpoint.meta.get("extra"))
-    atomic_write_text(Path(args.out) / "prune_report.json", json.dumps(report.to_json(), indent=2) + "\n")
+    atomic_write_text(Path(args.out) / PRUNE_REPORT_FILE, json.dumps(report.to_json(), indent=2) + "\n")
     print(f"pruned checkpoint: {out} (fine-tune: micronet train --prune_refine {args.out})")
     return 0
 
@@ -1393,9 +1437,10 @@ def cmd_fuse(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from micronet.compression.fusion import fuse
     from micronet.data import BatchLoader
     from micronet.engine import evaluate, load_checkpoint, save_checkpoint, setup
-    from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.engine.checkpoint import CHECKPOINT_OUTPUT, resolve_checkpoint
     from micronet.engine.distributed import parse_gpu_ids
 
+    _claim(args.out, CHECKPOINT_OUTPUT, args)
     ctx = setup(cpu=args.cpu, gpu_ids=parse_gpu_ids(args.gpu_id)[:1])
     checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
     model = checkpoint.build_model().eval()
@@ -1423,10 +1468,11 @@ def cmd_fuse(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def cmd_pack(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from micronet.analysis import format_table
-    from micronet.compression.packing import TENSOR_FILE, layer_size_rows, read_packed_meta, save_packed
+    from micronet.compression.packing import PACKED_OUTPUT, TENSOR_FILE, layer_size_rows, read_packed_meta, save_packed
     from micronet.engine import load_checkpoint
     from micronet.engine.checkpoint import resolve_checkpoint
 
+    _claim(args.out, PACKED_OUTPUT, args)
     checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
     model = checkpoint.build_model()
     out = save_packed(model, args.out, data_info=checkpoint.data_info, metrics=checkpoint.metrics)
@@ -1483,6 +1529,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`, which exited: not an error of ours
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep Python from failing on flush at exit
         return 0
+    except OSError as exc:  # a path that vanished or became unwritable while the command ran
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"micronet {args.command}: error: cannot access{where}: {exc.strerror or exc} "
+              "(check the path, its permissions and the free space)", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -27,8 +27,20 @@ from micronet.deploy.onnx.graph import GraphView
 from micronet.deploy.targets import DEFAULT_TARGET, get_target
 from micronet.errors import DeployError
 from micronet.io import atomic_write
+from micronet.outputs import OutputKind
 
 EXPORTERS = ("dynamo", "legacy")
+PRODUCER = "micronet"
+
+
+def _is_micronet_onnx(path: Path) -> bool:
+    try:
+        return onnx.load(str(path), load_external_data=False).producer_name == PRODUCER
+    except Exception:  # noqa: BLE001 - any file onnx cannot parse is not ours
+        return False
+
+
+ONNX_OUTPUT = OutputKind("ONNX file", _is_micronet_onnx, directory=False)
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 TARGET_KEY = "micronet.target"
 
@@ -297,7 +309,7 @@ def export(
         _one_add_per_quantizer(proto)
     _strip_debug_info(proto)
     _drop_unused_initializers(proto)
-    proto.producer_name = "micronet"
+    proto.producer_name = PRODUCER
     if form_report.quantized:
         proto.metadata_props.add(key=TARGET_KEY, value=target)
     for key, value in (metadata or {}).items():

@@ -21,6 +21,11 @@ import onnxruntime as ort
 from micronet.deploy.onnxruntime.session import ModelSource, build_session, check_batch, check_image_shape, image_shape
 from micronet.errors import ConfigError
 from micronet.machine import busy_ticks, cpu_flags, cpu_model, others_cores, percentile
+from micronet.outputs import OutputKind, read_json_dict
+
+BENCHMARK_JSON_OUTPUT = OutputKind("benchmark result",
+                                   lambda path: {"machine", "results"} <= set(read_json_dict(path) or {}),
+                                   directory=False)
 
 MIN_WALL_S = 0.5  # /proc/stat counts 10 ms ticks: shorter intervals give meaningless "other cores"
 
