@@ -22,7 +22,6 @@ be shared: the load average is printed at start and end. Usage:
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import tempfile
@@ -142,15 +141,16 @@ def main() -> int:
         for bits in args.bits:
             w_bits, a_bits = BITS[bits]
             jobs = []
-            if "micronet" in args.tools:
-                jobs += [(row, lambda o=MICRONET_ROWS[row]: (_micronet(model, calibration, w_bits, a_bits, o, args), "torch"))
-                         for row in args.rows]
-            if "nncf" in args.tools:
-                jobs += [("NNCF defaults", lambda: (_nncf(model, calibration, w_bits, a_bits, False, workdir), "ort")),
-                         ("NNCF + bias correction", lambda: (_nncf(model, calibration, w_bits, a_bits, True, workdir), "ort"))]
-            if "ort" in args.tools:
-                jobs += [(f"ORT {m}", lambda m=m: (_ort(model, calibration, w_bits, a_bits, m, workdir), "ort"))
-                         for m in ("minmax", "entropy", "percentile")]
+            for tool in args.tools:  # in the order given
+                if tool == "micronet":
+                    jobs += [(row, lambda o=MICRONET_ROWS[row]: (_micronet(model, calibration, w_bits, a_bits, o, args), "torch"))
+                             for row in args.rows]
+                elif tool == "nncf":
+                    jobs += [("NNCF defaults", lambda: (_nncf(model, calibration, w_bits, a_bits, False, workdir), "ort")),
+                             ("NNCF + bias correction", lambda: (_nncf(model, calibration, w_bits, a_bits, True, workdir), "ort"))]
+                else:
+                    jobs += [(f"ORT {m}", lambda m=m: (_ort(model, calibration, w_bits, a_bits, m, workdir), "ort"))
+                             for m in ("minmax", "entropy", "percentile")]
             for label, job in jobs:
                 started = time.perf_counter()
                 try:

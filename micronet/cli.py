@@ -787,10 +787,10 @@ def _lowbit_scheme(args: argparse.Namespace):
 
     from micronet.errors import ConfigError
 
-    if args.method != "wbwtab" and (args.W is not None or args.A is not None or args.center_weights
-                                    or getattr(args, "clamp_weights", False)):
-        raise ConfigError(f"--W, --A, --center-weights and --clamp-weights belong to `micronet quantize wbwtab`; "
-                          f"{args.method} takes --w_bits and --a_bits")
+    if args.method != "wbwtab" and (args.W is not None or args.A is not None or args.center_weights):
+        raise ConfigError(f"--W, --A and --center-weights belong to `micronet quantize wbwtab`; {args.method} takes --w_bits and --a_bits")
+    if args.method != "wbwtab" and getattr(args, "clamp_weights", False):
+        raise ConfigError(f"--clamp-weights clamps binary weights of `micronet quantize wbwtab --W 2`; drop it for {args.method}")
     if args.method == "iao":
         return None
     if getattr(args, "ptq", False):

@@ -63,7 +63,7 @@ def test_cli_clamp_weights_is_saved_kept_on_resume_and_refused_elsewhere(tmp_pat
     assert weights and all(w.abs().max() <= 1.0 for w in weights)
 
     cli_fails(["quantize", "dorefa", "--checkpoint", str(tmp_path / "float"), "--clamp-weights"],
-              "--clamp-weights belong to `micronet quantize wbwtab`")
+              "--clamp-weights clamps binary weights of `micronet quantize wbwtab --W 2`; drop it for dorefa")
     cli_fails(["quantize", "wbwtab", "--checkpoint", str(tmp_path / "float"), "--W", "3", "--clamp-weights"],
               "--clamp-weights applies to binary weights (--W 2), not --W 3")
     plain = tmp_path / "plain"
