@@ -178,7 +178,8 @@ def _add_scheme_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("method", choices=["iao", "dorefa", "wbwtab"],
                    help="iao: integer-arithmetic-only affine quantization; dorefa: DoReFa k-bit; "
                         "wbwtab: binary/ternary weights and binary activations")
-    _add(p, "--w-bits", type=int, default=8, help="weight bits (iao 2-16; dorefa 1-16, 32 = float)")
+    _add(p, "--w-bits", type=int, default=None,
+         help="weight bits (iao 2-16, default: the --target's, 7 for portable; dorefa 1-16, 32 = float, default 8)")
     _add(p, "--a-bits", type=int, default=8, help="activation bits (iao 2-16; dorefa 1-16, 32 = float)")
     p.add_argument("--W", type=int, default=None, help="wbwtab weights: 2 binary, 3 ternary, 32 float (default 2)")
     p.add_argument("--A", type=int, default=None, help="wbwtab activations: 2 binary (sign), 32 float (default 2)")
@@ -196,6 +197,10 @@ def _add_scheme_options(p: argparse.ArgumentParser) -> None:
     _add(p, "--bn-fuse-calib", action="store_true", help="fold with running statistics while training")
     _add(p, "--lsq", action="store_true",
          help="iao QAT: learn the scales (LSQ); symmetric only; helps at 4 bits and below")
+    p.add_argument("--target", default="portable", choices=["portable", "vnni", "tensorrt"],
+                   help="where the int8 model will run: portable = 7-bit weights, exact and fast on every x86 CPU "
+                        "(AVX2, AVX-512, VNNI); vnni = 8-bit weights, exact only on CPUs with VNNI/AMX; "
+                        "tensorrt = 8-bit weights and signed activations")
     _add(p, "--signed-activations", action="store_true",
          help="iao: int8 activations with zero point 0 everywhere, also after ReLU (what TensorRT accepts)")
     _add(p, "--bn-fold-method", default=None, choices=["one_conv", "batch", "running"],
@@ -277,16 +282,27 @@ def _evaluate_parser(sub: Any) -> None:
     _add_data_options(p, default=None)
     p.add_argument("--split", default="test", choices=["test", "val", "train"])
     _add(p, "--batch-size", type=int, default=512)
-    p.add_argument("--threads", type=int, default=1, help="--onnx: ONNX Runtime intra-op threads; --runtime packed: kernel threads")
+    p.add_argument("--threads", type=int, default=1, help="--onnx: runtime threads; --runtime packed: kernel threads")
     _add_runtime_option(p)
     _add_device_options(p)
     p.set_defaults(run=cmd_evaluate)
 
 
 def _add_runtime_option(p: Any) -> None:
-    p.add_argument("--runtime", default="torch", choices=["torch", "packed"],
-                   help="--checkpoint: run in PyTorch, or with binary layers on the bit-packed XNOR-popcount kernels "
-                        "(wbwtab W=2 A=2 models; MICRONET_PACKED_ISA picks the kernels)")
+    p.add_argument("--runtime", default=None, choices=["torch", "packed", "onnxruntime", "openvino"],
+                   help="--checkpoint: torch (default), or packed = binary layers on the bit-packed XNOR-popcount kernels "
+                        "(wbwtab W=2 A=2 models; MICRONET_PACKED_ISA picks the kernels); --onnx: onnxruntime "
+                        "(default) or openvino (pip install openvino)")
+
+
+def _onnx_runtime(args: argparse.Namespace) -> str:
+    """The runtime that runs ``--onnx`` (ONNX Runtime unless --runtime openvino)."""
+    from micronet.errors import ConfigError
+
+    if args.runtime in ("torch", "packed"):
+        raise ConfigError(f"--runtime {args.runtime} runs a checkpoint, not an ONNX file: pass --checkpoint DIR instead "
+                          "of --onnx, or --runtime onnxruntime|openvino")
+    return args.runtime or "onnxruntime"
 
 
 BENCHMARK_EXAMPLES = """examples:
@@ -320,8 +336,8 @@ def _benchmark_parser(sub: Any) -> None:
 EXPORT_EXAMPLES = """examples:
   micronet export --checkpoint runs/demo --out demo_fp32.onnx                       # float model: FP32 ONNX
   micronet export --checkpoint runs/demo_qat_w8a8 --out demo_int8.onnx              # quantized: QDQ int8 ONNX
-  micronet export --checkpoint runs/demo --int8 --out demo_ptq_int8.onnx            # float model: W8A8 PTQ, then QDQ
-  micronet export --checkpoint runs/demo_qat_w8a8 --weight-dtype int8 --exporter legacy --out demo.onnx
+  micronet export --checkpoint runs/demo --int8 --out demo_ptq_int8.onnx            # float model: int8 PTQ, then QDQ
+  micronet export --checkpoint runs/demo --int8 --target vnni --out demo_vnni.onnx  # 8-bit weights for VNNI CPUs only
   micronet evaluate --onnx demo_int8.onnx && micronet benchmark --onnx demo_int8.onnx --coverage
 """
 
@@ -331,23 +347,27 @@ def _export_parser(sub: Any) -> None:
                        epilog=EXPORT_EXAMPLES, formatter_class=_Formatter,
                        description="Fold BatchNorm and write one ONNX file with a dynamic batch. A quantized checkpoint "
                                    "becomes a QDQ graph with its exact int8 weights and activation scales; a float one "
-                                   "becomes FP32, or with --int8 is first quantized (IAO W8A8 PTQ, calibrated on its "
+                                   "becomes FP32, or with --int8 is first quantized (IAO PTQ for the --target, calibrated on its "
                                    "dataset). The file is then run in ONNX Runtime on test images and compared with "
                                    "the PyTorch model.")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     p.add_argument("--out", required=True, help="ONNX file to write")
     _add_overwrite_option(p, "an ONNX file")
     p.add_argument("--format", default="onnx", choices=["onnx"], help="artifact format (packed low-bit: micronet pack)")
-    p.add_argument("--int8", action="store_true", help="float checkpoint: quantize (W8A8 PTQ) before exporting")
+    p.add_argument("--int8", action="store_true", help="float checkpoint: quantize (IAO PTQ, 8-bit activations, weights per --target) before exporting")
     _add(p, "--calib-batches", type=int, default=16, help="--int8: calibration batches of --batch-size training images")
     p.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"], help="torch exporter (both write the same ops)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (13-20)")
     _add(p, "--static-batch", action="store_true", help="fix the batch dimension to 1 instead of a dynamic one")
-    _add(p, "--activation-dtype", default="uint8", choices=["uint8", "int8"],
-         help="uint8: ONNX Runtime's fast path (signed codes shifted by 128); int8: zero point 0 (TensorRT)")
+    p.add_argument("--target", default=None, choices=["portable", "vnni", "tensorrt"],
+                   help="integer layout (default: the one the checkpoint was quantized for; portable for --int8): "
+                        "portable = int8 weights within ±63 (uint8 beyond), exact on every x86 CPU; vnni = int8 "
+                        "weights (exact on VNNI/AMX CPUs); tensorrt = int8 activations and weights")
+    _add(p, "--activation-dtype", default=None, choices=["uint8", "int8"],
+         help="override the target's: uint8 = ONNX Runtime's fast path (signed codes shifted by 128); int8 = zero point 0 (TensorRT)")
     _add(p, "--weight-dtype", default="auto", choices=["auto", "int8", "uint8"],
-         help="int8: standard, TensorRT, CPUs with VNNI; uint8 (zero point 128): exact on AVX2-only CPUs, whose u8s8 "
-              "kernels saturate; auto: pick for this CPU")
+         help="override the target's: int8 (zero point 0) or uint8 (zero point 128, u8u8 kernels); auto = int8 where the "
+              "target's kernels sum the codes exactly, else uint8")
     _add_data_options(p, default=None)
     _add(p, "--batch-size", type=int, default=64, help="calibration and check batch size")
     _add(p, "--check-images", type=int, default=256, help="test images for the ONNX Runtime check (0: skip)")
@@ -763,6 +783,8 @@ def _check_data_fits(checkpoint, info) -> None:
 
 def _lowbit_scheme(args: argparse.Namespace):
     """The DoReFa or WbWtAb scheme the flags describe (None for iao), after refusing flags of other methods."""
+    from dataclasses import replace
+
     from micronet.errors import ConfigError
 
     if args.method != "wbwtab" and (args.W is not None or args.A is not None or args.center_weights):
@@ -783,14 +805,15 @@ def _lowbit_scheme(args: argparse.Namespace):
     if args.method == "dorefa":
         from micronet.compression.quantization.wqaq.dorefa.quantize import dorefa_scheme
 
-        return dorefa_scheme(args.a_bits, args.w_bits, pre_scale=args.pre_scale)
+        scheme = dorefa_scheme(args.a_bits, 8 if args.w_bits is None else args.w_bits, pre_scale=args.pre_scale)
+        return replace(scheme, target=args.target)
     from micronet.compression.quantization.wbwtab.quantize import wbwtab_scheme
 
     W = 2 if args.W is None else args.W  # noqa: N806 - the original's flag name
     for flag, on in (("--center-weights", args.center_weights), ("--clamp-weights", getattr(args, "clamp_weights", False))):
         if on and W != 2:
             raise ConfigError(f"{flag} applies to binary weights (--W 2), not --W {W}")
-    return wbwtab_scheme(A=2 if args.A is None else args.A, W=W, center=args.center_weights)
+    return replace(wbwtab_scheme(A=2 if args.A is None else args.A, W=W, center=args.center_weights), target=args.target)
 
 
 def _iao_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -798,7 +821,7 @@ def _iao_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(q_type=args.q_type, q_level=args.q_level, weight_observer=args.weight_observer, bn_fuse=args.bn_fuse,
                 bn_fuse_calib=args.bn_fuse_calib, pretrained_model=True, percentile=args.percentile,
                 activation_observer=args.activation_observer, bn_fold_method=args.bn_fold_method,
-                learned_scale=args.lsq, signed_activations=args.signed_activations)
+                learned_scale=args.lsq, signed_activations=args.signed_activations, target=args.target)
 
 
 def _scheme(args: argparse.Namespace, lowbit, *, ptq: bool):
@@ -1017,6 +1040,8 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise ConfigError("pass either --checkpoint DIR or --onnx FILE, not both")
     if args.onnx and args.runtime == "packed":
         raise ConfigError("--runtime packed runs a checkpoint, not an ONNX file: pass --checkpoint DIR instead of --onnx")
+    if args.checkpoint and args.runtime in ("onnxruntime", "openvino"):
+        raise ConfigError(f"--runtime {args.runtime} runs an ONNX file: pass --onnx FILE (micronet export writes one)")
     if args.onnx:
         return _evaluate_onnx(args)
     if not args.checkpoint:
@@ -1033,11 +1058,12 @@ def _evaluate_onnx(args: argparse.Namespace) -> int:
     name = args.data or read_metadata(args.onnx).get("micronet.dataset")
     if not name:
         raise ConfigError(f"{args.onnx} does not record its dataset: pass --data (e.g. --data fashion-mnist)")
-    session = build_session(args.onnx, threads=args.threads)
+    runtime = _onnx_runtime(args)
+    session = build_session(args.onnx, threads=args.threads, runtime=runtime)
     splits = _load_data(args, name)
     stats = evaluate(session, getattr(splits, args.split), batch_size=args.batch_size)
     print(f"{args.onnx} on {splits.info.name} {args.split}: accuracy {stats['acc'] * 100:.2f}%, loss {stats['loss']:.4f}, "
-          f"{stats['samples']} images ({runtime_label(args.threads)})")
+          f"{stats['samples']} images ({runtime_label(args.threads, runtime)})")
     return 0
 
 
@@ -1057,7 +1083,7 @@ def cmd_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import json
 
     from micronet.analysis import format_table
-    from micronet.deploy.onnxruntime import benchmark, int8_coverage, machine_header
+    from micronet.deploy.onnxruntime import benchmark, int8_coverage, machine_header, runtime_label
     from micronet.deploy.onnxruntime.benchmark import BENCHMARK_JSON_OUTPUT
     from micronet.io import atomic_write_text
 
@@ -1070,9 +1096,11 @@ def cmd_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> int:
         from micronet.errors import ConfigError
 
         raise ConfigError("pass --onnx FILE, or --checkpoint DIR --runtime packed")
+    runtime = _onnx_runtime(args)
     results = benchmark(args.onnx, batch_sizes=batch_sizes, threads=threads, warmup=args.warmup,
-                        repeats=args.repeats, optimization=args.optimization)
-    print(f"{args.onnx}: input {'x'.join(map(str, results[0].input_shape))}, optimization {args.optimization}, "
+                        repeats=args.repeats, optimization=args.optimization, runtime=runtime)
+    where = f"optimization {args.optimization}" if runtime == "onnxruntime" else runtime_label(threads[0], runtime)
+    print(f"{args.onnx}: input {'x'.join(map(str, results[0].input_shape))}, {where}, "
           f"{args.warmup} warm-up + {args.repeats} timed runs each")
     print(machine_header(results[0].machine))
     print(format_table([r.row() for r in results]))
@@ -1123,13 +1151,14 @@ def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.int8 and not is_prepared(model):
         from micronet.compression.quantization.wqaq.iao.quantize import prepare
 
-        model = prepare(model, a_bits=8, w_bits=8, ptq=True)
+        model = prepare(model, a_bits=8, ptq=True, target=args.target or "portable")
         calibrate(model, BatchLoader(splits.train, args.batch_size, shuffle=True, seed=0), num_batches=args.calib_batches)
         model.eval()
-        print(f"quantized with IAO W8A8 PTQ ({model.calibrated_batches} calibration batches of {args.batch_size})")
+        print(f"quantized with IAO PTQ, {model.quant_scheme.name} ({model.calibrated_batches} calibration batches of "
+              f"{args.batch_size})")
     report = export(model, args.out, torch.zeros(1, *shape), exporter=args.exporter, opset=args.opset,
                     dynamic_batch=not args.static_batch, activation_dtype=args.activation_dtype,
-                    weight_dtype=args.weight_dtype, metadata={"micronet.dataset": name or "",
+                    weight_dtype=args.weight_dtype, target=args.target, metadata={"micronet.dataset": name or "",
                                                               "micronet.model": arch.name})
     print(report.summary())
     if report.quantized:

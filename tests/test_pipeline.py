@@ -194,7 +194,7 @@ def test_from_an_existing_checkpoint_folder(tmp_path):
             row: W8A8 PTQ
         """, "external.yaml")
     report = run_pipeline(external, out=tmp_path / "external", echo=lambda _: None)
-    assert report["rows"][0]["w_bits"] == 8
+    assert report["rows"][0]["w_bits"] == 7  # the default (portable) target: 7-bit weights
     assert report["baseline"] is None  # no FP32 row in this pipeline: nothing to compare with
 
 

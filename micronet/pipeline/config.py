@@ -33,7 +33,7 @@ STEP_KINDS: dict[str, tuple[str, str | None, bool]] = {
 _OWNED = {"out", "resume", "checkpoint", "init", "prune_refine", "data", "data_root", "overwrite"}
 DATA_KEYS = ("data", "data_root", "train_subset", "test_subset", "val_fraction", "data_seed")
 MEASURE_DEFAULTS: dict[str, Any] = {"onnx": True, "threads": 1, "batch_sizes": [1, 64], "warmup": 3, "repeats": 20,
-                                    "exporter": "dynamo"}
+                                    "exporter": "dynamo", "openvino": True}
 _TOP_KEYS = {"name", "out", "data", "measure", "baseline", "steps"}
 _STEP_KEYS = {"name", "run", "from", "args", "row", "skip_from", "distill_from"}
 _ROW_KEYS = {"type", "w_bits", "a_bits", "pack"}

@@ -235,10 +235,11 @@ def _machine(threads: int) -> dict[str, Any]:
     import onnxruntime
     import torch
 
-    from micronet.machine import cpu_model
+    from micronet.deploy.openvino import openvino_version
+    from micronet.machine import cpu_class, cpu_model
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "threads": threads}
+    return {"cpu": cpu_model(), "cpu_class": cpu_class(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "openvino": openvino_version(), "threads": threads}
 
 
 def run_pipeline(config: PipelineConfig | str | Path, *, out: str | Path | None = None,
