@@ -121,6 +121,8 @@ def main() -> int:
     parser.add_argument("--isa", default=None, help="packed kernels (default: the fastest this CPU runs)")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--batch-sizes", default="1,64")
+    parser.add_argument("--float-layout", default="channels_last", choices=["channels_last", "model"],
+                        help="float layers of the packed model (model: bit-exact, slower first conv)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -132,11 +134,11 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="binary_runtime_"))
     calibration = [torch.randn(16, 1, 28, 28) for _ in range(4)]
     fp32_path, int8_path, binary = build_models(cfg, calibration, folder)
-    packed = compile_packed(binary, isa=args.isa)
+    packed = compile_packed(binary, isa=args.isa, float_layout=args.float_layout)
     torch.set_num_threads(threads[0])
     meta = machine_meta()
     print(machine_header(meta))
-    print(f"NIN cfg {args.cfg}, packed kernels {packed.isa}; {packed.report.summary()}")
+    print(f"NIN cfg {args.cfg}, packed kernels {packed.isa}, float layers {args.float_layout}; {packed.report.summary()}")
     weights, fp32_bytes = packed.resident_binary_weight_bytes()
     print(f"binary layers: packed weight bits {weights} B, with offsets/masks/epilogue {packed.resident_binary_bytes()} B, "
           f"FP32 weights {fp32_bytes} B: weights {fp32_bytes / weights:.1f}x smaller, "

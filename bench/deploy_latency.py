@@ -1,23 +1,25 @@
-"""Is micronet's int8 ONNX export fast and accurate in ONNX Runtime? Three files of one network, one run.
+"""Is micronet's ONNX export fast and accurate on CPUs? Every file of one network, both CPU runtimes, one run.
 
 For each model it trains (a few Adam steps on Fashion-MNIST, or loads ``--checkpoint name=DIR``), then
-writes three ONNX files and runs them in ONNX Runtime (CPU, all graph optimisations, pinned threads):
+writes these ONNX files of it:
 
 * **fp32**: ``micronet.deploy.onnx.export`` of the float model (BatchNorm folded);
-* **micronet int8**: IAO post-training quantization, 8-bit activations (percentile observer, calibrated
-  on ``--calib-batches`` batches), exported as QDQ; weights 8-bit, or 7-bit on CPUs without VNNI
-  (``--weight-bits``), where ONNX Runtime's u8s8 kernels saturate with 8-bit weights — the same remedy
-  ORT's quantizer applies (``reduce_range``) — so both int8 files run the same fast, exact kernels;
-* **ort int8**: ONNX Runtime's own ``quantize_static`` of the fp32 file on the same calibration images
-  (QDQ, per-channel, U8S8, MinMax; 7-bit weights on CPUs without VNNI, as ORT advises).
+* **micronet int8**: IAO post-training quantization for ``--target`` (default ``portable``: 7-bit weights,
+  exact and on u8s8 kernels on every x86 CPU), 8-bit activations, percentile observer;
+* **micronet vnni**: the same with 8-bit weights for the ``vnni`` target (exact on VNNI/AMX CPUs only);
+* **ort int8** and **ort int8 reduce_range**: ONNX Runtime's own ``quantize_static`` of the fp32 file on
+  the same calibration images (QDQ, per-channel, U8S8, MinMax), without and with ``reduce_range``
+  (7-bit weights);
+* the low-bit presets, prepared from the same float model without training (so their accuracy means
+  nothing; they are here for latency): **dorefa w4a4**, **ternary w/float a**, **binary w/binary a**.
 
-Latency: median and p90 per ``run`` call for every batch size and thread count, the three files timed
-round-robin (fp32, micronet, ort, fp32, ...) so that machine noise hits all alike. Accuracy on
-``--test-images`` Fashion-MNIST test images for the PyTorch float and fake-quant models and the three
-files. Ratios are against the other files of the same run, never against another run. Nothing here is
-asserted in a test.
+Each file runs in ONNX Runtime and, when installed, in OpenVINO (CPU, pinned threads); the files are timed
+round-robin (fp32, micronet, ..., fp32, ...) so that machine noise hits all alike. Every row carries the
+CPU class (AVX2, AVX-512, AVX-512 VNNI) because the int8 kernels, and so the ratios, depend on it.
+Accuracy on ``--test-images`` Fashion-MNIST test images. Ratios are against files of the same run, never
+against another run. Nothing here is asserted in a test.
 
-    .venv/bin/python bench/deploy_latency.py                              # all models, ~10 minutes
+    .venv/bin/python bench/deploy_latency.py                              # all models, long
     .venv/bin/python bench/deploy_latency.py --models nin,plain-cnn --quick
     .venv/bin/python bench/deploy_latency.py --models nin --checkpoint nin=runs/demo
 """
@@ -42,13 +44,21 @@ from torch import nn  # noqa: E402
 
 from _machine import busy_ticks, finish, machine_header, machine_meta, others_cores, percentile, wait_idle  # noqa: E402
 from micronet.compression.quantization.core.workflow import calibrate  # noqa: E402
+from micronet.compression.quantization.wbwtab import quantize as wbwtab  # noqa: E402
+from micronet.compression.quantization.wqaq.dorefa import quantize as dorefa  # noqa: E402
 from micronet.compression.quantization.wqaq.iao import quantize as iao  # noqa: E402
 from micronet.data import BatchLoader, load_dataset  # noqa: E402
 from micronet.deploy.onnx import export  # noqa: E402
 from micronet.deploy.onnxruntime import build_session, int8_coverage, quantize_with_onnxruntime, run  # noqa: E402
+from micronet.deploy.openvino import openvino_version  # noqa: E402
+from micronet.machine import cpu_class  # noqa: E402
 from micronet.models import build_model, list_models  # noqa: E402
 
-VARIANTS = ("fp32", "micronet", "ort")
+ORT_PTQ = ("ort int8", "ort int8 reduce_range")
+LOW_BIT = {"dorefa w4a4": lambda m: dorefa.prepare(m, a_bits=4, w_bits=4, pre_scale=0.33),
+           "ternary w/float a": lambda m: wbwtab.prepare(m, W=3, A=32),
+           "binary w/binary a": lambda m: wbwtab.prepare(m, W=2, A=2)}
+VARIANTS = ("fp32", "micronet int8", "micronet vnni", *ORT_PTQ, *LOW_BIT)
 
 
 class PlainCNN(nn.Module):
@@ -105,54 +115,82 @@ def _time_round_robin(sessions: dict, x: np.ndarray, warmup: int, runs: int) -> 
     return times, others_cores(before, busy_ticks(), time.perf_counter() - start)
 
 
+def _write_files(model: nn.Module, args: argparse.Namespace, calibration: list, example: torch.Tensor,
+                 folder: Path, name: str) -> tuple[dict[str, Path], dict[str, nn.Module]]:
+    paths = {variant: folder / f"{name}_{variant.replace(' ', '_').replace('/', '_')}.onnx" for variant in VARIANTS}
+    export(model, paths["fp32"], example, exporter="legacy")
+    torch_models = {"fp32": model}
+    for variant, target in (("micronet int8", args.target), ("micronet vnni", "vnni")):
+        quantized = iao.prepare(model, a_bits=8, ptq=True, target=target)
+        calibrate(quantized, calibration)
+        torch_models[variant] = quantized.eval()
+        export(quantized, paths[variant], example, exporter="legacy")
+    for variant, reduce_range in zip(ORT_PTQ, (False, True)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_with_onnxruntime(paths["fp32"], paths[variant], [x.numpy() for x in calibration],
+                                      reduce_range=reduce_range)
+    for variant, prepare in LOW_BIT.items():
+        lowbit = prepare(model).eval()
+        torch_models[variant] = lowbit
+        export(lowbit, paths[variant], example, exporter="legacy")
+    return paths, torch_models
+
+
 def bench_model(name: str, args: argparse.Namespace, data, test_x, test_y, folder: Path) -> dict:
     model, origin = _model(name, args.checkpoints, data, args.train_steps)
-    example = test_x[:1]
     calibration = [x for _, (x, _) in zip(range(args.calib_batches), BatchLoader(data.train, 64, shuffle=True, seed=1))]
-    quantized = iao.prepare(model, a_bits=8, w_bits=args.weight_bits, ptq=True)
-    calibrate(quantized, calibration)
-    quantized.eval()
-    paths = {variant: folder / f"{name}_{variant}.onnx" for variant in VARIANTS}
-    export(model, paths["fp32"], example, exporter="legacy")
-    ours = export(quantized, paths["micronet"], example, exporter="legacy")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_with_onnxruntime(paths["fp32"], paths["ort"], [x.numpy() for x in calibration])
+    paths, torch_models = _write_files(model, args, calibration, test_x[:1], folder, name)
+    accuracy = {}
     with torch.no_grad():
-        accuracy = {"torch fp32": _accuracy(lambda x: model(x).numpy(), test_x, test_y),
-                    "torch fake-quant": _accuracy(lambda x: quantized(x).numpy(), test_x, test_y)}
-    for variant in VARIANTS:
-        session = build_session(paths[variant], threads=1)
-        accuracy[f"ort {variant}"] = _accuracy(lambda x, s=session: run(s, x.numpy()), test_x, test_y)
-    coverage = {variant: int8_coverage(paths[variant]).summary() for variant in ("micronet", "ort")}
+        for variant, module in torch_models.items():
+            accuracy[f"torch {variant}"] = _accuracy(lambda x, m=module: m(x).numpy(), test_x, test_y)
+    runtimes = ["onnxruntime"] + (["openvino"] if openvino_version() and not args.no_openvino else [])
+    top1 = {}
+    for runtime in runtimes:
+        for variant in VARIANTS:
+            session = build_session(paths[variant], threads=1, runtime=runtime)
+            accuracy[f"{runtime} {variant}"] = _accuracy(lambda x, s=session: run(s, x.numpy()), test_x, test_y)
+            if runtime == "openvino":
+                ort_session = build_session(paths[variant], threads=1)
+                a = np.concatenate([run(session, p.numpy()) for p in test_x.split(256)]).argmax(1)
+                b = np.concatenate([run(ort_session, p.numpy()) for p in test_x.split(256)]).argmax(1)
+                top1[variant] = float((a == b).mean())
+    coverage = {variant: int8_coverage(paths[variant]).summary() for variant in VARIANTS if variant != "fp32"}
     timings = []
-    for threads in args.threads:
-        sessions = {variant: build_session(paths[variant], threads=threads) for variant in VARIANTS}
-        for batch in args.batch_sizes:
-            x = test_x[:batch].numpy()
-            times, others = _time_round_robin(sessions, x, args.warmup, args.runs)
-            timings.append({"threads": threads, "batch": batch, "others_cores": others,
-                            **{f"{v} median ms": percentile(times[v], 0.5) * 1e3 for v in VARIANTS},
-                            **{f"{v} p90 ms": percentile(times[v], 0.9) * 1e3 for v in VARIANTS}})
-    weights = "/".join(sorted({layer.weight for layer in ours.form.layers}))
-    return {"model": name, "origin": origin, "weights": f"W{args.weight_bits} {weights}", "accuracy": accuracy,
-            "coverage": coverage, "bytes": {v: paths[v].stat().st_size for v in VARIANTS}, "timings": timings}
+    for runtime in runtimes:
+        for threads in args.threads:
+            sessions = {variant: build_session(paths[variant], threads=threads, runtime=runtime) for variant in VARIANTS}
+            for batch in args.batch_sizes:
+                times, others = _time_round_robin(sessions, test_x[:batch].numpy(), args.warmup, args.runs)
+                timings.append({"runtime": runtime, "threads": threads, "batch": batch, "others_cores": others,
+                                "median ms": {v: percentile(times[v], 0.5) * 1e3 for v in VARIANTS},
+                                "p90 ms": {v: percentile(times[v], 0.9) * 1e3 for v in VARIANTS}})
+    return {"model": name, "origin": origin, "cpu_class": cpu_class(), "target": args.target, "accuracy": accuracy,
+            "openvino_top1_agreement": top1, "coverage": coverage,
+            "bytes": {v: paths[v].stat().st_size for v in VARIANTS}, "timings": timings}
 
 
 def print_model(result: dict) -> None:
     acc = result["accuracy"]
-    print(f"\n== {result['model']} ({result['origin']}; micronet weights {result['weights']})")
-    print("accuracy: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in acc.items())
-          + f" | micronet ORT − fake-quant {100 * (acc['ort micronet'] - acc['torch fake-quant']):+.2f} pt")
-    print("file bytes: " + ", ".join(f"{k} {v / 1e3:.0f} kB" for k, v in result["bytes"].items()))
+    print(f"\n== {result['model']} ({result['origin']}; CPU class {result['cpu_class']}; micronet target {result['target']})")
+    print("accuracy (low-bit presets untrained): " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in acc.items()))
+    if result["openvino_top1_agreement"]:
+        print("OpenVINO vs ONNX Runtime top-1 agreement: "
+              + ", ".join(f"{k} {100 * v:.2f}%" for k, v in result["openvino_top1_agreement"].items()))
     for variant, text in result["coverage"].items():
         print(f"int8 coverage ({variant}): {text}")
-    print("| threads | batch | fp32 ms | micronet ms | ort ms | fp32 / micronet | ort / micronet | other cores |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| CPU class | runtime | threads | batch | file | median ms | p90 ms | × fp32 latency | × best ORT quantize_static | × micronet int8 | other cores |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for t in result["timings"]:
-        f, m, o = (t[f"{v} median ms"] for v in VARIANTS)
+        median = t["median ms"]
+        best_ort = min(median[v] for v in ORT_PTQ)
         others = "?" if t["others_cores"] is None else f"{t['others_cores']:.2f}"
-        print(f"| {t['threads']} | {t['batch']} | {f:.2f} | {m:.2f} | {o:.2f} | {f / m:.2f}× | {o / m:.2f}× | {others} |")
+        for variant in VARIANTS:
+            m = median[variant]
+            print(f"| {result['cpu_class']} | {t['runtime']} | {t['threads']} | {t['batch']} | {variant} | {m:.2f} | "
+                  f"{t['p90 ms'][variant]:.2f} | {m / median['fp32']:.2f} | {m / best_ort:.2f} | "
+                  f"{m / median['micronet int8']:.2f} | {others} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,11 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(["plain-cnn", *list_models()]), help="comma-separated registry names or plain-cnn")
     ap.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR", help="use a trained checkpoint for NAME")
     ap.add_argument("--train-steps", type=int, default=150, help="Adam steps of 64 images for models without a checkpoint")
-    ap.add_argument("--weight-bits", type=int, default=None, help="micronet weight bits (default: 8, or 7 without VNNI)")
+    ap.add_argument("--target", default="portable", choices=["portable", "vnni"], help="micronet int8 file's target")
+    ap.add_argument("--no-openvino", action="store_true", help="time ONNX Runtime only, even if OpenVINO is installed")
     ap.add_argument("--calib-batches", type=int, default=8, help="calibration batches of 64 training images (both quantizers)")
     ap.add_argument("--test-images", type=int, default=2000, help="Fashion-MNIST test images for the accuracies")
     ap.add_argument("--batch-sizes", default="1,64", help="comma-separated")
-    ap.add_argument("--threads", default="1,2", help="comma-separated ONNX Runtime intra-op thread counts")
+    ap.add_argument("--threads", default="1", help="comma-separated runtime thread counts")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--runs", type=int, default=30, help="timed runs per file, batch size and thread count")
     ap.add_argument("--quick", action="store_true", help="smoke settings: 30 training steps, 2 warm-up and 5 timed runs")
@@ -174,10 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     args.batch_sizes = [int(v) for v in args.batch_sizes.split(",")]
     args.threads = [int(v) for v in args.threads.split(",")]
     args.checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
-    if args.weight_bits is None:
-        from micronet.machine import cpu_has_vnni
-
-        args.weight_bits = 8 if cpu_has_vnni() else 7
     if args.quick:
         args.train_steps, args.warmup, args.runs, args.wait_idle = 30, 2, 5, 0.0
     torch.set_num_threads(2)

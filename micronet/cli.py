@@ -53,6 +53,18 @@ def _add_data_options(p: argparse.ArgumentParser, default: str | None = "fashion
     _add(p, "--data-seed", type=int, default=0, help="seed of the train/val split and subsets")
 
 
+def _add_overwrite_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace {what} micronet wrote at the output path (never a folder or file it did not write)")
+
+
+def _claim(path: str | os.PathLike, kind, args: argparse.Namespace, flag: str = "--out"):
+    """Claim the output path before any work (see micronet.outputs): one-line error if it may not be written."""
+    from micronet.outputs import claim_output
+
+    return claim_output(path, kind, overwrite=getattr(args, "overwrite", False), flag=flag)
+
+
 def _add_device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is visible")
     _add(p, "--gpu-id", default=None, help="GPUs to use, e.g. 0 or 0,1 (several GPUs start one DDP process each)")
@@ -134,6 +146,7 @@ def _train_parser(sub: Any) -> None:
     _add_training_options(p)
     _add_distillation_options(p)
     p.add_argument("--out", default=None, help="run directory (default runs/<model>)")
+    _add_overwrite_option(p, "a training run")
     _add(p, "--init", "--refine", dest="init", default=None, help="start from the weights of this checkpoint (fine-tuning)")
     p.add_argument("--sr", "-sr", action="store_true",
                    help="sparse training for network slimming: L1 penalty s*|gamma| on every BatchNorm scale")
@@ -165,7 +178,8 @@ def _add_scheme_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("method", choices=["iao", "dorefa", "wbwtab"],
                    help="iao: integer-arithmetic-only affine quantization; dorefa: DoReFa k-bit; "
                         "wbwtab: binary/ternary weights and binary activations")
-    _add(p, "--w-bits", type=int, default=8, help="weight bits (iao 2-16; dorefa 1-16, 32 = float)")
+    _add(p, "--w-bits", type=int, default=None,
+         help="weight bits (iao 2-16, default: the --target's, 7 for portable; dorefa 1-16, 32 = float, default 8)")
     _add(p, "--a-bits", type=int, default=8, help="activation bits (iao 2-16; dorefa 1-16, 32 = float)")
     p.add_argument("--W", type=int, default=None, help="wbwtab weights: 2 binary, 3 ternary, 32 float (default 2)")
     p.add_argument("--A", type=int, default=None, help="wbwtab activations: 2 binary (sign), 32 float (default 2)")
@@ -183,6 +197,10 @@ def _add_scheme_options(p: argparse.ArgumentParser) -> None:
     _add(p, "--bn-fuse-calib", action="store_true", help="fold with running statistics while training")
     _add(p, "--lsq", action="store_true",
          help="iao QAT: learn the scales (LSQ); symmetric only; helps at 4 bits and below")
+    p.add_argument("--target", default="portable", choices=["portable", "vnni", "tensorrt"],
+                   help="where the int8 model will run: portable = 7-bit weights, exact and fast on every x86 CPU "
+                        "(AVX2, AVX-512, VNNI); vnni = 8-bit weights, exact only on CPUs with VNNI/AMX; "
+                        "tensorrt = 8-bit weights and signed activations")
     _add(p, "--signed-activations", action="store_true",
          help="iao: int8 activations with zero point 0 everywhere, also after ReLU (what TensorRT accepts)")
     _add(p, "--bn-fold-method", default=None, choices=["one_conv", "batch", "running"],
@@ -199,12 +217,16 @@ def _quantize_parser(sub: Any) -> None:
     _add_scheme_options(p)
     p.add_argument("--checkpoint", required=False, help="trained checkpoint or run directory to start from")
     p.add_argument("--out", default=None, help="run directory for the quantized model (default <checkpoint>_<method>)")
+    _add_overwrite_option(p, "a training run")
     _add(p, "--freeze-bn-after", type=int, default=None,
          help="with --bn_fuse: train with running BN statistics from this epoch on (0-based)")
     _add(p, "--pretrained-model", action="store_true", help="accepted for compatibility: BN statistics always start from the checkpoint")
     p.add_argument("--ptq", action="store_true", help="post-training quantization: calibrate, no training")
     _add(p, "--ptq-batch", "--calibration-batches", dest="ptq_batch", type=int, default=200, help="calibration batches for --ptq")
     p.add_argument("--qaft", action="store_true", help="fine-tune a quantized checkpoint with frozen scales and zero points")
+    _add(p, "--clamp-weights", action="store_true",
+         help="wbwtab binary weights: clamp the latent float weights to [-1, 1] after every optimizer step (the "
+              "original's W_clip; beyond ±1 they get no gradient)")
     p.add_argument("--equalize", action="store_true",
                    help="with --ptq: fold BatchNorm, equalize weight ranges across layer pairs and absorb high biases first")
     _add(p, "--bias-correction", action="store_true",
@@ -238,6 +260,7 @@ def _sensitivity_parser(sub: Any) -> None:
     _add_scheme_options(p)
     p.add_argument("--checkpoint", required=True, help="float checkpoint or run directory")
     p.add_argument("--out", required=True, help="directory for sensitivity.json and skip.txt")
+    _add_overwrite_option(p, "a sensitivity result")
     p.add_argument("--images", type=int, default=2000, help="validation images to evaluate on (class-balanced subset)")
     _add(p, "--calibration-batches", type=int, default=20, help="calibration batches of --batch-size training images")
     p.add_argument("--top", type=int, default=None, metavar="K", help="keep the K most sensitive layers in float")
@@ -259,16 +282,27 @@ def _evaluate_parser(sub: Any) -> None:
     _add_data_options(p, default=None)
     p.add_argument("--split", default="test", choices=["test", "val", "train"])
     _add(p, "--batch-size", type=int, default=512)
-    p.add_argument("--threads", type=int, default=1, help="--onnx: ONNX Runtime intra-op threads; --runtime packed: kernel threads")
+    p.add_argument("--threads", type=int, default=1, help="--onnx: runtime threads; --runtime packed: kernel threads")
     _add_runtime_option(p)
     _add_device_options(p)
     p.set_defaults(run=cmd_evaluate)
 
 
 def _add_runtime_option(p: Any) -> None:
-    p.add_argument("--runtime", default="torch", choices=["torch", "packed"],
-                   help="--checkpoint: run in PyTorch, or with binary layers on the bit-packed XNOR-popcount kernels "
-                        "(wbwtab W=2 A=2 models; MICRONET_PACKED_ISA picks the kernels)")
+    p.add_argument("--runtime", default=None, choices=["torch", "packed", "onnxruntime", "openvino"],
+                   help="--checkpoint: torch (default), or packed = binary layers on the bit-packed XNOR-popcount kernels "
+                        "(wbwtab W=2 A=2 models; MICRONET_PACKED_ISA picks the kernels); --onnx: onnxruntime "
+                        "(default) or openvino (pip install openvino)")
+
+
+def _onnx_runtime(args: argparse.Namespace) -> str:
+    """The runtime that runs ``--onnx`` (ONNX Runtime unless --runtime openvino)."""
+    from micronet.errors import ConfigError
+
+    if args.runtime in ("torch", "packed"):
+        raise ConfigError(f"--runtime {args.runtime} runs a checkpoint, not an ONNX file: pass --checkpoint DIR instead "
+                          "of --onnx, or --runtime onnxruntime|openvino")
+    return args.runtime or "onnxruntime"
 
 
 BENCHMARK_EXAMPLES = """examples:
@@ -295,14 +329,15 @@ def _benchmark_parser(sub: Any) -> None:
                    help="ONNX Runtime graph optimization level")
     p.add_argument("--coverage", action="store_true", help="also print which ops ONNX Runtime runs in int8 and which stay float")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results (and coverage) as JSON")
+    _add_overwrite_option(p, "a benchmark JSON")
     p.set_defaults(run=cmd_benchmark)
 
 
 EXPORT_EXAMPLES = """examples:
   micronet export --checkpoint runs/demo --out demo_fp32.onnx                       # float model: FP32 ONNX
   micronet export --checkpoint runs/demo_qat_w8a8 --out demo_int8.onnx              # quantized: QDQ int8 ONNX
-  micronet export --checkpoint runs/demo --int8 --out demo_ptq_int8.onnx            # float model: W8A8 PTQ, then QDQ
-  micronet export --checkpoint runs/demo_qat_w8a8 --weight-dtype int8 --exporter legacy --out demo.onnx
+  micronet export --checkpoint runs/demo --int8 --out demo_ptq_int8.onnx            # float model: int8 PTQ, then QDQ
+  micronet export --checkpoint runs/demo --int8 --target vnni --out demo_vnni.onnx  # 8-bit weights for VNNI CPUs only
   micronet evaluate --onnx demo_int8.onnx && micronet benchmark --onnx demo_int8.onnx --coverage
 """
 
@@ -312,22 +347,27 @@ def _export_parser(sub: Any) -> None:
                        epilog=EXPORT_EXAMPLES, formatter_class=_Formatter,
                        description="Fold BatchNorm and write one ONNX file with a dynamic batch. A quantized checkpoint "
                                    "becomes a QDQ graph with its exact int8 weights and activation scales; a float one "
-                                   "becomes FP32, or with --int8 is first quantized (IAO W8A8 PTQ, calibrated on its "
+                                   "becomes FP32, or with --int8 is first quantized (IAO PTQ for the --target, calibrated on its "
                                    "dataset). The file is then run in ONNX Runtime on test images and compared with "
                                    "the PyTorch model.")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
-    p.add_argument("--out", required=True, help="ONNX file to write (its folder must exist)")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    _add_overwrite_option(p, "an ONNX file")
     p.add_argument("--format", default="onnx", choices=["onnx"], help="artifact format (packed low-bit: micronet pack)")
-    p.add_argument("--int8", action="store_true", help="float checkpoint: quantize (W8A8 PTQ) before exporting")
+    p.add_argument("--int8", action="store_true", help="float checkpoint: quantize (IAO PTQ, 8-bit activations, weights per --target) before exporting")
     _add(p, "--calib-batches", type=int, default=16, help="--int8: calibration batches of --batch-size training images")
     p.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"], help="torch exporter (both write the same ops)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (13-20)")
     _add(p, "--static-batch", action="store_true", help="fix the batch dimension to 1 instead of a dynamic one")
-    _add(p, "--activation-dtype", default="uint8", choices=["uint8", "int8"],
-         help="uint8: ONNX Runtime's fast path (signed codes shifted by 128); int8: zero point 0 (TensorRT)")
+    p.add_argument("--target", default=None, choices=["portable", "vnni", "tensorrt"],
+                   help="integer layout (default: the one the checkpoint was quantized for; portable for --int8): "
+                        "portable = int8 weights within ±63 (uint8 beyond), exact on every x86 CPU; vnni = int8 "
+                        "weights (exact on VNNI/AMX CPUs); tensorrt = int8 activations and weights")
+    _add(p, "--activation-dtype", default=None, choices=["uint8", "int8"],
+         help="override the target's: uint8 = ONNX Runtime's fast path (signed codes shifted by 128); int8 = zero point 0 (TensorRT)")
     _add(p, "--weight-dtype", default="auto", choices=["auto", "int8", "uint8"],
-         help="int8: standard, TensorRT, CPUs with VNNI; uint8 (zero point 128): exact on AVX2-only CPUs, whose u8s8 "
-              "kernels saturate; auto: pick for this CPU")
+         help="override the target's: int8 (zero point 0) or uint8 (zero point 128, u8u8 kernels); auto = int8 where the "
+              "target's kernels sum the codes exactly, else uint8")
     _add_data_options(p, default=None)
     _add(p, "--batch-size", type=int, default=64, help="calibration and check batch size")
     _add(p, "--check-images", type=int, default=256, help="test images for the ONNX Runtime check (0: skip)")
@@ -363,6 +403,7 @@ def _fuse_parser(sub: Any) -> None:
                                    "was folded how and the test accuracy before and after, and write the fused checkpoint.")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     p.add_argument("--out", required=True, help="directory for the fused checkpoint")
+    _add_overwrite_option(p, "a checkpoint")
     _add_data_options(p, default=None)
     _add(p, "--batch-size", type=int, default=512, help="evaluation batch size")
     _add(p, "--no-eval", dest="evaluate", action="store_false", help="skip the accuracy comparison")
@@ -377,6 +418,7 @@ def _pack_parser(sub: Any) -> None:
                                    "bits as two bytes) plus scale and zero point; print measured bytes per layer.")
     p.add_argument("--checkpoint", required=True, help="quantized checkpoint or run directory")
     p.add_argument("--out", required=True, help="directory for the packed artifact")
+    _add_overwrite_option(p, "a packed artifact")
     p.set_defaults(run=cmd_pack)
 
 
@@ -398,6 +440,7 @@ def _prune_parser(sub: Any) -> None:
                                    "(no fine-tuning), and write OUT/best for `micronet train --prune_refine OUT`.")
     p.add_argument("--checkpoint", required=True, help="float checkpoint or run directory (prune before quantizing)")
     p.add_argument("--out", required=True, help="run directory for the pruned model (its checkpoint goes to OUT/best)")
+    _add_overwrite_option(p, "a training run")
     p.add_argument("--percent", type=float, default=0.5, help="share of the prunable channels to remove, in [0, 1)")
     _add(p, "--normal-regular", type=int, default=None, metavar="N",
          help="round each layer's kept channels to a multiple of N (hardware-friendly widths; 1 = plain)")
@@ -559,7 +602,17 @@ def _resume_state(args: argparse.Namespace):
     return last, config
 
 
-def _train_and_report(args, ctx, model, config, splits, run_dir: Path, label: str, hooks=()) -> None:
+def _claim_run(args: argparse.Namespace, run_dir: Path):
+    """Claim the run folder a command writes; None for a resumed run, which continues in its own folder."""
+    from micronet.engine.trainer import RUN_OUTPUT
+    from micronet.outputs import same_path
+
+    if getattr(args, "resume", None) and same_path(run_dir, args.resume):
+        return None
+    return _claim(run_dir, RUN_OUTPUT, args)
+
+
+def _train_and_report(args, ctx, model, config, splits, run_dir: Path, label: str, hooks=(), output=None) -> None:
     """Fit ``model`` with the shared engine, then test the best checkpoint once and print the summary."""
     from micronet.data import BatchLoader, default_augment
     from micronet.engine import Trainer, load_checkpoint
@@ -578,6 +631,8 @@ def _train_and_report(args, ctx, model, config, splits, run_dir: Path, label: st
     if ctx.is_main:
         print(f"{label} | data {info.name}: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test "
               f"| device {ctx.device} x{ctx.world_size}", flush=True)
+    if output is not None and ctx.is_main:
+        output.prepare()
     options = None if args.resume else _run_options(args, data=info.name, model=model.arch.name, cfg=list(model.arch.cfg))
     result = Trainer(model, config, train_loader, val_loader, hooks=hooks, ctx=ctx, out_dir=run_dir,
                      data_info=info, options=options).fit(resume=args.resume)
@@ -647,6 +702,7 @@ def cmd_train(args: argparse.Namespace, ctx) -> int:
         same_model = init is not None and model_name == init.arch.name
         cfg = _cfg_list(args.cfg) if args.cfg else (list(init.arch.cfg) if same_model else None)
     run_dir = Path(args.out or args.resume or f"runs/{model_name}")
+    output = _claim_run(args, run_dir)
     splits = _load_data(args, data_name)
     torch.manual_seed(config.seed)
     if pruned is not None or (last is not None and last.pruning_record):
@@ -676,7 +732,7 @@ def cmd_train(args: argparse.Namespace, ctx) -> int:
                      for hook in distillation)
     if pruned is not None:
         label += f" | fine-tuning the pruned {pruned.path}"
-    _train_and_report(args, ctx, model, config, splits, run_dir, label, hooks)
+    _train_and_report(args, ctx, model, config, splits, run_dir, label, hooks, output)
     return 0
 
 
@@ -727,10 +783,14 @@ def _check_data_fits(checkpoint, info) -> None:
 
 def _lowbit_scheme(args: argparse.Namespace):
     """The DoReFa or WbWtAb scheme the flags describe (None for iao), after refusing flags of other methods."""
+    from dataclasses import replace
+
     from micronet.errors import ConfigError
 
     if args.method != "wbwtab" and (args.W is not None or args.A is not None or args.center_weights):
         raise ConfigError(f"--W, --A and --center-weights belong to `micronet quantize wbwtab`; {args.method} takes --w_bits and --a_bits")
+    if args.method != "wbwtab" and getattr(args, "clamp_weights", False):
+        raise ConfigError(f"--clamp-weights clamps binary weights of `micronet quantize wbwtab --W 2`; drop it for {args.method}")
     if args.method == "iao":
         return None
     if getattr(args, "ptq", False):
@@ -745,13 +805,15 @@ def _lowbit_scheme(args: argparse.Namespace):
     if args.method == "dorefa":
         from micronet.compression.quantization.wqaq.dorefa.quantize import dorefa_scheme
 
-        return dorefa_scheme(args.a_bits, args.w_bits, pre_scale=args.pre_scale)
+        scheme = dorefa_scheme(args.a_bits, 8 if args.w_bits is None else args.w_bits, pre_scale=args.pre_scale)
+        return replace(scheme, target=args.target)
     from micronet.compression.quantization.wbwtab.quantize import wbwtab_scheme
 
     W = 2 if args.W is None else args.W  # noqa: N806 - the original's flag name
-    if args.center_weights and W != 2:
-        raise ConfigError(f"--center-weights applies to binary weights (--W 2), not --W {W}")
-    return wbwtab_scheme(A=2 if args.A is None else args.A, W=W, center=args.center_weights)
+    for flag, on in (("--center-weights", args.center_weights), ("--clamp-weights", getattr(args, "clamp_weights", False))):
+        if on and W != 2:
+            raise ConfigError(f"{flag} applies to binary weights (--W 2), not --W {W}")
+    return replace(wbwtab_scheme(A=2 if args.A is None else args.A, W=W, center=args.center_weights), target=args.target)
 
 
 def _iao_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -759,7 +821,7 @@ def _iao_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(q_type=args.q_type, q_level=args.q_level, weight_observer=args.weight_observer, bn_fuse=args.bn_fuse,
                 bn_fuse_calib=args.bn_fuse_calib, pretrained_model=True, percentile=args.percentile,
                 activation_observer=args.activation_observer, bn_fold_method=args.bn_fold_method,
-                learned_scale=args.lsq, signed_activations=args.signed_activations)
+                learned_scale=args.lsq, signed_activations=args.signed_activations, target=args.target)
 
 
 def _scheme(args: argparse.Namespace, lowbit, *, ptq: bool):
@@ -779,14 +841,14 @@ def _ptq_recipes(args: argparse.Namespace) -> list[str]:
         raise ConfigError("--adaround-iters sets AdaRound's iterations: add --adaround or drop it")
     if not recipes:
         return recipes
+    named = f"post-training recipes ({', '.join(recipes)})"
     if args.method != "iao":
-        raise ConfigError(f"{' and '.join(recipes)} work on IAO's integer weights, not {args.method}: "
-                          "use `micronet quantize iao --ptq`")
+        raise ConfigError(f"{named} work on IAO's integer weights, not {args.method}: use `micronet quantize iao --ptq`")
     if args.qaft or args.resume:
-        raise ConfigError(f"{' and '.join(recipes)} quantize a float checkpoint after training: drop "
-                          f"{'--qaft' if args.qaft else '--resume'}, or start from the float checkpoint with --ptq")
+        raise ConfigError(f"{named} start from a float checkpoint: drop {'--qaft' if args.qaft else '--resume'} "
+                          "and pass the float checkpoint with --ptq")
     if not args.ptq:
-        raise ConfigError(f"{' and '.join(recipes)} are post-training recipes: add --ptq")
+        raise ConfigError(f"{named} calibrate instead of training: add --ptq")
     if args.lsq and args.adaround:
         raise ConfigError("--adaround learns the rounding of fixed-scale weights and --lsq learns scales by training: drop one")
     if args.adaround_iters is not None and args.adaround_iters < 1:
@@ -834,8 +896,9 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
     data_name = args.data or (held.name if held else None)
     if data_name is None:
         raise ConfigError(f"{source.path} does not record its dataset: pass --data")
-    splits = _load_data(args, data_name)
     run_dir = Path(args.out or args.resume or f"{Path(args.checkpoint).as_posix().rstrip('/')}_{args.method}")
+    output = _claim_run(args, run_dir)
+    splits = _load_data(args, data_name)
     float_acc = source.metrics.get("test_acc")
 
     if last is None and args.qaft:
@@ -871,6 +934,7 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
                 calibration = BatchLoader(splits.train, config.batch_size, shuffle=True, seed=config.seed)
                 calibrate(model, calibration, num_batches=args.ptq_batch)
             recipe = getattr(model, "ptq_recipe", None)
+            output.prepare()
             save_checkpoint(run_dir / "best", model, data_info=splits.info,
                             metrics={"calibration_batches": model.calibrated_batches},
                             extra={"ptq": recipe} if recipe else None)
@@ -896,11 +960,19 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
         raise ConfigError(f"{args.resume} was started with --freeze-bn-after {saved[0].after_epochs}: "
                           "a resumed run keeps it (drop the flag)")
     hooks = saved or ([FreezeBNStatistics(freeze_after)] if freeze_after is not None else [])
+    from micronet.compression.quantization.core.schedule import ClampBinaryWeights
+
+    if last is not None:  # a resumed run keeps clamping if it was started so
+        hooks += [ClampBinaryWeights() for _ in _saved_hook_states(last, "clamp_binary_weights")]
+    elif args.clamp_weights:
+        hooks.append(ClampBinaryWeights())
+    if any(isinstance(hook, ClampBinaryWeights) for hook in hooks):
+        label += " | binary latent weights clamped to [-1, 1] after each step"
     distillation = _distillation_hooks(args, last, splits.info)
     hooks += distillation
     label += "".join(f" | distilling from {hook.source} (T={hook.temperature:g}, weight {hook.weight:g})"
                      for hook in distillation)
-    _train_and_report(args, ctx, model, config, splits, run_dir, label, hooks)
+    _train_and_report(args, ctx, model, config, splits, run_dir, label, hooks, output)
     return 0
 
 
@@ -908,7 +980,7 @@ def cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import json
 
     from micronet.analysis import format_table
-    from micronet.analysis.sensitivity import choose_skip, layer_sensitivity
+    from micronet.analysis.sensitivity import SENSITIVITY_OUTPUT, choose_skip, layer_sensitivity
     from micronet.compression.quantization.core import is_prepared
     from micronet.data import BatchLoader
     from micronet.data.dataset import balanced_subset
@@ -924,6 +996,7 @@ def cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise ConfigError(f"--images must be at least 1 and --top at least 0 (got {args.images} and {args.top})")
     scheme = _scheme(args, _lowbit_scheme(args), ptq=True)
     rule = dict(top=args.top) if args.top is not None else dict(max_drop=0.2 if args.max_drop is None else args.max_drop)
+    _claim(args.out, SENSITIVITY_OUTPUT, args)
     checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
     model = checkpoint.build_model()
     if is_prepared(model):
@@ -967,6 +1040,8 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise ConfigError("pass either --checkpoint DIR or --onnx FILE, not both")
     if args.onnx and args.runtime == "packed":
         raise ConfigError("--runtime packed runs a checkpoint, not an ONNX file: pass --checkpoint DIR instead of --onnx")
+    if args.checkpoint and args.runtime in ("onnxruntime", "openvino"):
+        raise ConfigError(f"--runtime {args.runtime} runs an ONNX file: pass --onnx FILE (micronet export writes one)")
     if args.onnx:
         return _evaluate_onnx(args)
     if not args.checkpoint:
@@ -983,11 +1058,12 @@ def _evaluate_onnx(args: argparse.Namespace) -> int:
     name = args.data or read_metadata(args.onnx).get("micronet.dataset")
     if not name:
         raise ConfigError(f"{args.onnx} does not record its dataset: pass --data (e.g. --data fashion-mnist)")
-    session = build_session(args.onnx, threads=args.threads)
+    runtime = _onnx_runtime(args)
+    session = build_session(args.onnx, threads=args.threads, runtime=runtime)
     splits = _load_data(args, name)
     stats = evaluate(session, getattr(splits, args.split), batch_size=args.batch_size)
     print(f"{args.onnx} on {splits.info.name} {args.split}: accuracy {stats['acc'] * 100:.2f}%, loss {stats['loss']:.4f}, "
-          f"{stats['samples']} images ({runtime_label(args.threads)})")
+          f"{stats['samples']} images ({runtime_label(args.threads, runtime)})")
     return 0
 
 
@@ -1007,19 +1083,24 @@ def cmd_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import json
 
     from micronet.analysis import format_table
-    from micronet.deploy.onnxruntime import benchmark, int8_coverage, machine_header
+    from micronet.deploy.onnxruntime import benchmark, int8_coverage, machine_header, runtime_label
+    from micronet.deploy.onnxruntime.benchmark import BENCHMARK_JSON_OUTPUT
     from micronet.io import atomic_write_text
 
     batch_sizes, threads = _int_list(args.batch_sizes, "--batch-sizes"), _int_list(args.threads, "--threads")
+    if args.json:
+        _claim(args.json, BENCHMARK_JSON_OUTPUT, args, flag="--json")
     if args.runtime == "packed" or args.checkpoint:
         return _benchmark_packed(args, batch_sizes, threads)
     if not args.onnx:
         from micronet.errors import ConfigError
 
         raise ConfigError("pass --onnx FILE, or --checkpoint DIR --runtime packed")
+    runtime = _onnx_runtime(args)
     results = benchmark(args.onnx, batch_sizes=batch_sizes, threads=threads, warmup=args.warmup,
-                        repeats=args.repeats, optimization=args.optimization)
-    print(f"{args.onnx}: input {'x'.join(map(str, results[0].input_shape))}, optimization {args.optimization}, "
+                        repeats=args.repeats, optimization=args.optimization, runtime=runtime)
+    where = f"optimization {args.optimization}" if runtime == "onnxruntime" else runtime_label(threads[0], runtime)
+    print(f"{args.onnx}: input {'x'.join(map(str, results[0].input_shape))}, {where}, "
           f"{args.warmup} warm-up + {args.repeats} timed runs each")
     print(machine_header(results[0].machine))
     print(format_table([r.row() for r in results]))
@@ -1047,12 +1128,14 @@ def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from micronet.compression.quantization.core.workflow import calibrate, is_prepared
     from micronet.data import BatchLoader
     from micronet.deploy.onnx import export
+    from micronet.deploy.onnx.export import ONNX_OUTPUT
     from micronet.deploy.onnxruntime import build_session, run, top1_agreement
     from micronet.engine import load_checkpoint
     from micronet.engine.checkpoint import resolve_checkpoint
     from micronet.engine.numerics import require_finite, require_finite_weights
     from micronet.errors import ConfigError
 
+    _claim(args.out, ONNX_OUTPUT, args)
     checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
     model = checkpoint.build_model().cpu().eval()
     require_finite_weights(model, str(checkpoint.path))
@@ -1068,13 +1151,14 @@ def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.int8 and not is_prepared(model):
         from micronet.compression.quantization.wqaq.iao.quantize import prepare
 
-        model = prepare(model, a_bits=8, w_bits=8, ptq=True)
+        model = prepare(model, a_bits=8, ptq=True, target=args.target or "portable")
         calibrate(model, BatchLoader(splits.train, args.batch_size, shuffle=True, seed=0), num_batches=args.calib_batches)
         model.eval()
-        print(f"quantized with IAO W8A8 PTQ ({model.calibrated_batches} calibration batches of {args.batch_size})")
+        print(f"quantized with IAO PTQ, {model.quant_scheme.name} ({model.calibrated_batches} calibration batches of "
+              f"{args.batch_size})")
     report = export(model, args.out, torch.zeros(1, *shape), exporter=args.exporter, opset=args.opset,
                     dynamic_batch=not args.static_batch, activation_dtype=args.activation_dtype,
-                    weight_dtype=args.weight_dtype, metadata={"micronet.dataset": name or "",
+                    weight_dtype=args.weight_dtype, target=args.target, metadata={"micronet.dataset": name or "",
                                                               "micronet.model": arch.name})
     print(report.summary())
     if report.quantized:
@@ -1132,7 +1216,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def _packed_model(model: Any, threads: int) -> Any:
+def _packed_model(model: Any, threads: int, float_layout: str = "model") -> Any:
     """``model`` compiled for the packed runtime on ``threads`` threads; prints what runs where."""
     import warnings
 
@@ -1142,7 +1226,7 @@ def _packed_model(model: Any, threads: int) -> Any:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        packed = compile_packed(model.cpu())
+        packed = compile_packed(model.cpu(), float_layout=float_layout)
     for warning in caught:
         print(f"warning: {warning.message}")
     torch.set_num_threads(threads)
@@ -1171,7 +1255,7 @@ def _benchmark_packed(args: argparse.Namespace, batch_sizes: list[int], threads:
         model, info = checkpoint.build_model(), (checkpoint.data_info.to_json() if checkpoint.data_info else {})
     if not info.get("image_size"):
         raise ConfigError(f"{args.checkpoint} does not record its input size: train it with micronet")
-    packed = _packed_model(model, threads[0])
+    packed = _packed_model(model, threads[0], "channels_last")  # timed in its fast form
     shape = (int(info["in_channels"]), *map(int, info["image_size"]))
     rows = benchmark_packed(packed, shape, batch_sizes, threads, args.warmup, args.repeats)
     print(f"{args.checkpoint}: input {'x'.join(map(str, shape))}, {args.warmup} warm-up + {args.repeats} timed runs each")
@@ -1203,6 +1287,7 @@ def cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from micronet.engine import evaluate, load_checkpoint, save_checkpoint, setup
     from micronet.engine.checkpoint import resolve_checkpoint
     from micronet.engine.distributed import parse_gpu_ids
+    from micronet.engine.trainer import PRUNE_REPORT_FILE
     from micronet.errors import ConfigError, DatasetError
     from micronet.io import atomic_write_text
 
@@ -1212,6 +1297,7 @@ def cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise ConfigError(f"--normal_regular N rounds each layer to a multiple of N and must be at least 1 (got {args.normal_regular})")
     if args.min_channels < 1:
         raise ConfigError(f"--min_channels must be at least 1 (got {args.min_channels}): a layer cannot lose every channel")
+    output = _claim_run(args, Path(args.out))
     checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
     if checkpoint.quant_scheme is not None:
         raise ConfigError(f"{checkpoint.path} is quantized ({checkpoint.quant_scheme.name}): prune first, then quantize "
@@ -1272,9 +1358,10 @@ def cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"{splits.info.name} test ({now['samples']} images): accuracy {was['acc'] * 100:.2f}% before, "
               f"{now['acc'] * 100:.2f}% after pruning, before fine-tuning (loss {was['loss']:.4f} / {now['loss']:.4f})")
         metrics.update(unpruned_test_acc=was["acc"], test_acc=now["acc"], test_loss=now["loss"], test_images=now["samples"])
+    output.prepare()
     out = save_checkpoint(Path(args.out) / "best", pruned.cpu(), data_info=held or (splits.info if splits else None),
                           metrics=metrics, extra=checkpoint.meta.get("extra"))
-    atomic_write_text(Path(args.out) / "prune_report.json", json.dumps(report.to_json(), indent=2) + "\n")
+    atomic_write_text(Path(args.out) / PRUNE_REPORT_FILE, json.dumps(report.to_json(), indent=2) + "\n")
     print(f"pruned checkpoint: {out} (fine-tune: micronet train --prune_refine {args.out})")
     return 0
 
@@ -1350,9 +1437,10 @@ def cmd_fuse(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from micronet.compression.fusion import fuse
     from micronet.data import BatchLoader
     from micronet.engine import evaluate, load_checkpoint, save_checkpoint, setup
-    from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.engine.checkpoint import CHECKPOINT_OUTPUT, resolve_checkpoint
     from micronet.engine.distributed import parse_gpu_ids
 
+    _claim(args.out, CHECKPOINT_OUTPUT, args)
     ctx = setup(cpu=args.cpu, gpu_ids=parse_gpu_ids(args.gpu_id)[:1])
     checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
     model = checkpoint.build_model().eval()
@@ -1380,10 +1468,11 @@ def cmd_fuse(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def cmd_pack(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from micronet.analysis import format_table
-    from micronet.compression.packing import TENSOR_FILE, layer_size_rows, read_packed_meta, save_packed
+    from micronet.compression.packing import PACKED_OUTPUT, TENSOR_FILE, layer_size_rows, read_packed_meta, save_packed
     from micronet.engine import load_checkpoint
     from micronet.engine.checkpoint import resolve_checkpoint
 
+    _claim(args.out, PACKED_OUTPUT, args)
     checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
     model = checkpoint.build_model()
     out = save_packed(model, args.out, data_info=checkpoint.data_info, metrics=checkpoint.metrics)
@@ -1440,6 +1529,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`, which exited: not an error of ours
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep Python from failing on flush at exit
         return 0
+    except OSError as exc:  # a path that vanished or became unwritable while the command ran
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"micronet {args.command}: error: cannot access{where}: {exc.strerror or exc} "
+              "(check the path, its permissions and the free space)", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

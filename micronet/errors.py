@@ -45,3 +45,7 @@ class PipelineError(MicronetError):
 
 class NumericalError(MicronetError):
     """Training diverged (a NaN or infinite loss), or a model's outputs are not finite numbers."""
+
+
+class OutputError(MicronetError):
+    """An output path that holds what micronet may not replace, or that cannot be created or written."""

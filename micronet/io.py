@@ -2,16 +2,27 @@
 
 A reader (or a resumed run after ``kill -9``) must never see a half-written artifact: files are
 written under a temporary name in the same folder, flushed to disk and renamed into place.
+
+The temporary names carry the writer's process id (``.<name>.<pid>.<random>.tmp`` and ``.staging``), so
+the next write to the same place removes the leftovers of a killed writer, and only those: never the
+temporary file of a writer that is still running, never a file micronet did not name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from micronet.outputs import OutputKind
+
+_LEFTOVER = r"\.{name}\.(?:(?P<pid>\d+)\.)?[a-z0-9_]{{8}}\.(?:tmp|staging)"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -29,11 +40,48 @@ def _umask() -> int:
     return mask
 
 
+def is_leftover_name(name: str, of: str) -> bool:
+    """``name`` is a temporary file or staging folder of a write of ``of`` (or the parked old version)."""
+    return name == f"{of}.previous" or re.fullmatch(_LEFTOVER.format(name=re.escape(of)), name) is not None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_leftovers(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and staging folders that killed writers of ``path`` left beside it."""
+    path = Path(path)
+    pattern = re.compile(_LEFTOVER.format(name=re.escape(path.name)))
+    removed = []
+    with contextlib.suppress(OSError):
+        for sibling in path.parent.iterdir():
+            match = pattern.fullmatch(sibling.name)
+            if match is None or (match["pid"] is not None and _alive(int(match["pid"]))):
+                continue
+            with contextlib.suppress(OSError):
+                if sibling.is_dir() and not sibling.is_symlink():
+                    shutil.rmtree(sibling)
+                else:
+                    sibling.unlink()
+                removed.append(sibling)
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` and rename the result to ``path`` only once it is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_leftovers(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the permissions open() would
@@ -60,19 +108,27 @@ def previous_version(path: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, kind: OutputKind) -> Iterator[Path]:
     """Yield an empty staging directory; on success it replaces ``path`` as a whole.
 
+    An existing ``path`` is replaced only when micronet wrote it as the same ``kind`` of output
+    (:func:`micronet.outputs.check_replaceable`): a run, or a folder with the user's files, is refused.
     POSIX cannot rename over a non-empty directory, so the swap is two renames: the old directory
     moves to ``<path>.previous``, the staging one moves to ``<path>``, then the old one is deleted.
     A crash between the two renames leaves ``<path>.previous`` intact, and readers fall back to it
     (see :func:`resolve_directory`).
     """
+    from micronet.outputs import STEP_RECORD, check_replaceable
+
     path = Path(path)
+    check_replaceable(path, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".staging", dir=path.parent))
+    remove_leftovers(path)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".staging", dir=path.parent))
     try:
         yield staging
+        if (path / STEP_RECORD).is_file():  # a pipeline's record of this folder outlives the swap
+            shutil.copy2(path / STEP_RECORD, staging / STEP_RECORD)
         for child in staging.iterdir():
             with open(child, "rb+") as f:
                 os.fsync(f.fileno())

@@ -12,7 +12,7 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["busy_ticks", "cpu_flags", "cpu_has_vnni", "cpu_model", "others_cores", "percentile"]
+__all__ = ["busy_ticks", "cpu_class", "cpu_flags", "cpu_has_vnni", "cpu_model", "others_cores", "percentile"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -56,6 +56,23 @@ def cpu_has_vnni() -> bool:
         return True
     flags = cpu_flags()
     return flags == "unknown" or any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def cpu_class() -> str:
+    """The x86 class that decides ONNX Runtime's int8 kernels: "AVX-512 VNNI" (or "AVX-VNNI", "AMX"),
+    "AVX-512" (no VNNI), "AVX2", or the architecture on other CPUs."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
+        return platform.machine() or "unknown"
+    flags = set(cpu_flags().split())
+    if "amx_int8" in flags:
+        return "AMX"
+    if "avx512_vnni" in flags:
+        return "AVX-512 VNNI"
+    if "avx_vnni" in flags:
+        return "AVX-VNNI"
+    if "avx512f" in flags:
+        return "AVX-512"
+    return "AVX2" if "avx2" in flags else "pre-AVX2"
 
 
 def busy_ticks() -> tuple[int, int] | None:

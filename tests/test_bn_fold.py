@@ -294,7 +294,9 @@ def test_weight_observer_sees_folded_weight(method):
         fold = torch.where(m.bn_weight == 0, inv_std_r, m.bn_weight * inv_std_r)
         w_before = conv.weight * fold.reshape(-1, 1, 1, 1)
     m(x)
-    m.eval()  # from here on nothing observes
+    obs = m.weight_quantizer.observer
+    seen = obs.max_val.clone(), obs.min_val.clone()  # what the training forward observed
+    m.eval()  # from here on nothing observes (leaving training re-observes the deployed weight once, checked below)
     with torch.no_grad():
         if method == "one_conv":
             w_f = w_before
@@ -304,9 +306,12 @@ def test_weight_observer_sees_folded_weight(method):
             y0 = conv(m.input_quantizer(x))  # the batch statistics of conv(x̂)
             std_b = torch.sqrt(y0.var(dim=(0, 2, 3), unbiased=False) + m.eps)
             w_f = conv.weight * (m.bn_weight / std_b).reshape(-1, 1, 1, 1)
-    obs = m.weight_quantizer.observer
-    torch.testing.assert_close(obs.max_val, w_f.flatten(1).amax(1), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(obs.min_val, w_f.flatten(1).amin(1), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(seen[0], w_f.flatten(1).amax(1), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(seen[1], w_f.flatten(1).amin(1), rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # in eval the range is that of the deployed weight W·γ/σ_R, after the step's statistics
+        deployed = m.folded_weight_and_bias()[0]
+    torch.testing.assert_close(obs.max_val, deployed.flatten(1).amax(1), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(obs.min_val, deployed.flatten(1).amin(1), rtol=1e-5, atol=1e-7)
 
 
 def test_state_dict_round_trip():

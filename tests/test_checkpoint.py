@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from micronet.engine import TrainConfig, build_optimizer, load_checkpoint, load_model, save_checkpoint
+from micronet.engine.checkpoint import CHECKPOINT_OUTPUT
 from micronet.engine.state import optimizer_state_join, optimizer_state_split
 from micronet.errors import CheckpointError
 from micronet.io import atomic_directory, previous_version
@@ -128,7 +129,7 @@ def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path):
     model = _lenet()
     save_checkpoint(tmp_path / "ck", model, metrics={"epoch": 1})
     with pytest.raises(RuntimeError):
-        with atomic_directory(tmp_path / "ck") as staging:
+        with atomic_directory(tmp_path / "ck", CHECKPOINT_OUTPUT) as staging:
             (staging / "model.safetensors").write_bytes(b"partial")
             raise RuntimeError("killed while writing")
     assert load_checkpoint(tmp_path / "ck").metrics == {"epoch": 1}

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -218,3 +219,18 @@ def test_diverging_cli_run_fails_and_nan_models_report_no_accuracy(tmp_path, cli
     nan = torch.full((4, 10), float("nan"))
     with pytest.raises(NumericalError, match="NaN or infinite outputs for 4 of 4 images"):
         top1_agreement(nan, nan)
+
+
+def test_tensorrt_evaluation_refuses_nan_logits():
+    """The TensorRT path reports no accuracy over NaN logits either (a stand-in runner: no GPU needed)."""
+    from micronet.deploy.tensorrt.runner import evaluate as tensorrt_evaluate
+
+    class NaNRunner:
+        image_shape, fixed_batch, max_batch, min_batch = (1, 28, 28), None, 64, 1
+
+        def __call__(self, images):
+            return np.full((len(images), 10), np.nan, dtype=np.float32)
+
+    split = load_dataset("synthetic", train_subset=32, test_subset=16).test
+    with pytest.raises(NumericalError, match="the TensorRT engine gives NaN or infinite outputs for 16 of 16 images"):
+        tensorrt_evaluate(NaNRunner(), split)

@@ -270,3 +270,19 @@ def test_cli_help_shows_the_low_bit_examples(capsys):
         main(["quantize", "--help"])
     out = capsys.readouterr().out
     assert "micronet quantize dorefa" in out and "micronet quantize wbwtab" in out and "--pre-scale" in out
+
+
+def test_report_lists_binarized_layers_with_real_valued_inputs():
+    """--A 2 turns ReLUs into signs; a binary-weight layer with no ReLU before it (MobileNetV2's expansion convs read
+    the linear bottleneck) still gets real values: the report names each one and why, NIN and ResNet have none."""
+    model = wbwtab.prepare(build_model("mobilenetv2", 10, 3))
+    listed = dict(model.quantization_report.real_valued_inputs)
+    assert len(listed) == 17
+    assert set(listed) == {f"features.{i}.expand.conv" for i in range(2, 18)} | {"features.18.conv"}
+    assert listed["features.2.expand.conv"].startswith("its input is features.1.project.bn")
+    assert all("not a ReLU turned into a sign" in why for why in listed.values())
+    summary = model.quantization_report.summary()
+    assert summary.count("binarized layer with real-valued inputs:") == 17
+    for name in ("nin", "nin_gc", "resnet20"):
+        assert wbwtab.prepare(build_model(name, 10, 3)).quantization_report.real_valued_inputs == []
+    assert wbwtab.prepare(build_model("mobilenetv2", 10, 3), A=32).quantization_report.real_valued_inputs == []

@@ -153,7 +153,7 @@ def test_channels_last_float_layers_agree_on_top1():
     x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = model(x)
-    out = compile_packed(model)(x)
+    out = compile_packed(model, float_layout="channels_last")(x)
     assert torch.equal(out.argmax(1), expected.argmax(1))
 
 

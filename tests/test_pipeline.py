@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from micronet.errors import PipelineError
+from micronet.engine import save_checkpoint
+from micronet.errors import MicronetError, PipelineError
+from micronet.models import build_model
 from micronet.pipeline import load_config, run_pipeline
 from micronet.pipeline.report import consistency_problems
 
@@ -69,6 +71,9 @@ BAD_CONFIGS = [
      ["line 2", "neither an earlier step", "nor an existing checkpoint folder"]),
     ("steps:\n  - name: a\n    run: prune\n", ["line 2", "needs `from: <an earlier step>`"]),
     ("steps:\n  - name: a\n    run: train\n    args: {out: x}\n", ["the pipeline sets out itself"]),
+    ("steps:\n  - name: a\n    run: train\n    args: {\"--out\": /elsewhere}\n", ["line 2", "the pipeline sets --out itself"]),
+    ("steps:\n  - name: a\n    run: train\n    args: {data-root: x}\n", ["line 2", "the pipeline sets data-root itself"]),
+    ("steps:\n  - name: a\n    run: train\n    args: {overwrite: true}\n", ["line 2", "the pipeline sets overwrite itself"]),
     ("steps:\n  - name: a\n    run: train\n  - name: b\n    run: finetune\n    from: a\n",
      ["line 4", "finetune starts from a prune step"]),
     ("steps:\n  - name: a\n    run: train\n  - name: a\n    run: train\n", ["line 4", "two steps are named 'a'"]),
@@ -189,7 +194,7 @@ def test_from_an_existing_checkpoint_folder(tmp_path):
             row: W8A8 PTQ
         """, "external.yaml")
     report = run_pipeline(external, out=tmp_path / "external", echo=lambda _: None)
-    assert report["rows"][0]["w_bits"] == 8
+    assert report["rows"][0]["w_bits"] == 7  # the default (portable) target: 7-bit weights
     assert report["baseline"] is None  # no FP32 row in this pipeline: nothing to compare with
 
 
@@ -277,3 +282,85 @@ def test_smoke_config_end_to_end(tmp_path):
     markdown = (out / "report.md").read_text()
     assert f"{rows['binary']['acc_torch']:.2f}" in markdown
     assert "All checks pass" in markdown
+
+
+SYNTHETIC = """\
+name: synth
+data: {{data: synthetic, train_subset: 256, test_subset: 64}}
+measure: {{onnx: false}}
+steps:
+  - name: fp32
+    run: train
+    args: {{model: lenet, epochs: 1, batch-size: 32, no-progress: true}}
+  - name: fused
+    run: fuse
+    from: fp32
+    args: {{no-eval: true, batch-size: {batch}}}
+"""
+
+
+def test_a_damaged_artifact_is_rebuilt_and_a_folder_the_pipeline_did_not_write_is_never_removed(tmp_path):
+    out = tmp_path / "out"
+    config = _write(tmp_path, SYNTHETIC.format(batch=512))
+    assert _ran(_run(config, out)) == ["fp32", "fused"]
+
+    weights = out / "fused" / "model.safetensors"  # truncated: the cache must not trust it
+    weights.write_bytes(weights.read_bytes()[:100])
+    lines = _run(config, out)
+    assert _ran(lines) == ["fused"]
+    assert any("[fused] its artifact" in line and "truncated" in line for line in lines), lines
+
+    meta_path = out / "fp32" / "best" / "micronet.json"  # no file hashes: nothing to verify, so not trusted
+    meta = json.loads(meta_path.read_text())
+    del meta["files"]
+    meta_path.write_text(json.dumps(meta))
+    lines = _run(config, out)
+    assert _ran(lines) == ["fp32"]
+    assert any("records no size and SHA-256" in line for line in lines), lines
+    assert _ran(_run(config, out)) == []
+
+    (out / "fused" / "notes.txt").write_text("mine")  # the user's file in a step folder that must run again
+    with pytest.raises(PipelineError, match=r"out/fused holds notes.txt, which the pipeline did not write"):
+        _run(_write(tmp_path, SYNTHETIC.format(batch=256)), out)
+    assert (out / "fused" / "notes.txt").read_text() == "mine" and (out / "fused" / "micronet.json").is_file()
+
+    import shutil
+
+    shutil.rmtree(out / "fused")  # a folder named like a step, not written by the pipeline
+    (out / "fused").mkdir()
+    (out / "fused" / "notes.txt").write_text("mine")
+    with pytest.raises(PipelineError, match=r"out/fused exists and the pipeline did not write it"):
+        _run(config, out)
+    assert [p.name for p in (out / "fused").iterdir()] == ["notes.txt"]
+
+
+def test_output_folder_that_is_a_file_or_holds_other_files_is_refused(tmp_path):
+    config = _write(tmp_path, SYNTHETIC.format(batch=512))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(MicronetError, match="a_file is a file"):
+        run_pipeline(config, out=tmp_path / "a_file")
+    with pytest.raises(MicronetError, match="cannot be created: .*a_file is a file"):
+        run_pipeline(config, out=tmp_path / "a_file" / "out")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(PipelineError, match="is not empty and holds no pipeline.yaml"):
+        run_pipeline(config, out=mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_paths_in_a_config_are_relative_to_its_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "project"
+    save_checkpoint(folder / "models" / "teacher", build_model("lenet", 10, 1))
+    config = _write(tmp_path, "", "unused.yaml")
+    (folder / "configs").mkdir()
+    config = folder / "configs" / "p.yaml"
+    config.write_text("out: ../results\ndata: {data: cifar10, data_root: ../data}\nsteps:\n"
+                      "  - name: q\n    run: quantize\n    from: ../models/teacher\n    args: {method: iao, ptq: true}\n")
+    (folder / "data").mkdir()
+    monkeypatch.chdir(tmp_path)  # anywhere else: the paths do not depend on it
+    loaded = load_config(config)
+    assert loaded.out == folder / "results"
+    assert loaded.data["data_root"] == str(folder / "data")
+    assert loaded.step_dir("q") == folder / "results" / "q"
+    assert Path(loaded.step("q").source) == folder / "models" / "teacher"

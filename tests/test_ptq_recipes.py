@@ -130,8 +130,7 @@ def test_bias_correction_zeroes_the_mean_shift_on_the_calibration_data():
     model, data = _toy(1), _data(4, 4)
     plain = post_training_quantize(model, data, w_bits=4, a_bits=8, num_batches=4)
     corrected = post_training_quantize(model, data, w_bits=4, a_bits=8, num_batches=4, bias_correction=True)
-    float_model = _toy(1)
-    from micronet.compression.fusion import fuse  # noqa: F401 - same float model, same module names
+    float_model = _toy(1)  # the same float model: the same module names as the quantized ones
 
     worst_before, worst_after = 0.0, 0.0
     for before, after in zip(layer_units(plain.eval()), layer_units(corrected.eval())):
@@ -254,12 +253,35 @@ def test_cli_refuses_recipes_it_cannot_apply(tmp_path, cli_fails):
 
     save_checkpoint(tmp_path / "lenet", build_model("lenet", 10, 1))
     base = ["quantize", "iao", "--checkpoint", str(tmp_path / "lenet"), "--data", "synthetic", "--out", str(tmp_path / "q")]
-    cli_fails(base + ["--adaround"], "--adaround are post-training recipes: add --ptq")
-    cli_fails(base + ["--ptq", "--adaround", "--qaft"], "drop --qaft")
-    cli_fails(["quantize", "dorefa", *base[2:], "--ptq", "--adaround"], "IAO's integer weights, not dorefa")
+    cli_fails(base + ["--adaround"], "post-training recipes (--adaround) calibrate instead of training: add --ptq")
+    cli_fails(base + ["--ptq", "--adaround", "--qaft"], "drop --qaft and pass the float checkpoint")
+    cli_fails(["quantize", "dorefa", *base[2:], "--ptq", "--adaround"], "post-training recipes (--adaround) work on IAO's integer weights, not dorefa")
     cli_fails(base + ["--ptq", "--adaround", "--adaround-iters", "0"], "--adaround-iters must be at least 1")
     cli_fails(base + ["--ptq", "--adaround-iters", "5"], "add --adaround")
     cli_fails(base + ["--ptq", "--adaround", "--lsq"], "drop one")
     cli_fails(base + ["--ptq", "--adaround", "--ptq_batch", "1", "--batch-size", "8", "--no-progress"],
               "AdaRound draws 32 calibration images per iteration but only 8")
     assert not (tmp_path / "q").exists()
+
+
+def test_a_pipeline_quantize_step_takes_the_recipes(tmp_path):
+    from micronet.pipeline import load_config
+    from micronet.pipeline.config import step_argv
+
+    path = tmp_path / "p.yaml"
+    path.write_text("""name: p
+data: {data: fashion-mnist, train_subset: 256}
+steps:
+  - name: fp32
+    run: train
+    args: {model: lenet, epochs: 1}
+  - name: ptq_w4a8
+    run: quantize
+    from: fp32
+    args: {method: iao, ptq: true, w_bits: 4, equalize: true, bias-correction: true, adaround: true, adaround-iters: 300}
+    row: W4A8 PTQ + recipes
+""")
+    config = load_config(path)
+    argv = step_argv(config, next(step for step in config.steps if step.name == "ptq_w4a8"))
+    for words in (["--equalize"], ["--bias-correction"], ["--adaround"], ["--adaround-iters", "300"]):
+        assert any(argv[i:i + len(words)] == words for i in range(len(argv))), argv

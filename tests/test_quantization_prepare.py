@@ -1,5 +1,7 @@
 """prepare() on every registry model, BN folding through prepare, the original's API, checkpoints and CLI."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -229,7 +231,7 @@ def test_cli_ptq_equals_the_python_flow(tmp_path, capsys):
     assert main(["train", "--model", "lenet", "--data", "synthetic", "--epochs", "3", "--batch-size", "32", "--out", str(run), "--no-progress"]) == 0
     assert main(["quantize", "iao", "--checkpoint", str(run), "--ptq", "--ptq_batch", "5", "--batch-size", "32",
                  "--percentile", "0.999", "--out", str(tmp_path / "ptq")]) == 0
-    assert "PTQ iao-w8a8-sym-per-channel-ptq: 5 calibration batches" in capsys.readouterr().out
+    assert "PTQ iao-w7a8-sym-per-channel-ptq: 5 calibration batches"  # the portable target's 7-bit weights in capsys.readouterr().out
     cli_model = load_model(tmp_path / "ptq")
     splits = load_dataset("synthetic", val_fraction=0.1, seed=0)
     python_model = iao.prepare(load_model(run), ptq=True, percentile=0.999, pretrained_model=True)
@@ -296,3 +298,47 @@ def test_iao_quant_inference_uses_the_stored_weights(tmp_path):
     assert torch.equal(again(x), model.eval()(x))
     layer = iao.QuantConv2d(3, 4, 3, quant_inference=True)
     assert not layer.weight_quantizer.enabled.item() and layer.input_quantizer.enabled.item()
+
+
+def _weight_overshoot(model):
+    """Largest |W| / (scale · q_max) over the channels of every quantized weight (> 1: the top codes clip)."""
+    from micronet.compression.quantization.core.modules import WeightedQuantizedModule
+
+    worst = 0.0
+    for module in model.modules():
+        if isinstance(module, WeightedQuantizedModule) and module.weight_quantizer.enabled.item():
+            q = module.weight_quantizer
+            weight = module.folded_weight_and_bias()[0] if hasattr(module, "folded_weight_and_bias") else module.weight
+            peak = weight.detach().abs().flatten(1).amax(1)
+            worst = max(worst, float((peak / (q.scale * q.quant_min_max[1])).max()))
+    return worst
+
+
+@pytest.mark.parametrize("bn_fuse", [False, True])
+def test_weight_scales_fit_the_weights_after_the_last_optimizer_step(bn_fuse):
+    """Observers see the weights in the forward, the optimizer moves them after: leaving training (eval, freeze,
+    convert) re-observes them, so the scales used in eval and export fit the current weights and nothing clips."""
+    from micronet.compression.quantization.core import convert
+
+    torch.manual_seed(0)
+    model = iao.prepare(build_model("nin", 10, 1, cfg=[8] * 8), bn_fuse=bn_fuse)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.eval()
+    assert _weight_overshoot(model) == pytest.approx(1.0, abs=1e-5)  # the largest weight is exactly the top code
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))  # eval itself observes nothing
+    model.train()
+    optimizer.step()  # weights move again after the last observation
+    frozen = freeze(model)
+    assert _weight_overshoot(frozen) == pytest.approx(1.0, abs=1e-5)
+    model.train()
+    optimizer.step()
+    converted = convert(model)  # a copy, folded and frozen: its weights are the codes the scales give
+    reference = convert(freeze(copy.deepcopy(model)))
+    for got, want in zip(converted.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(got, want)

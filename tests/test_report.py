@@ -195,3 +195,19 @@ def test_malformed_sensitivity_names_the_file(tmp_path):
     (tmp_path / "sensitivity.json").write_text("{\"layers\": 3}")
     with pytest.raises(PipelineError, match=r"sensitivity\.json has no \"layers\" list"):
         render_report(tmp_path)
+
+
+def test_openvino_columns_appear_when_openvino_measured():
+    report = make_report()
+    assert "OpenVINO" not in render_markdown(report, None)
+    report["rows"][1].update(acc_openvino=92.04, openvino_ms_b1=0.29, openvino_ms_b64=5.9)
+    text = render_markdown(report, None)
+    header = next(line for line in text.splitlines() if line.startswith("| Type"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells.index("Acc OpenVINO (%)") == cells.index("Acc ORT (%)") + 1
+    assert cells[-2:] == ["OpenVINO b1 (ms)", "OpenVINO b64 (ms)"]
+    int8_row = next(line for line in text.splitlines() if line.startswith("| INT8"))
+    assert "92.04" in int8_row and "5.90" in int8_row and "in ONNX Runtime and in OpenVINO" in text
+    report["machine"].update(cpu_class="AVX-512 VNNI", openvino="2026.4.1")
+    assert "AMD EPYC 7B13, AVX-512 VNNI, 2 cores" in render_markdown(report, None)
+    assert "openvino 2026.4.1" in render_markdown(report, None)

@@ -25,6 +25,12 @@ from micronet.compression.quantization.core.quantizers import Quantizer
 from micronet.compression.quantization.core.scheme import QuantScheme
 from micronet.compression.quantization.core.workflow import calibrate, prepare, quantizers, set_fake_quant
 from micronet.errors import ConfigError
+from micronet.outputs import OutputKind, read_json_dict
+
+SENSITIVITY_FILE, SKIP_FILE = "sensitivity.json", "skip.txt"
+SENSITIVITY_OUTPUT = OutputKind("sensitivity result",
+                                lambda path: "layers" in (read_json_dict(path / SENSITIVITY_FILE) or {}),
+                                frozenset({SENSITIVITY_FILE, SKIP_FILE}))
 
 __all__ = ["LayerSensitivity", "SensitivityReport", "choose_skip", "layer_sensitivity", "read_skip_list"]
 

@@ -223,10 +223,12 @@ def _plain_quant_conv(module: nn.Module) -> nn.Module:
     conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
                      padding=module.padding, dilation=module.dilation, groups=module.groups, bias=True,
                      padding_mode=module.padding_mode, device=module.weight.device, dtype=module.weight.dtype)
+    # The mode is set while it is still a float conv: a QuantConv2d leaving training re-observes its weight,
+    # which here is still the uninitialised one and would overwrite the quantizer's range.
+    conv.train(module.training)
     conv.__class__ = QuantConv2d  # what QuantizedModule.from_float does, without new quantizers
     conv.input_quantizer = module.input_quantizer
     conv.weight_quantizer = module.weight_quantizer
-    conv.train(module.training)
     return conv
 
 

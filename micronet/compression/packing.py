@@ -40,11 +40,13 @@ from torch import nn
 
 from micronet.errors import CheckpointError, QuantizationError
 from micronet.io import atomic_directory, read_description, resolve_directory
+from micronet.outputs import OutputKind, described_as
 
 FORMAT = "micronet-packed"
 FORMAT_VERSION = 1
 TENSOR_FILE = "packed.safetensors"
 META_FILE = "packed.json"
+PACKED_OUTPUT = OutputKind("packed artifact", described_as(META_FILE, FORMAT), frozenset({TENSOR_FILE, META_FILE}))
 MAX_BITS = 16
 _SUFFIXES = ("packed", "scale", "zero_point")
 
@@ -268,7 +270,7 @@ def save_packed(model: nn.Module, path: str | Path, *, data_info: Any = None,
         "versions": _versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    with atomic_directory(path) as staging:
+    with atomic_directory(path, PACKED_OUTPUT) as staging:
         save_file(state, str(staging / TENSOR_FILE), metadata={"format": FORMAT})
         meta["files"] = {TENSOR_FILE: {"bytes": (staging / TENSOR_FILE).stat().st_size,
                                        "sha256": _sha256(staging / TENSOR_FILE)}}

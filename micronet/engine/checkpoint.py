@@ -29,12 +29,16 @@ from torch import nn
 
 from micronet.errors import CheckpointError, MicronetError
 from micronet.io import atomic_directory, read_description, resolve_directory
+from micronet.outputs import OutputKind, described_as
 
 FORMAT = "micronet-checkpoint"
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 TRAIN_STATE_FILE = "train_state.safetensors"
 META_FILE = "micronet.json"
+
+CHECKPOINT_OUTPUT = OutputKind("checkpoint", described_as(META_FILE, FORMAT),
+                               frozenset({MODEL_FILE, TRAIN_STATE_FILE, META_FILE}))
 
 _PICKLE_MAGICS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
@@ -236,7 +240,7 @@ def save_checkpoint(
         "versions": _versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    with atomic_directory(path) as staging:
+    with atomic_directory(path, CHECKPOINT_OUTPUT) as staging:
         files = {MODEL_FILE: _contiguous_cpu(model.state_dict())}
         if train_tensors:
             files[TRAIN_STATE_FILE] = _contiguous_cpu(train_tensors)
@@ -265,27 +269,59 @@ def load_checkpoint(path: str | Path, *, with_train_state: bool = False) -> Chec
         raise CheckpointError(_describe_foreign_file(path))
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist: pass the directory written by `micronet train --out`")
-    meta_path = path / META_FILE
-    if not meta_path.is_file():
-        raise CheckpointError(f"{path} has no {META_FILE}: it is not a micronet checkpoint directory")
-    meta = read_description(meta_path, fmt=FORMAT, version=FORMAT_VERSION, what="checkpoint")
-    wanted = [MODEL_FILE] + ([TRAIN_STATE_FILE] if with_train_state and TRAIN_STATE_FILE in meta.get("files", {}) else [])
+    meta = _read_meta(path)
+    wanted = [MODEL_FILE] + ([TRAIN_STATE_FILE] if with_train_state and TRAIN_STATE_FILE in _file_records(meta) else [])
     loaded: dict[str, dict[str, torch.Tensor]] = {}
     for name in wanted:
-        loaded[name] = _load_tensor_file(path / name, meta.get("files", {}).get(name))
+        loaded[name] = _load_tensor_file(path / name, _file_records(meta).get(name))
     return Checkpoint(path, meta, loaded[MODEL_FILE], loaded.get(TRAIN_STATE_FILE, {}))
 
 
-def _load_tensor_file(file: Path, record: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+def _read_meta(path: Path) -> dict[str, Any]:
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} has no {META_FILE}: it is not a micronet checkpoint directory")
+    return read_description(meta_path, fmt=FORMAT, version=FORMAT_VERSION, what="checkpoint")
+
+
+def _file_records(meta: dict[str, Any]) -> dict[str, Any]:
+    files = meta.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def verify_checkpoint(path: str | Path) -> Path:
+    """Check every tensor file of a checkpoint against the size and SHA-256 its ``micronet.json`` records,
+    without loading the tensors (what a cache must do before trusting an artifact); returns the folder."""
+    path = resolve_directory(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    meta = _read_meta(path)
+    for name in dict.fromkeys([MODEL_FILE, *_file_records(meta)]):
+        check_tensor_file(path / name, _file_records(meta).get(name))
+    return path
+
+
+def check_tensor_file(file: Path, record: dict[str, Any] | None) -> None:
+    """``file`` exists and has the size and SHA-256 its description recorded. A description without that
+    record is refused rather than trusted: micronet always writes it, so it was edited or made by hand."""
     if not file.is_file():
         raise CheckpointError(f"{file} is missing: the checkpoint is incomplete, re-save it")
-    if record is not None and file.stat().st_size != record.get("bytes"):
+    if not isinstance(record, dict):
+        if file.stat().st_size and file.read_bytes()[:4].startswith(_PICKLE_MAGICS):
+            raise CheckpointError(_describe_foreign_file(file))
+        raise CheckpointError(f"the description beside {file} records no size and SHA-256 for {file.name}, so its "
+                              "integrity cannot be checked: re-save it with micronet (which always records them)")
+    if file.stat().st_size != record.get("bytes"):
         raise CheckpointError(
             f"{file} has {file.stat().st_size} bytes but {record.get('bytes')} were written: "
             "the file is truncated or was replaced, re-save the checkpoint"
         )
-    if record is not None and _sha256(file) != record.get("sha256"):
-        raise CheckpointError(f"{file} does not match the checksum recorded in {META_FILE}: the file is corrupted")
+    if _sha256(file) != record.get("sha256"):
+        raise CheckpointError(f"{file} does not match the checksum recorded in its description: the file is corrupted")
+
+
+def _load_tensor_file(file: Path, record: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    check_tensor_file(file, record)
     try:
         return load_file(str(file))
     except SafetensorError as exc:

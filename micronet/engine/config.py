@@ -53,6 +53,7 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch size must be at least 1 (got {self.batch_size})"),
             (self.eval_batch_size >= 1, f"eval batch size must be at least 1 (got {self.eval_batch_size})"),
             (self.lr > 0 and math.isfinite(self.lr), f"learning rate must be a positive number (got {self.lr})"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1) (got {self.momentum}): e.g. --momentum 0.9"),
             (self.weight_decay >= 0, f"weight decay must be non-negative (got {self.weight_decay})"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1) (got {self.label_smoothing})"),
             (self.warmup_epochs >= 0, f"warm-up epochs must be non-negative (got {self.warmup_epochs})"),

@@ -19,7 +19,7 @@ from micronet.errors import ConfigError
 
 #: Options a resumed run may change: how many epochs in total, the progress bar, the devices it runs on, and
 #: where it writes (a run folder that was moved is resumed from its new place).
-FREE_ON_RESUME = frozenset({"epochs", "progress", "cpu", "gpu_id", "resume", "out"})
+FREE_ON_RESUME = frozenset({"epochs", "progress", "cpu", "gpu_id", "resume", "out", "overwrite"})
 #: Options holding paths: recorded absolute, so a run resumed from another folder compares them right.
 PATH_OPTIONS = frozenset({"data_root", "out", "checkpoint", "init", "prune_refine", "distill"})
 #: Training options a run started before options were recorded still holds (in its TrainConfig).

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from micronet.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from micronet.engine.checkpoint import CHECKPOINT_OUTPUT, load_checkpoint, resolve_checkpoint, save_checkpoint
 from micronet.engine.config import TrainConfig, lr_factor
 from micronet.engine.distributed import DistContext, broadcast_object
 from micronet.engine.hooks import Hook
@@ -29,8 +29,22 @@ from micronet.engine.numerics import nonfinite_tensor, require_finite
 from micronet.engine.state import optimizer_state_join, optimizer_state_split, restore_rng_state, rng_state
 from micronet.errors import CheckpointError, NumericalError
 from micronet.io import atomic_write_text
+from micronet.outputs import OutputKind
 
 LOG_FILE = "log.jsonl"
+PRUNE_REPORT_FILE = "prune_report.json"  # `micronet prune` writes it beside the pruned run's best/
+_RUN_ENTRIES = frozenset({"best", "last", LOG_FILE, PRUNE_REPORT_FILE})
+
+
+def _is_run(path: Path) -> bool:
+    checkpoints = [path / name for name in ("best", "last") if (path / name).exists()]
+    return all(CHECKPOINT_OUTPUT.recognise(folder) for folder in checkpoints) and \
+        any((path / name).exists() for name in _RUN_ENTRIES)
+
+
+# A training run's folder: its checkpoints and log are written one by one, so an overwritten run is
+# emptied of them first (no best/ of the old run may outlive it).
+RUN_OUTPUT = OutputKind("training run", _is_run, _RUN_ENTRIES, clear_on_overwrite=True)
 
 
 @dataclass

@@ -3,6 +3,9 @@
 A step names the command it runs (``run``), the step whose artifact it starts from (``from``), the command's
 options (``args``, the same names as on the command line, ``w_bits`` or ``w-bits`` alike) and, when it
 produces a model worth a row in the results table, ``row``. Every error names the file and line.
+
+Relative paths in a config (``out``, ``data.data_root``, a checkpoint folder in ``from`` or ``distill_from``)
+are relative to the config file's folder, so a config means the same wherever it is run from.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +29,11 @@ STEP_KINDS: dict[str, tuple[str, str | None, bool]] = {
     "fuse": ("fuse", "--checkpoint", True),
     "sensitivity": ("sensitivity", "--checkpoint", True),
 }
-# options the pipeline sets itself: a step may not override them
-_OWNED = {"out", "resume", "checkpoint", "init", "prune_refine", "prune-refine", "data", "data_root", "data-root"}
+# options the pipeline sets itself: a step may not override them (compared as _option_key spells them)
+_OWNED = {"out", "resume", "checkpoint", "init", "prune_refine", "data", "data_root", "overwrite"}
 DATA_KEYS = ("data", "data_root", "train_subset", "test_subset", "val_fraction", "data_seed")
 MEASURE_DEFAULTS: dict[str, Any] = {"onnx": True, "threads": 1, "batch_sizes": [1, 64], "warmup": 3, "repeats": 20,
-                                    "exporter": "dynamo"}
+                                    "exporter": "dynamo", "openvino": True}
 _TOP_KEYS = {"name", "out", "data", "measure", "baseline", "steps"}
 _STEP_KEYS = {"name", "run", "from", "args", "row", "skip_from", "distill_from"}
 _ROW_KEYS = {"type", "w_bits", "a_bits", "pack"}
@@ -112,6 +116,17 @@ class PipelineConfig:
         return name in {step.name for step in self.steps}
 
 
+def _option_key(key: object) -> str:
+    """``--data-root``, ``data-root`` and ``data_root`` name the same option."""
+    return str(key).lstrip("-").replace("-", "_")
+
+
+def _relative_to_config(path: Path, value: object) -> str:
+    """A path written in the config file at ``path``: relative ones are relative to the file's folder."""
+    target = Path(str(value)).expanduser()
+    return str(target if target.is_absolute() else Path(os.path.normpath(path.parent / target)))
+
+
 def _is_checkpoint_folder(source: object) -> bool:
     from micronet.engine.checkpoint import META_FILE
 
@@ -141,6 +156,8 @@ def load_config(path: str | Path, *, out: str | Path | None = None) -> PipelineC
         raise _fail(path, line, f"unknown key(s) {', '.join(extra)}: allowed are {', '.join(sorted(_TOP_KEYS))}")
     name = str(raw.get("name") or path.stem)
     data = dict(raw.get("data") or {})
+    if data.get("data_root") is not None:
+        data["data_root"] = _relative_to_config(path, data["data_root"])
     extra = _unknown(set(data), set(DATA_KEYS))
     if extra:
         raise _fail(path, getattr(raw.get("data"), "line", line),
@@ -151,7 +168,8 @@ def load_config(path: str | Path, *, out: str | Path | None = None) -> PipelineC
         raise _fail(path, getattr(raw.get("measure"), "line", line),
                     f"unknown measure option(s) {', '.join(extra)}: allowed are {', '.join(MEASURE_DEFAULTS)}")
     steps = _parse_steps(raw.get("steps"), path, line)
-    config = PipelineConfig(name=name, path=path, out=Path(out or raw.get("out") or f"runs/{name}"), data=data,
+    folder = Path(out) if out else Path(_relative_to_config(path, raw.get("out") or f"runs/{name}"))
+    config = PipelineConfig(name=name, path=path, out=folder, data=data,
                             measure=measure, steps=steps, baseline=raw.get("baseline"), raw=dict(raw))
     if config.baseline is not None and config.baseline not in {s.name for s in config.rows}:
         raise _fail(path, line, f"baseline {config.baseline!r} is not a step with a `row`")
@@ -184,13 +202,15 @@ def _parse_steps(items: Any, path: Path, line: int) -> list[Step]:
         if needs_source and source is None:
             raise _fail(path, item_line, f"step {name!r} ({kind}) needs `from: <an earlier step>`")
         earlier = {s.name: s for s in steps}
+        if source is not None and source not in earlier:
+            written, source = source, _relative_to_config(path, source)
         if source is not None and source not in earlier and not _is_checkpoint_folder(source):
-            raise _fail(path, item_line, f"step {name!r}: `from: {source}` is neither an earlier step "
+            raise _fail(path, item_line, f"step {name!r}: `from: {written}` is neither an earlier step "
                                          f"(earlier: {', '.join(earlier) or 'none'}) nor an existing checkpoint folder")
         if kind == "finetune" and source in earlier and earlier[source].run != "prune":
             raise _fail(path, item_line, f"step {name!r}: finetune starts from a prune step, not {source!r}")
         args = dict(item.get("args") or {})
-        owned = sorted(key for key in args if str(key) in _OWNED)
+        owned = sorted(str(key) for key in args if _option_key(key) in _OWNED)
         if owned:
             raise _fail(path, item_line, f"step {name!r}: the pipeline sets {', '.join(owned)} itself "
                                          "(data options go in the top-level `data:`; `from` names the input step)")
@@ -206,17 +226,19 @@ def _parse_steps(items: Any, path: Path, line: int) -> list[Step]:
                                              "put the row on the step that fine-tunes or quantizes it")
         skip_from = item.get("skip_from")
         if skip_from is not None:
-            if kind != "quantize" or "skip" in args:
+            if kind != "quantize" or "skip" in map(_option_key, args):
                 raise _fail(path, item_line, f"step {name!r}: skip_from belongs to a quantize step without args.skip")
             if skip_from not in earlier or earlier[skip_from].run != "sensitivity":
                 raise _fail(path, item_line, f"step {name!r}: skip_from: {skip_from} is not an earlier sensitivity step")
         distill_from = item.get("distill_from")
+        if distill_from is not None and distill_from not in earlier:
+            written, distill_from = distill_from, _relative_to_config(path, distill_from)
         if distill_from is not None:
-            if kind not in ("train", "finetune", "quantize") or "distill" in args:
+            if kind not in ("train", "finetune", "quantize") or "distill" in map(_option_key, args):
                 raise _fail(path, item_line, f"step {name!r}: distill_from belongs to a train, finetune or quantize "
                                              "step without args.distill")
             if distill_from not in earlier and not _is_checkpoint_folder(distill_from):
-                raise _fail(path, item_line, f"step {name!r}: `distill_from: {distill_from}` is neither an earlier step "
+                raise _fail(path, item_line, f"step {name!r}: `distill_from: {written}` is neither an earlier step "
                                              "nor an existing checkpoint folder")
         steps.append(Step(name=name, run=kind, source=source, args=args, row=dict(row) if row else None,
                           line=item_line, skip_from=skip_from, distill_from=distill_from))

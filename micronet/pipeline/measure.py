@@ -90,7 +90,7 @@ def _measure_packed_runtime(model: nn.Module, shape: tuple[int, ...], measure: d
     from micronet.deploy.packed.benchmark import benchmark_packed
 
     try:
-        packed = compile_packed(model)
+        packed = compile_packed(model, float_layout="channels_last")  # the fast form (top-1 equal, not bit-exact)
     except MicronetError as error:
         result["errors"].append(f"packed runtime: {error}")
         return
@@ -133,3 +133,13 @@ def _measure_onnx(model: nn.Module, path: Path, shape: tuple[int, ...], splits: 
                         repeats=int(measure.get("repeats", 20)))
     for timing in timings:
         result[f"latency_ms_b{timing.batch}"] = timing.median_ms
+    from micronet.deploy.openvino import openvino_version
+
+    if openvino_version() is not None and measure.get("openvino", True):  # the second CPU runtime, when installed
+        try:
+            result["acc_openvino"] = evaluate(report.path, splits.test, threads=threads, runtime="openvino")["acc"] * 100
+            for timing in benchmark(report.path, batch_sizes=batches, threads=[threads], runtime="openvino",
+                                    warmup=int(measure.get("warmup", 3)), repeats=int(measure.get("repeats", 20))):
+                result[f"openvino_ms_b{timing.batch}"] = timing.median_ms
+        except MicronetError as error:
+            result["errors"].append(f"OpenVINO: {error}")

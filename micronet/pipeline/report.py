@@ -38,6 +38,9 @@ COLUMNS: list[tuple[str, str, str | None]] = [
     ("ORT b1 (ms)", "latency_ms_b1", ".2f"), ("ORT b64 (ms)", "latency_ms_b64", ".2f"),
 ]
 PACKED_COLUMN = ("Packed (MB)", "packed_mb", ".4g")  # only shown when some row has a packed artifact
+# only shown when OpenVINO measured some row (it is an optional dependency): the same ONNX file
+OPENVINO_COLUMNS = [("Acc OpenVINO (%)", "acc_openvino", ".2f"), ("OpenVINO b1 (ms)", "openvino_ms_b1", ".2f"),
+                    ("OpenVINO b64 (ms)", "openvino_ms_b64", ".2f")]
 PACKED_RUNTIME_COLUMNS = [("Packed b1 (ms)", "packed_latency_ms_b1", ".2f"),  # only shown when some row ran on
                           ("Packed b64 (ms)", "packed_latency_ms_b64", ".2f")]  # the bit-packed binary runtime
 SENSITIVITY_COLUMNS: list[tuple[str, str, str | None]] = [
@@ -177,9 +180,11 @@ def _duration(seconds: float | None) -> str:
 
 def _machine(machine: dict[str, Any]) -> str:
     parts = [str(machine["cpu"])] if machine.get("cpu") else []
+    if machine.get("cpu_class"):  # what decides the int8 kernels, hence the latency ratios
+        parts.append(str(machine["cpu_class"]))
     if machine.get("cores") is not None:
         parts.append(f"{machine['cores']} cores")
-    parts += [f"{lib} {machine[lib]}" for lib in ("torch", "onnxruntime") if machine.get(lib)]
+    parts += [f"{lib} {machine[lib]}" for lib in ("torch", "onnxruntime", "openvino") if machine.get(lib)]
     if machine.get("threads") is not None:
         parts.append(f"{machine['threads']} thread{'s' if machine['threads'] != 1 else ''}")
     return ", ".join(parts) or MISSING
@@ -225,6 +230,10 @@ def render_markdown(report: dict[str, Any], sensitivity: dict[str, Any] | None) 
     columns = list(COLUMNS)
     if any(row.get("packed_mb") is not None for row in rows):
         columns.insert([key for _, key, _ in COLUMNS].index("file_mb") + 1, PACKED_COLUMN)
+    openvino = any(row.get("acc_openvino") is not None for row in rows)
+    if openvino:
+        columns.insert([key for _, key, _ in columns].index("acc_ort") + 1, OPENVINO_COLUMNS[0])
+        columns += OPENVINO_COLUMNS[1:]
     if any(row.get("packed_latency_ms_b1") is not None or row.get("packed_latency_ms_b64") is not None for row in rows):
         columns += PACKED_RUNTIME_COLUMNS
     lines = [
@@ -234,8 +243,9 @@ def render_markdown(report: dict[str, Any], sensitivity: dict[str, Any] | None) 
         f"Wall time: {_duration(report.get('wall_time_s'))}", "",
         _markdown_table(columns, rows), "",
         f"Size (MB, theory) counts parameter bits / 8; File (MB) is the exported ONNX file. Compression and loss "
-        f"are relative to `{report.get('baseline', MISSING)}`; latencies are ONNX Runtime medians (Packed: the "
-        f"binary layers on micronet's bit-packed XNOR-popcount runtime, same threads).", "",
+        f"are relative to `{report.get('baseline', MISSING)}`; latencies are medians of the same ONNX file in ONNX Runtime"
+        f"{' and in OpenVINO' if openvino else ''} (Packed: the binary layers on micronet's bit-packed XNOR-popcount "
+        f"runtime, same threads).", "",
     ]
     alt = {ACCURACY_PNG: "Accuracy vs size", LATENCY_PNG: "ONNX Runtime latency"}
     lines += [f"![{alt[name]}]({name})" for name in alt if name in drawn]

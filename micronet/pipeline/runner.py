@@ -5,26 +5,30 @@ so changing one step re-runs it and everything downstream, and nothing else. Eac
 ``pipeline_step.json``: ``running`` while the step works, ``done`` once its artifact is complete (written
 atomically, so a SIGKILL leaves either the old record or the new one). A training step found ``running``
 with the same fingerprint continues from its last epoch checkpoint; any other unfinished step starts over.
+
+A ``done`` step is trusted only while its artifact verifies (the checkpoint's tensor files against the
+sizes and SHA-256 in its ``micronet.json``); a damaged or missing one is rebuilt. A step folder is cleared
+before a step starts over only when the pipeline wrote it (it holds ``pipeline_step.json``), and then only
+of the files micronet writes there: a folder of someone else's, or one with foreign files, is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from micronet.errors import PipelineError
+from micronet.errors import MicronetError, PipelineError
 from micronet.io import atomic_write_text
+from micronet.outputs import MEASURE_RECORD, STEP_RECORD, check_writable, foreign_entries, holds_nothing, remove_path
 from micronet.pipeline.config import PipelineConfig, Step, load_config, step_argv
 
-STEP_RECORD = "pipeline_step.json"
-MEASURE_RECORD = "measure.json"
 REPORT_FILE = "report.json"
 SENSITIVITY_FILE = "sensitivity.json"
+CONFIG_COPY = "pipeline.yaml"
 _RESUMABLE = {"train", "finetune", "quantize"}  # commands that write OUT/last every epoch
 
 
@@ -61,11 +65,61 @@ def _checkpoint_fingerprint(folder: str) -> str:
     return _hash((resolve_checkpoint(folder) / META_FILE).read_text())
 
 
-def _artifact_present(folder: Path) -> bool:
-    from micronet.engine.checkpoint import META_FILE
+def _artifact_problem(folder: Path, step: Step) -> str | None:
+    """Why the artifact of a finished step cannot be trusted (missing, truncated, edited), or None."""
+    if step.run == "sensitivity":
+        from micronet.analysis.sensitivity import SENSITIVITY_OUTPUT, SKIP_FILE
 
-    return (folder / "best" / META_FILE).is_file() or (folder / META_FILE).is_file() \
-        or (folder / "sensitivity.json").is_file()
+        if not SENSITIVITY_OUTPUT.recognise(folder) or not (folder / SKIP_FILE).is_file():
+            return f"{folder / SENSITIVITY_FILE} or {folder / SKIP_FILE} is missing or unreadable"
+        return None
+    from micronet.engine.checkpoint import resolve_checkpoint, verify_checkpoint
+
+    try:
+        verify_checkpoint(resolve_checkpoint(folder))
+    except MicronetError as exc:
+        return str(exc)
+    return None
+
+
+def _step_folder_entries() -> frozenset[str]:
+    """Everything a step's command and the measurements write into a step folder."""
+    from micronet.analysis.sensitivity import SENSITIVITY_OUTPUT
+    from micronet.engine.checkpoint import CHECKPOINT_OUTPUT
+    from micronet.engine.trainer import RUN_OUTPUT
+    from micronet.pipeline.measure import ONNX_FILE, PACKED_DIR
+
+    return RUN_OUTPUT.entries | CHECKPOINT_OUTPUT.entries | SENSITIVITY_OUTPUT.entries | {ONNX_FILE, PACKED_DIR}
+
+
+def _clear_step_folder(folder: Path, step: Step) -> None:
+    """Empty a step folder before its step starts over, removing only what the pipeline wrote there."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not folder.is_dir():
+        raise PipelineError(f"{folder} is a file, not the folder of step {step.name!r}: move it away or choose another out")
+    entries = _step_folder_entries()
+    if not holds_nothing(folder, entries) and not (folder / STEP_RECORD).is_file():
+        raise PipelineError(f"{folder} exists and the pipeline did not write it (no {STEP_RECORD}), so step "
+                            f"{step.name!r} will not replace it: move it away or choose another out")
+    foreign = foreign_entries(folder, entries)
+    if foreign:
+        raise PipelineError(f"{folder} holds {', '.join(foreign[:3])}{' and more' if len(foreign) > 3 else ''}, which "
+                            f"the pipeline did not write: move it out of the folder of step {step.name!r}, which runs again")
+    for child in folder.iterdir():
+        remove_path(child)
+
+
+def _check_out(config: PipelineConfig) -> None:
+    """Refuse an output folder that is a file, that cannot be written, or that holds other files than a
+    pipeline's, before any step runs."""
+    out = config.out
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"{config.path}: the output folder {out} is a file: choose another `out` (or --out)")
+    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_COPY).is_file():
+        raise PipelineError(f"{config.path}: the output folder {out} is not empty and holds no {CONFIG_COPY}, so it is "
+                            "not a pipeline's output: choose another `out` (or --out)")
+    check_writable(out, flag="out")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -96,10 +150,11 @@ def _run_step(config: PipelineConfig, step: Step, fingerprint: str, echo: Callab
     record = _read_json(folder / STEP_RECORD) or {}
     same = record.get("fingerprint") == fingerprint
     if same and record.get("status") == "done":
-        if _artifact_present(folder):
+        problem = _artifact_problem(folder, step)
+        if problem is None:
             echo(f"[{step.name}] up to date ({record.get('seconds', 0):.0f} s when it ran)")
             return "cached"
-        echo(f"[{step.name}] its artifact in {folder} is gone: running it again")
+        echo(f"[{step.name}] its artifact in {folder} is gone or damaged ({problem}): running it again")
         record = {}
     argv = step_argv(config, step)
     resume = same and record.get("status") == "running" and step.run in _RESUMABLE and (folder / "last").is_dir()
@@ -107,8 +162,7 @@ def _run_step(config: PipelineConfig, step: Step, fingerprint: str, echo: Callab
         argv += ["--resume", str(folder)]
         echo(f"[{step.name}] resuming the interrupted run: micronet {' '.join(argv)}")
     else:
-        if folder.exists():
-            shutil.rmtree(folder)
+        _clear_step_folder(folder, step)
         echo(f"[{step.name}] micronet {' '.join(argv)}")
     folder.mkdir(parents=True, exist_ok=True)
     spent = float(record.get("seconds", 0.0)) if resume else 0.0
@@ -181,10 +235,11 @@ def _machine(threads: int) -> dict[str, Any]:
     import onnxruntime
     import torch
 
-    from micronet.machine import cpu_model
+    from micronet.deploy.openvino import openvino_version
+    from micronet.machine import cpu_class, cpu_model
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "threads": threads}
+    return {"cpu": cpu_model(), "cpu_class": cpu_class(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "openvino": openvino_version(), "threads": threads}
 
 
 def run_pipeline(config: PipelineConfig | str | Path, *, out: str | Path | None = None,
@@ -194,8 +249,9 @@ def run_pipeline(config: PipelineConfig | str | Path, *, out: str | Path | None 
     if not isinstance(config, PipelineConfig):
         config = load_config(config, out=out)
     prints = fingerprints(config)
+    _check_out(config)
     config.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config.out / "pipeline.yaml", config.path.read_text())
+    atomic_write_text(config.out / CONFIG_COPY, config.path.read_text())
     start = time.perf_counter()
     for step in config.steps:
         try:

@@ -17,6 +17,10 @@ from micronet.deploy.integer.fixed_point import FORMAT, FORMAT_VERSION, PARAMETE
 from micronet.deploy.integer.steps import STEP_TYPES, Env, Step
 from micronet.deploy.onnx.graph import load_model
 from micronet.errors import DeployError, MicronetError
+from micronet.outputs import OutputKind, described_as
+
+PROGRAM_OUTPUT = OutputKind("integer program", described_as(PROGRAM_JSON, FORMAT),
+                            frozenset({PROGRAM_JSON, PARAMETERS_FILE}))
 
 
 # ------------------------------------------------------------------------------------------ public model
@@ -130,7 +134,7 @@ class IntegerModel:
         description = {"format": FORMAT, "format_version": FORMAT_VERSION, "rounding": self.rounding,
                        "inputs": self.inputs, "outputs": self.outputs, "output_sources": self.output_sources,
                        "quantized": self.quantized, "constants": sorted(self.constants), "layers": layers}
-        with atomic_directory(directory) as staging:
+        with atomic_directory(directory, PROGRAM_OUTPUT) as staging:
             save_file(tensors, str(staging / PARAMETERS_FILE))
             (staging / PROGRAM_JSON).write_text(json.dumps(description, indent=1, allow_nan=False), encoding="utf-8")
         return Path(directory)

@@ -24,11 +24,31 @@ from torch import nn
 from micronet.deploy.onnx import qdq_ops
 from micronet.deploy.onnx.export_form import ExportFormReport, export_form
 from micronet.deploy.onnx.graph import GraphView
+from micronet.deploy.targets import DEFAULT_TARGET, get_target
 from micronet.errors import DeployError
 from micronet.io import atomic_write
+from micronet.outputs import OutputKind
 
 EXPORTERS = ("dynamo", "legacy")
+PRODUCER = "micronet"
+
+
+def _is_micronet_onnx(path: Path) -> bool:
+    try:
+        return onnx.load(str(path), load_external_data=False).producer_name == PRODUCER
+    except Exception:  # noqa: BLE001 - any file onnx cannot parse is not ours
+        return False
+
+
+ONNX_OUTPUT = OutputKind("ONNX file", _is_micronet_onnx, directory=False)
 INPUT_NAME, OUTPUT_NAME = "input", "output"
+TARGET_KEY = "micronet.target"
+
+
+def model_target(model: nn.Module) -> str:
+    """The target a quantized model was prepared for (``portable`` for a float model or an older scheme)."""
+    scheme = getattr(model, "quant_scheme", None)
+    return getattr(scheme, "target", None) or DEFAULT_TARGET
 
 
 @dataclass
@@ -49,7 +69,8 @@ class ExportReport:
 
     def summary(self) -> str:
         weights = sorted({layer.weight.split()[0] for layer in self.form.layers if layer.weight != "float"})
-        kind = (f"QDQ ({self.form.activation_dtype} activations, {'/'.join(weights) or 'float'} weights)"
+        kind = (f"QDQ ({self.form.activation_dtype} activations, {'/'.join(weights) or 'float'} weights, "
+                f"target {self.form.target})"
                 if self.quantized else "FP32")
         ops = ", ".join(f"{op}×{n}" for op, n in sorted(self.op_counts.items(), key=lambda kv: (-kv[1], kv[0])))
         batch = "dynamic batch" if self.dynamic_batch else "fixed batch"
@@ -228,21 +249,23 @@ def export(
     exporter: str = "dynamo",
     opset: int = qdq_ops.OPSET,
     dynamic_batch: bool = True,
-    activation_dtype: str = "uint8",
+    activation_dtype: str | None = None,
     weight_dtype: str = "auto",
+    target: str | None = None,
     metadata: dict[str, str] | None = None,
 ) -> ExportReport:
     """Write ``model`` as one ONNX file and return an :class:`ExportReport`.
 
     ``example_input``: a batch shaped like the model's input (its batch size does not matter with a
-    dynamic batch). ``activation_dtype``: "uint8" (ONNX Runtime's fast u8s8 path; signed codes are shifted
+    dynamic batch). ``target`` (:mod:`micronet.deploy.targets`): ``portable``, ``vnni`` or ``tensorrt``;
+    None takes the one the model was quantized for (``portable`` for older or float models). It decides
+    the defaults of the two dtypes and is stored in the file as ``micronet.target``; the exporting CPU
+    never matters. ``activation_dtype``: "uint8" (ONNX Runtime's fast u8s8 path; signed codes are shifted
     by 128, same values) or "int8" (signed, zero point 0, as TensorRT requires; the model must have been
-    prepared with signed activations). ``weight_dtype``: "int8" (zero point 0: the standard, TensorRT's,
-    and the fastest on CPUs with VNNI/AMX) or "uint8" (zero point 128, the same values): ONNX Runtime's
-    u8s8 kernels on CPUs without VNNI (AVX2 only) add pairs of products in saturating int16 and lose
-    accuracy with 8-bit weights; u8u8 kernels do not (or quantize weights to 7 bits). "auto" (default)
-    picks int8 per layer unless this CPU lacks VNNI/AMX and the layer's codes exceed ±63 (always int8 with
-    int8 activations: that combination is for TensorRT).
+    prepared with signed activations); None: the target's. ``weight_dtype``: "int8" (zero point 0) or
+    "uint8" (zero point 128, the same values, ONNX Runtime's u8u8 kernels); "auto" (default): int8 where
+    the target's kernels sum the layer's codes exactly (±63 for ``portable``: no int16 saturation on CPUs
+    without VNNI), else uint8 (always int8 with int8 activations: that combination is for TensorRT).
     ``metadata``: strings stored in the file's ``metadata_props`` (the CLI records the dataset there).
     Errors a user can fix raise :class:`DeployError`.
     """
@@ -254,7 +277,9 @@ def export(
         raise DeployError(f"opset {opset} is not supported: per-channel QuantizeLinear needs ≥ 13 and the legacy exporter stops at 20")
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         raise DeployError("example_input must be a batch tensor shaped like the model input, e.g. torch.zeros(1, 1, 28, 28)")
-    form, form_report = export_form(model, activation_dtype, weight_dtype)
+    target = model_target(model) if target is None else target
+    activation_dtype = activation_dtype or get_target(target).activation_dtype
+    form, form_report = export_form(model, activation_dtype, weight_dtype, target)
     example = example_input.detach().float().cpu()
     try:
         with torch.no_grad():
@@ -284,7 +309,9 @@ def export(
         _one_add_per_quantizer(proto)
     _strip_debug_info(proto)
     _drop_unused_initializers(proto)
-    proto.producer_name = "micronet"
+    proto.producer_name = PRODUCER
+    if form_report.quantized:
+        proto.metadata_props.add(key=TARGET_KEY, value=target)
     for key, value in (metadata or {}).items():
         proto.metadata_props.add(key=str(key), value=str(value))
     try:

@@ -42,6 +42,7 @@ from micronet.compression.quantization.core.lowbit import DoReFaActivationQuanti
 from micronet.compression.quantization.core.modules import QuantizedModule, WeightedQuantizedModule
 from micronet.compression.quantization.core.quantizers import AffineQuantizer, Quantizer
 from micronet.deploy.onnx import qdq_ops
+from micronet.deploy.targets import DEFAULT_TARGET, get_target, weight_dtype_for
 from micronet.errors import DeployError
 from micronet.models.layers import ChannelShuffle
 
@@ -49,15 +50,13 @@ ACTIVATION_DTYPES = ("uint8", "int8")
 WEIGHT_DTYPES = ("auto", "int8", "uint8")
 
 
-def resolve_weight_dtype(weight_dtype: str, codes: torch.Tensor) -> str:
-    """``auto``: int8 unless ONNX Runtime's u8s8 kernels could saturate on this CPU — no VNNI/AMX and codes
-    beyond ±63 (8-bit weights); then uint8 with zero point 128 (u8u8 kernels: exact, about 35% slower
-    here; 7-bit weights keep int8 exact and fast, as ORT's ``reduce_range``)."""
-    from micronet.machine import cpu_has_vnni
-
+def resolve_weight_dtype(weight_dtype: str, codes: torch.Tensor, target: str = DEFAULT_TARGET) -> str:
+    """``auto``: what the deployment ``target`` sums exactly (:mod:`micronet.deploy.targets`) — int8 while
+    the layer's codes fit the target's range (±63 for ``portable``), else uint8 with zero point 128. It
+    never looks at the exporting CPU: the same model and target always give the same file."""
     if weight_dtype != "auto":
         return weight_dtype
-    return "int8" if int(codes.abs().max()) <= 63 or cpu_has_vnni() else "uint8"
+    return weight_dtype_for(get_target(target), int(codes.abs().max()) if codes.numel() else 0)
 
 
 @dataclass
@@ -77,6 +76,7 @@ class ExportFormReport:
     quantized: bool
     activation_dtype: str
     weight_dtype: str = "auto"
+    target: str = DEFAULT_TARGET
     layers: list[LayerExport] = field(default_factory=list)
     activation_quantizers: int = 0  # quantizers written as Q/DQ or Sign (off/float ones write nothing)
     bn_folded: int = 0
@@ -227,7 +227,8 @@ class WeightedExport(nn.Module):
     """A conv / transposed conv / linear layer with its export-form input, weight and bias."""
 
     def __init__(self, module: WeightedQuantizedModule, name: str, activation_dtype: str,
-                 bn: nn.BatchNorm1d | nn.BatchNorm2d | None = None, weight_dtype: str = "int8") -> None:
+                 bn: nn.BatchNorm1d | nn.BatchNorm2d | None = None, weight_dtype: str = "int8",
+                 target: str = DEFAULT_TARGET) -> None:
         super().__init__()
         self.kind = next(c.__name__ for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))
         self.input_quantizer = activation_export(module.input_quantizer, f"{name}.input_quantizer", activation_dtype)
@@ -265,7 +266,7 @@ class WeightedExport(nn.Module):
         else:
             codes, scale = packed
             zero_point = torch.zeros(scale.shape, dtype=torch.int8)
-            weight_dtype = "int8" if activation_dtype == "int8" else resolve_weight_dtype(weight_dtype, codes)
+            weight_dtype = "int8" if activation_dtype == "int8" else resolve_weight_dtype(weight_dtype, codes, target)
             if weight_dtype == "uint8":  # the same values: codes and zero point shifted by 128
                 codes, zero_point = (codes.to(torch.int16) + 128).to(torch.uint8), (zero_point + 128).to(torch.uint8)
             self.register_buffer("weight_codes", codes)
@@ -422,8 +423,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def export_form(model: nn.Module, activation_dtype: str = "uint8",
-                weight_dtype: str = "auto") -> tuple[nn.Module, ExportFormReport]:
+def export_form(model: nn.Module, activation_dtype: str = "uint8", weight_dtype: str = "auto",
+                target: str = DEFAULT_TARGET) -> tuple[nn.Module, ExportFormReport]:
     """A copy of ``model`` in eval mode that computes what its ONNX export computes (see module docstring)."""
     from micronet.compression.fusion import fuse
     from micronet.compression.quantization.core.workflow import is_prepared
@@ -433,7 +434,9 @@ def export_form(model: nn.Module, activation_dtype: str = "uint8",
     if weight_dtype not in WEIGHT_DTYPES:
         raise DeployError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)} (got {weight_dtype!r})")
     quantized = is_prepared(model)
-    report = ExportFormReport(quantized=quantized, activation_dtype=activation_dtype, weight_dtype=weight_dtype)
+    get_target(target)
+    report = ExportFormReport(quantized=quantized, activation_dtype=activation_dtype, weight_dtype=weight_dtype,
+                              target=target)
     form, fusion = fuse(copy.deepcopy(model).cpu().float())
     form.eval()
     if not quantized:
@@ -444,7 +447,7 @@ def export_form(model: nn.Module, activation_dtype: str = "uint8",
         if isinstance(module, WeightedQuantizedModule):
             bn_name = bn_into_scales.get(name)
             bn = form.get_submodule(bn_name) if bn_name else None
-            exported = WeightedExport(module, name, activation_dtype, bn, weight_dtype)
+            exported = WeightedExport(module, name, activation_dtype, bn, weight_dtype, target)
             _set_module(form, name, exported)
             if bn_name:
                 _set_module(form, bn_name, nn.Identity())

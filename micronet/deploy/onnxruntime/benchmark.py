@@ -21,6 +21,11 @@ import onnxruntime as ort
 from micronet.deploy.onnxruntime.session import ModelSource, build_session, check_batch, check_image_shape, image_shape
 from micronet.errors import ConfigError
 from micronet.machine import busy_ticks, cpu_flags, cpu_model, others_cores, percentile
+from micronet.outputs import OutputKind, read_json_dict
+
+BENCHMARK_JSON_OUTPUT = OutputKind("benchmark result",
+                                   lambda path: {"machine", "results"} <= set(read_json_dict(path) or {}),
+                                   directory=False)
 
 MIN_WALL_S = 0.5  # /proc/stat counts 10 ms ticks: shorter intervals give meaningless "other cores"
 
@@ -56,7 +61,9 @@ def machine_info() -> dict[str, Any]:
     """CPU model, vector extensions, torch's CPU capability and the ORT version: what decides the kernels."""
     import torch
 
-    return {"onnxruntime": ort.__version__, "python": platform.python_version(), "cpu": cpu_model(),
+    from micronet.deploy.openvino import openvino_version
+
+    return {"onnxruntime": ort.__version__, "openvino": openvino_version(), "python": platform.python_version(), "cpu": cpu_model(),
             "cpu_flags": cpu_flags(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "os_cpu_count": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
 
@@ -89,8 +96,9 @@ def _time_runs(session: ort.InferenceSession, x: np.ndarray, warmup: int, repeat
 
 def benchmark(path: ModelSource, input_shape: tuple[int, int, int] | None = None, batch_sizes: Sequence[int] = (1, 64),
               threads: Sequence[int] = (1, 2), warmup: int = 5, repeats: int = 30,
-              optimization: str = "all", seed: int = 0) -> list[BenchmarkResult]:
+              optimization: str = "all", seed: int = 0, runtime: str = "onnxruntime") -> list[BenchmarkResult]:
     """Time ``path`` for every (threads, batch) pair; ``input_shape`` (C,H,W) defaults to the model's own.
+    ``runtime``: "onnxruntime" or "openvino" (the same file; ``optimization`` is ORT's only).
 
     A model exported with a fixed batch raises :class:`~micronet.errors.DeployError` for any other batch.
     """
@@ -101,7 +109,7 @@ def benchmark(path: ModelSource, input_shape: tuple[int, int, int] | None = None
     results = []
     rng = np.random.default_rng(seed)
     for n_threads in threads:
-        session = build_session(path, threads=n_threads, optimization=optimization)
+        session = build_session(path, threads=n_threads, optimization=optimization, runtime=runtime)
         if input_shape is None:
             input_shape = image_shape(session)
         else:
@@ -117,6 +125,7 @@ def benchmark(path: ModelSource, input_shape: tuple[int, int, int] | None = None
             others = others_cores(before, busy_ticks(), wall) if wall >= MIN_WALL_S else None
             results.append(BenchmarkResult(
                 batch=batch, threads=n_threads, input_shape=tuple(input_shape), median_ms=median * 1e3, p90_ms=percentile(times, 0.9) * 1e3,
-                images_per_s=batch / median, repeats=repeats, optimization=optimization, loadavg=os.getloadavg(),
+                images_per_s=batch / median, repeats=repeats,
+                optimization=optimization if runtime == "onnxruntime" else runtime, loadavg=os.getloadavg(),
                 others_cores=others, machine=machine))
     return results

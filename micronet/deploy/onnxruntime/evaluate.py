@@ -19,12 +19,13 @@ from micronet.errors import DeployError
 
 
 def evaluate(model: ModelSource | ort.InferenceSession, split: ArrayDataset, batch_size: int = 256,
-             threads: int = 1) -> dict[str, float]:
+             threads: int = 1, runtime: str = "onnxruntime") -> dict[str, float]:
     """``{"acc", "loss", "samples"}`` of the model's first output (logits) on ``split``.
 
     A model exported with a fixed batch is fed batches of exactly that size (the last one padded).
+    ``runtime``: "onnxruntime" or "openvino" (the same file, see :mod:`micronet.deploy.openvino`).
     """
-    session = as_session(model, threads=threads)
+    session = as_session(model, threads=threads, runtime=runtime)
     info = split.info
     check_image_shape(session, (info.in_channels, *info.image_size), f"{info.name} data",
                       "evaluate on the dataset the model was exported for")

@@ -51,10 +51,20 @@ def _float_batches(batches: Iterable, fixed_batch: int | None) -> list[np.ndarra
 
 def quantize_with_onnxruntime(fp32_onnx_path: str | os.PathLike, out_path: str | os.PathLike,
                               calibration_batches: Iterable, per_channel: bool = True,
-                              reduce_range: bool | None = None) -> Path:
+                              reduce_range: bool | None = None, calibrate_method: str = "minmax",
+                              weight_bits: int = 8, activation_bits: int = 8) -> Path:
     """Write ORT's QDQ int8 version of ``fp32_onnx_path`` to ``out_path`` (atomically) and return the path.
 
-    ``reduce_range``: 7-bit weights; None: on exactly the CPUs whose u8s8 kernels would saturate."""
+    ``reduce_range``: 7-bit weights; None: on exactly the CPUs whose u8s8 kernels would saturate.
+    ``calibrate_method``: ORT's activation range estimator (minmax, entropy, percentile, distribution);
+    ``weight_bits`` / ``activation_bits``: 8, or 4 (ORT's int4 QDQ types, run by dequantizing to float)."""
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}
+    if calibrate_method not in methods:
+        raise DeployError(f"unknown ORT calibration method {calibrate_method!r}: choose one of {', '.join(methods)}")
+    types = {(8, True): QuantType.QInt8, (8, False): QuantType.QUInt8, (4, True): QuantType.QInt4, (4, False): QuantType.QUInt4}
+    if (weight_bits, True) not in types or (activation_bits, False) not in types:
+        raise DeployError(f"ORT quantizes to 8 or 4 bits, not W{weight_bits}A{activation_bits}")
     if reduce_range is None:
         from micronet.machine import cpu_has_vnni
 
@@ -79,8 +89,8 @@ def quantize_with_onnxruntime(fp32_onnx_path: str | os.PathLike, out_path: str |
         def write(path: Path) -> None:
             quantize_static(str(prepared), str(path), _BatchReader(inputs[0].name, batches),
                             quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range,
+                            activation_type=types[activation_bits, False], weight_type=types[weight_bits, True],
+                            calibrate_method=methods[calibrate_method], reduce_range=reduce_range and weight_bits == 8,
                             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
 
         return atomic_write(out_path, write)

@@ -36,8 +36,11 @@ def _source_bytes_or_path(model: ModelSource) -> tuple[str | bytes, str]:
 
 
 def build_session(model: ModelSource, threads: int = 1, optimization: str = "all",
-                  optimized_model_path: str | os.PathLike | None = None) -> ort.InferenceSession:
+                  optimized_model_path: str | os.PathLike | None = None, runtime: str = "onnxruntime") -> ort.InferenceSession:
     """An ORT CPU session of ``model`` (a path, serialized bytes or a ModelProto) with pinned threads.
+
+    ``runtime="openvino"``: the file compiled by OpenVINO instead (a path; same interface, see
+    :mod:`micronet.deploy.openvino`).
 
     ``optimized_model_path`` makes ORT write the graph it actually runs (after its fusions) there; at
     ``optimization="all"`` that graph holds hardware-specific layout ops and ORT logs a warning about it,
@@ -47,6 +50,14 @@ def build_session(model: ModelSource, threads: int = 1, optimization: str = "all
         raise ConfigError(f"unknown ONNX Runtime optimization level {optimization!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}")
     if not isinstance(threads, int) or threads < 1:
         raise ConfigError(f"thread count {threads!r} is invalid: use 1 or more threads")
+    if runtime != "onnxruntime":
+        from micronet.deploy.openvino import RUNTIMES, OpenVINOSession
+
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+        if not isinstance(model, (str, os.PathLike)):
+            raise ConfigError("OpenVINO reads ONNX files: pass the model as a path")
+        return OpenVINOSession(model, threads)
     source, label = _source_bytes_or_path(model)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -113,14 +124,23 @@ def run(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
     return session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
 
-def runtime_label(threads: int) -> str:
+def runtime_label(threads: int, runtime: str = "onnxruntime") -> str:
     """``ONNX Runtime 1.32.0, 1 thread``: what produced a number, for report lines."""
-    return f"ONNX Runtime {ort.__version__}, {threads} thread" + ("" if threads == 1 else "s")
+    if runtime == "openvino":
+        from micronet.deploy.openvino import openvino_version
+
+        name = f"OpenVINO {openvino_version()}"
+    else:
+        name = f"ONNX Runtime {ort.__version__}"
+    return f"{name}, {threads} thread" + ("" if threads == 1 else "s")
 
 
-def as_session(model: ModelSource | ort.InferenceSession, threads: int = 1) -> ort.InferenceSession:
-    """``model`` itself when it already is a session, else :func:`build_session` of it."""
-    return model if isinstance(model, ort.InferenceSession) else build_session(model, threads=threads)
+def as_session(model: ModelSource | ort.InferenceSession, threads: int = 1,
+               runtime: str = "onnxruntime") -> ort.InferenceSession:
+    """``model`` itself when it already is a session (ORT or OpenVINO), else :func:`build_session` of it."""
+    if isinstance(model, ort.InferenceSession) or hasattr(model, "get_inputs"):
+        return model
+    return build_session(model, threads=threads, runtime=runtime)
 
 
 __all__ = ["OPTIMIZATION_LEVELS", "as_session", "build_session", "check_batch", "check_image_shape", "fixed_batch",

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from micronet.data import ArrayDataset, BatchLoader
 from micronet.deploy.tensorrt._support import make_logger, require_device, require_tensorrt
+from micronet.engine.numerics import require_finite
 from micronet.errors import DeployError
 
 EngineSource = str | os.PathLike | bytes
@@ -145,6 +146,7 @@ def evaluate(runner: TensorRTRunner, split: ArrayDataset, batch_size: int = 256)
         if logits.ndim != 2 or logits.shape[1] != info.num_classes:
             raise DeployError(f"the engine outputs shape {list(logits.shape)} but {info.name} has {info.num_classes} "
                               "classes: evaluate on the dataset the model was trained on")
+        require_finite(logits, "the TensorRT engine")
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
         seen += n

@@ -214,6 +214,10 @@ class QuantBNFuseConv2d(WeightedQuantizedModule, nn.Conv2d):
         bias = self.bn_bias + self._centred_bias(self.running_mean) * scale
         return weight, bias
 
+    def deployed_weight(self) -> Tensor:
+        """W·γ/σ_R: the weight eval mode and export quantize."""
+        return self.folded_weight_and_bias()[0]
+
     def quantized_weight(self) -> Tensor:
         """The fake-quantized deployed weight, Wq(W·γ/σ_R) (observes it when the quantizer is observing)."""
         return self.weight_quantizer(self.folded_weight_and_bias()[0])

@@ -64,6 +64,10 @@ class LearnedScaleQuantizer(AffineQuantizer):
         super().observe(x)
         self.scale_initialized.fill_(1)
 
+    def reobserve(self, x: torch.Tensor) -> bool:
+        """A learnt scale is a parameter of the model, never re-derived from the data."""
+        return False if self.scale_initialized.item() else super().reobserve(x)
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         learning = self.training and torch.is_grad_enabled() and int(self.mode.item()) != FROZEN
         if not learning or not self.scale.requires_grad:

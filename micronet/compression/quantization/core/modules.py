@@ -65,6 +65,23 @@ class WeightedQuantizedModule(QuantizedModule):
             ch_axis=axis, num_channels=None if axis is None else self.weight.shape[axis]
         )
 
+    def deployed_weight(self) -> torch.Tensor:
+        """The float weight that eval mode quantizes."""
+        return self.weight
+
+    @torch.no_grad()
+    def refresh_weight_range(self) -> bool:
+        """Re-observe the current weight (see :meth:`AffineQuantizer.reobserve`); whether the range changed hands."""
+        quantizer = getattr(self, "weight_quantizer", None)
+        reobserve = getattr(quantizer, "reobserve", None)
+        return bool(reobserve(self.deployed_weight())) if reobserve is not None else False
+
+    def train(self, mode: bool = True):
+        """Leaving training re-observes the weight: the last optimizer step came after its last observation."""
+        if self.training and not mode:
+            self.refresh_weight_range()
+        return super().train(mode)
+
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
 

@@ -96,6 +96,11 @@ class Observer(nn.Module):
     #: Whether :meth:`update` accepts a sequence of tensors (observed as one); others get them concatenated.
     accepts_many = True
 
+    @property
+    def keeps_latest_only(self) -> bool:
+        """True when the statistics are those of the latest tensor alone (so observing it again is idempotent)."""
+        return False
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> None:
         """Observe ``x``; a sequence of tensors (e.g. the inputs of an add) is observed as one tensor."""
@@ -127,6 +132,19 @@ class MinMaxObserver(Observer):
     def __init__(self, ch_axis: int | None = None, num_channels: int | None = None, running: bool = True) -> None:
         super().__init__(ch_axis, num_channels)
         self.running = running
+
+    @property
+    def keeps_latest_only(self) -> bool:
+        return not self.running
+
+    @torch.no_grad()
+    def set_range_from(self, x: torch.Tensor) -> None:
+        """The extremes of ``x`` on this process alone (weights are identical on every DDP rank, and this runs
+        where only one rank may be, e.g. in rank 0's evaluation)."""
+        lo, hi = self._local_min_max(x)
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
+        self.initialized.fill_(1)
 
     def update(self, x: torch.Tensor) -> None:
         lo, hi = self.batch_min_max(x)

@@ -168,6 +168,24 @@ class AffineQuantizer(Quantizer):
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
 
+    @torch.no_grad()
+    def reobserve(self, x: torch.Tensor) -> bool:
+        """Re-derive scale and zero point from ``x`` alone, when this quantizer is in QAT mode, has a range, and
+        its observer keeps only the latest tensor (min/max of the current weights). Weights change in every
+        ``optimizer.step()`` after the forward that observed them, so without this the scales used in eval,
+        freeze, convert and export would be one step stale and the largest weights would clip.
+        Returns whether it did."""
+        if not (self.enabled.item() and int(self.mode.item()) == QAT and self.observer.is_initialized
+                and self.observer.keeps_latest_only):
+            return False
+        try:
+            self.observer.set_range_from(x)
+        except NonFiniteInputError as error:
+            raise QuantizationError(f"quantizer {self.qualified_name or type(self).__name__} received {error.kind} "
+                                    "weights: the training diverged (lower the learning rate)") from None
+        self.calculate_qparams()
+        return True
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if not self.observer.is_initialized:
             raise QuantizationError(

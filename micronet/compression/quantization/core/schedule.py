@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from micronet.compression.quantization.core.bn_fold import freeze_bn_statistics
 from micronet.engine.hooks import Hook
 from micronet.errors import QuantizationError
@@ -31,3 +34,41 @@ class FreezeBNStatistics(Hook):
     def on_epoch_start(self, trainer, epoch: int) -> None:
         if epoch >= self.after_epochs and freeze_bn_statistics(trainer.model) and epoch == self.after_epochs:
             trainer.log(f"epoch {epoch + 1}: BatchNorm statistics frozen in the folded convolutions")
+
+
+def binary_latent_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The float (latent) weights of every layer whose weights are binarized."""
+    from micronet.compression.quantization.core.lowbit import BinaryWeightQuantizer
+
+    return [module.weight for module in model.modules()
+            if isinstance(getattr(module, "weight_quantizer", None), BinaryWeightQuantizer)]
+
+
+class ClampBinaryWeights(Hook):
+    """Clamp the latent weights of binary-weight layers to [−1, 1] after every optimizer step (and once at
+    the start), the original's W_clip as a projection.
+
+    Binary weights clip their latent float weights to [−1, 1] before the sign, and the clamp passes no
+    gradient beyond ±1: a latent weight that an optimizer step pushed past ±1 would never move again. The
+    projection keeps every latent weight where its gradient flows (±1 included).
+    """
+
+    def __init__(self) -> None:
+        self.weights: list[nn.Parameter] = []
+
+    def state_dict(self) -> dict:
+        """Saved with the run, so that ``micronet quantize --resume`` keeps clamping."""
+        return {"kind": "clamp_binary_weights"}
+
+    def on_fit_start(self, trainer) -> None:
+        self.weights = binary_latent_weights(getattr(trainer.model, "module", trainer.model))
+        if not self.weights:
+            raise QuantizationError("clamping latent weights applies to binary weights, and the model has no binary-weight "
+                                    "layer: prepare it with wbwtab W=2 (`micronet quantize wbwtab --W 2`), or drop "
+                                    "--clamp-weights")
+        self.after_step(trainer)
+
+    @torch.no_grad()
+    def after_step(self, trainer) -> None:
+        for weight in self.weights:
+            weight.clamp_(-1.0, 1.0)

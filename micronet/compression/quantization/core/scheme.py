@@ -99,6 +99,8 @@ class QuantScheme:
     # would make every activation +1). None: activations stay as they are.
     activation_replacement: QuantizerSpec | None = None
     replaced_activations: tuple[str, ...] = ("ReLU", "ReLU6")
+    # The deployment target the integer layout is chosen for (micronet.deploy.targets): the export's default.
+    target: str = "portable"
 
     def __post_init__(self) -> None:
         if self.bn_fold_method not in BN_FOLD_METHODS:

@@ -45,6 +45,8 @@ class QuantizationReport:
     functional: list[tuple[str, str]] = field(default_factory=list)  # (graph node, op) left as float functional calls
     traced: bool = False
     trace_error: str | None = None
+    # (module name, why) for binarized layers whose input is not a ±1 sign activation
+    real_valued_inputs: list[tuple[str, str]] = field(default_factory=list)
 
     def count(self, type_name: str) -> int:
         return sum(1 for _, t in self.quantized if t == type_name)
@@ -58,6 +60,7 @@ class QuantizationReport:
         lines += [f"  float: {name} ({reason})" for name, reason in self.kept_float]
         lines += [f"  unsupported layer left in float: {name} ({t})" for name, t in self.unsupported]
         lines += [f"  functional op left in float: {node} ({op})" for node, op in self.functional]
+        lines += [f"  binarized layer with real-valued inputs: {name} ({why})" for name, why in self.real_valued_inputs]
         if not self.traced:
             lines.append(f"  torch.fx could not trace the model, functional ops were not converted: {self.trace_error}")
         return "\n".join(lines)
@@ -200,6 +203,59 @@ def _replace_activations(model: nn.Module, scheme: QuantScheme, order: list[str]
         report.quantized.append((name, type(replacement).__name__))
 
 
+class _QuantizedLeafTracer(torch.fx.Tracer):
+    """Traces through containers and blocks, but keeps quantized modules and quantizers whole."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, (QuantizedModule, Quantizer)):
+            return True
+        torch_base = next((c for c in type(m).__mro__[1:] if c.__module__.startswith("torch.nn.modules")), nn.Module)
+        if torch_base not in (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict):  # e.g. a BatchNorm subclass
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+# Ops that pass ±1 values on as ±1 values (they pick, reshape or reorder, and compute nothing new).
+_SIGN_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout2d)
+_SIGN_PRESERVING_CALLS = {"flatten", "unflatten", "view", "reshape", "contiguous", "permute", "transpose", torch.flatten}
+
+
+def _real_valued_inputs(model: nn.Module, sign_type: type) -> list[tuple[str, str]]:
+    """Layers with low-bit (binary or ternary) weights whose input does not come from a sign activation
+    (through pooling or reshapes at most): they multiply ±α weights with real-valued activations, so a
+    binary (XNOR-popcount) kernel cannot run them. Empty when the model does not trace."""
+    from micronet.compression.quantization.core.lowbit import BinaryWeightQuantizer, TernaryWeightQuantizer
+
+    try:
+        graph = _QuantizedLeafTracer().trace(model)
+    except Exception:  # noqa: BLE001 - an untraceable model is reported by its trace error already
+        return []
+    modules = dict(model.named_modules())
+    found: list[tuple[str, str]] = []
+    for node in graph.nodes:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(getattr(module, "weight_quantizer", None), (BinaryWeightQuantizer, TernaryWeightQuantizer)):
+            continue
+        source = node.args[0] if node.args else None
+        while isinstance(source, torch.fx.Node) and (
+                (source.op == "call_module" and isinstance(modules.get(source.target), _SIGN_PRESERVING_MODULES))
+                or (source.op in ("call_method", "call_function") and source.target in _SIGN_PRESERVING_CALLS)):
+            source = source.args[0]
+        if isinstance(source, torch.fx.Node) and source.op == "call_module" and \
+                isinstance(modules.get(source.target), sign_type):
+            continue
+        if isinstance(source, torch.fx.Node) and source.op == "call_module":
+            producer = f"{source.target} ({type(modules[source.target]).__name__})"
+        elif isinstance(source, torch.fx.Node) and source.op == "placeholder":
+            producer = "the model input"
+        else:
+            target = getattr(source, "target", "")
+            producer = f"{getattr(source, 'name', source)} ({getattr(target, '__name__', target)})"
+        found.append((str(node.target), f"its input is {producer}, not a ReLU turned into a sign: "
+                                        "real-valued activations times binary weights"))
+    return found
+
+
 def prepare(
     model: nn.Module,
     scheme: QuantScheme,
@@ -266,6 +322,8 @@ def prepare(
 
     for name, quantizer in quantizers(model):
         quantizer.qualified_name = name
+    if scheme.activation_replacement is not None:
+        report.real_valued_inputs = _real_valued_inputs(model, type(scheme.activation_replacement.build()))
     if report.unsupported:
         warnings.warn(
             "layers left in float because micronet has no quantized version of them: "
@@ -295,8 +353,18 @@ def enable_qat(model: nn.Module) -> nn.Module:
     return set_mode(model, QAT)
 
 
+def refresh_weight_ranges(model: nn.Module) -> int:
+    """Re-observe every weight whose quantizer follows the current weights (QAT mode, min/max of the latest
+    tensor), so that the scales fit the weights after the last optimizer step; returns how many changed hands.
+    ``model.eval()`` does this by itself; :func:`freeze` (and so :func:`convert`) call it first."""
+    return sum(m.refresh_weight_range() for m in model.modules() if isinstance(m, WeightedQuantizedModule))
+
+
 def freeze(model: nn.Module) -> nn.Module:
-    """Fix every scale and zero point (QAFT, deployment); the weights may still train."""
+    """Fix every scale and zero point (QAFT, deployment); the weights may still train. Weight ranges are
+    re-observed first (:func:`refresh_weight_ranges`), so the frozen scales fit the current weights."""
+    _require_quantizers(model, "change the quantization mode")
+    refresh_weight_ranges(model)
     return set_mode(model, FROZEN)
 
 

@@ -85,5 +85,5 @@ def run_to(model: nn.Module, module: nn.Module, x: torch.Tensor, *, want: str = 
 
 
 def channel_mean_sum(t: torch.Tensor) -> torch.Tensor:
-    """Per-channel (axis 1) sums in float64, and the count of summed values per channel, for means."""
+    """Per-channel (axis 1) sums in float64 (divide by ``t.numel() // t.shape[1]`` for means)."""
     return t.double().transpose(0, 1).reshape(t.shape[1], -1).sum(1)

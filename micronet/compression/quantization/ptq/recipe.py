@@ -32,7 +32,7 @@ def post_training_quantize(
     model: nn.Module,
     data: Iterable[Any],
     *,
-    w_bits: int = 8,
+    w_bits: int | None = None,  # None: the target's (7 bits for the default portable target)
     a_bits: int = 8,
     num_batches: int | None = 200,
     equalize: bool = False,

@@ -29,6 +29,7 @@ from torch import nn
 from micronet.compression.quantization.core import modules as _core
 from micronet.compression.quantization.core.lowbit import SignActivation
 from micronet.compression.quantization.core.presets import preset_class, use_stored_weights
+from micronet.compression.quantization.core.schedule import ClampBinaryWeights
 from micronet.compression.quantization.core.scheme import QuantizerSpec, QuantScheme
 from micronet.compression.quantization.core.workflow import prepare as _prepare
 from micronet.errors import QuantizationError
@@ -68,7 +69,8 @@ def wbwtab_scheme(
     ``center`` / ``clip`` are the binary weights' preprocessing (the original's W_clip is both). Centring
     is off by default: it forces every output channel's signs to balance over its inputs, and cost 6.4 pt
     after one epoch of binary W / binary A on the demo NIN (69.42% vs 75.82% test accuracy on
-    Fashion-MNIST). Clipping only masks the gradient of latent weights beyond ±1.
+    Fashion-MNIST). Clipping only masks the gradient of latent weights beyond ±1; train with the
+    :class:`ClampBinaryWeights` hook (``--clamp-weights``) to keep them within reach of their gradient.
     """
     return QuantScheme(
         name=f"wbwtab-W{W}A{A}",
@@ -114,5 +116,5 @@ QuantConv2d = _wbwtab_class(_core.QuantConv2d)
 QuantConvTranspose2d = _wbwtab_class(_core.QuantConvTranspose2d)
 QuantLinear = _wbwtab_class(_core.QuantLinear)
 
-__all__ = ["ActivationQuantizer", "QuantConv2d", "QuantConvTranspose2d", "QuantLinear", "SignActivation",
+__all__ = ["ActivationQuantizer", "ClampBinaryWeights", "QuantConv2d", "QuantConvTranspose2d", "QuantLinear", "SignActivation",
            "prepare", "wbwtab_scheme"]

@@ -28,12 +28,13 @@ from micronet.compression.quantization.core.presets import use_stored_weights
 from micronet.compression.quantization.core.workflow import calibrate, freeze
 from micronet.compression.quantization.core.workflow import prepare as _prepare
 from micronet.compression.quantization.core.scheme import QuantizerSpec, QuantScheme
+from micronet.deploy.targets import DEFAULT_TARGET, get_target
 from micronet.errors import QuantizationError
 
 
 def iao_scheme(
     a_bits: int = 8,
-    w_bits: int = 8,
+    w_bits: int | None = None,
     q_type: int = 0,
     q_level: int = 0,
     weight_observer: int = 0,
@@ -46,8 +47,14 @@ def iao_scheme(
     bn_fold_method: str | None = None,
     learned_scale: bool = False,
     signed_activations: bool = False,
+    target: str = DEFAULT_TARGET,
 ) -> QuantScheme:
-    """The :class:`QuantScheme` the original's flags describe.
+    """The :class:`QuantScheme` the original's flags describe, for the deployment ``target``.
+
+    ``target`` (:mod:`micronet.deploy.targets`): ``portable`` (default) quantizes weights to 7 bits (±63),
+    which ONNX Runtime's u8s8 kernels sum exactly on every x86 CPU; ``vnni`` to 8 bits (exact on VNNI/AMX
+    CPUs only); ``tensorrt`` to 8 bits with signed activations. ``w_bits`` (None: the target's) overrides
+    the weight bits; 8-bit weights with the portable target are exported as uint8 (exact, slower kernels).
 
     ``bn_fold_method`` (see :data:`~micronet.compression.quantization.core.scheme.BN_FOLD_METHODS`) defaults
     to ``"running"`` with ``bn_fuse_calib`` and to the one-convolution fold otherwise (the original folded
@@ -56,6 +63,9 @@ def iao_scheme(
     initialised from min/max for weights and from the least-squares histogram range for activations.
     ``signed_activations``: int8 codes with zero point 0 for every activation, also after a ReLU (TensorRT
     accepts only symmetric signed int8; the default picks unsigned codes for non-negative tensors)."""
+    deployment = get_target(target)
+    w_bits = deployment.weight_bits if w_bits is None else w_bits
+    signed_activations = signed_activations or deployment.activation_dtype == "int8"
     for flag, value in (("q_type", q_type), ("q_level", q_level), ("weight_observer", weight_observer)):
         if value not in (0, 1):
             raise QuantizationError(f"{flag} must be 0 or 1 (got {value})")
@@ -96,6 +106,8 @@ def iao_scheme(
         parts.append("signed")
     if ptq:
         parts.append("ptq")
+    if target != DEFAULT_TARGET:
+        parts.append(target)
     return QuantScheme(
         name="-".join(parts),
         weight=weight,
@@ -103,6 +115,7 @@ def iao_scheme(
         fold_bn=bn_fuse,
         bn_fold_method=method,
         bn_stats_from_model=pretrained_model or ptq,
+        target=target,
     )
 
 
@@ -110,7 +123,7 @@ def prepare(
     model: nn.Module,
     inplace: bool = False,
     a_bits: int = 8,
-    w_bits: int = 8,
+    w_bits: int | None = None,
     q_type: int = 0,
     q_level: int = 0,
     weight_observer: int = 0,
@@ -123,14 +136,16 @@ def prepare(
     percentile: float = 0.9999,
     skip: tuple[str, ...] = (),
     signed_activations: bool = False,
+    target: str = DEFAULT_TARGET,
 ) -> nn.Module:
     """Prepare ``model`` with the IAO preset (the original's signature).
 
     ``quant_inference=True`` does what the original's did: every layer uses its weight as stored, without
     the weight quantizer (inputs are still quantized) — for weights that are already quantized, e.g. those of
-    :func:`~micronet.compression.quantization.core.convert`. The switch is saved with the model."""
+    :func:`~micronet.compression.quantization.core.convert`. The switch is saved with the model.
+    ``w_bits=None``: the ``target``'s (7 for ``portable``, see :func:`iao_scheme`)."""
     scheme = iao_scheme(a_bits, w_bits, q_type, q_level, weight_observer, bn_fuse, bn_fuse_calib, pretrained_model, ptq, percentile,
-                        signed_activations=signed_activations)
+                        signed_activations=signed_activations, target=target)
     prepared = _prepare(model, scheme, inplace=inplace, skip=skip)
     if quant_inference:
         use_stored_weights(prepared)
@@ -140,7 +155,7 @@ def prepare(
 def _with_iao_options(core_class: type) -> type:
     """A subclass of ``core_class`` whose constructor takes the original's keyword arguments."""
 
-    def __init__(self, *args, a_bits=8, w_bits=8, q_type=0, q_level=0, weight_observer=0, qaft=False, ptq=False,
+    def __init__(self, *args, a_bits=8, w_bits=None, q_type=0, q_level=0, weight_observer=0, qaft=False, ptq=False,
                  percentile=0.9999, quant_inference=False, bn_fuse_calib=False, pretrained_model=False, **kwargs):
         scheme = iao_scheme(a_bits, w_bits, q_type, q_level, weight_observer, bn_fuse=True, bn_fuse_calib=bn_fuse_calib,
                             pretrained_model=pretrained_model, ptq=ptq, percentile=percentile)
