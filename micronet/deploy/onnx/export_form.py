@@ -36,6 +36,7 @@ from micronet.compression.quantization.core.integer_bias import (
     batchnorm_factor_and_bias,
     bias_codes,
     folded_channel_scale,
+    int8_weight_codes,
 )
 from micronet.compression.quantization.core.learned import LearnedScaleQuantizer
 from micronet.compression.quantization.core.lowbit import DoReFaActivationQuantizer, FloatQuantizer, SignActivation
@@ -67,8 +68,9 @@ class LayerExport:
     op: str
     input: str  # "uint8" / "int8" / "sign" / "float"
     weight: str  # "int8 per-channel" / "int8 per-tensor" / "float"
-    bias: str  # "int32" / "float" / "none"
+    bias: str  # "int32" / "int32 sign threshold" / "float" / "none"
     note: str = ""
+    kernel: str = ""  # "integer" or "float: <why>" (what ONNX Runtime can fuse: quantized input, int8 weights, quantized output)
 
 
 @dataclass
@@ -83,16 +85,20 @@ class ExportFormReport:
     value_moving_ops_quantized: int = 0  # max pools and shuffles given their readers' quantizer (no value changes)
 
     def rows(self) -> list[dict[str, str]]:
-        return [{"layer": l.name, "op": l.op, "input": l.input, "weight": l.weight, "bias": l.bias, "note": l.note}
-                for l in self.layers]
+        return [{"layer": l.name, "op": l.op, "input": l.input, "weight": l.weight, "bias": l.bias, "kernel": l.kernel,
+                 "note": l.note} for l in self.layers]
+
+    @property
+    def integer_layers(self) -> int:
+        """Weighted layers written so that ONNX Runtime runs them on integer kernels (QLinearConv, QGemm)."""
+        return sum(layer.kernel == "integer" for layer in self.layers)
 
 
 # ------------------------------------------------------------------------------------------ activations
 class ActivationQDQ(nn.Module):
-    """Optional pre-scale, then Clip → QuantizeLinear → DequantizeLinear with one scale and zero point."""
+    """Clip → QuantizeLinear → DequantizeLinear with one scale and zero point."""
 
-    def __init__(self, scale: float, zero_point: int, dtype: torch.dtype, quant_min: int, quant_max: int,
-                 pre_scale: float | None = None) -> None:
+    def __init__(self, scale: float, zero_point: int, dtype: torch.dtype, quant_min: int, quant_max: int) -> None:
         super().__init__()
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
         self.register_buffer("zero_point", torch.tensor(zero_point, dtype=dtype))
@@ -100,19 +106,83 @@ class ActivationQDQ(nn.Module):
         scale32 = self.scale.item()
         self.clip_min = float("-inf") if quant_min <= info.min else (quant_min - zero_point) * scale32
         self.clip_max = float("inf") if quant_max >= info.max else (quant_max - zero_point) * scale32
-        self.pre_scale = pre_scale
         self.dtype_name = "uint8" if dtype == torch.uint8 else "int8"
 
+    @property
+    def input_step(self) -> torch.Tensor:
+        """The step of the codes a layer reading this quantizer multiplies."""
+        return self.scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pre_scale is not None:
-            x = x * self.pre_scale
         return qdq_ops.quantize_dequantize(x, self.scale, self.zero_point, self.clip_min, self.clip_max)
 
     def forward_shared(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         return [self(t) for t in tensors]
 
+    def value_copy(self) -> ActivationQDQ:
+        """The quantizer to put before a max pool or shuffle that this one reads (see
+        :func:`quantize_before_value_moving_ops`)."""
+        return copy.deepcopy(self)
+
+
+SIGN_SCALE = 2.0**-100  # the QuantizeLinear step of a sign: every accumulator step ≥ 2^-92 saturates (see below)
+SIGN_CODES = (127, 129)  # uint8 codes of −1 and +1 around zero point 128, scale 1
+
+
+class RequantizeCodes(nn.Module):
+    """QuantizeLinear(scale, zero point 0, uint8) → Clip on the codes → DequantizeLinear(out_scale, out_zero_point).
+
+    The form of activations whose grid is narrower than uint8, written so that the producing layer's
+    integer kernel does the quantization: ONNX Runtime fuses ``DQ → Conv [→ Relu] → Q`` into QLinearConv
+    (a Relu is absorbed by zero point 0), and the Clip runs on uint8 codes.
+
+    * DoReFa k-bit activations, clamp(x·p, 0, 1) on {0, 1/n, …, 1} (n = 2^k − 1): codes
+      clamp(round(x / (1/(p·n))), 0, n), read at step 1/n. The same values, except where x·p·n lies within
+      float32 rounding of a half-integer (the two roundings may then differ by one code).
+    * sign activations (±1, sign(0) = +1): codes {0, 255} at a step of 2^-100, clipped to 127 / 129 and read
+      with zero point 128, scale 1. The layer before is made to produce either ≥ 255 steps or ≤ 0
+      (:func:`integer_signs`), so the requantization is the sign.
+    """
+
+    def __init__(self, scale: float, code_min: int, code_max: int, out_scale: float, out_zero_point: int,
+                 kind: str) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.uint8))
+        self.register_buffer("out_scale", torch.tensor(out_scale, dtype=torch.float32))
+        self.register_buffer("out_zero_point", torch.tensor(out_zero_point, dtype=torch.uint8))
+        self.code_min, self.code_max = code_min, code_max
+        self.dtype_name = kind  # "uint8" (DoReFa) or "sign"
+
+    @classmethod
+    def dorefa(cls, bits: int, pre_scale: float) -> RequantizeCodes:
+        levels = 2**bits - 1
+        return cls(1.0 / (pre_scale * levels), 0, levels, 1.0 / levels, 0, "uint8")
+
+    @classmethod
+    def sign(cls) -> RequantizeCodes:
+        return cls(SIGN_SCALE, *SIGN_CODES, 1.0, 128, "sign")
+
+    @property
+    def input_step(self) -> torch.Tensor:
+        return self.out_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return qdq_ops.requantize_codes(x, self.scale, self.zero_point, self.code_min, self.code_max,
+                                        self.out_scale, self.out_zero_point)
+
+    def forward_shared(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        return [self(t) for t in tensors]
+
+    def value_copy(self) -> ActivationQDQ:
+        """The QuantizeLinear/DequantizeLinear at this quantizer's input scale, without the clip: before a max
+        pool it keeps the pool on uint8 codes, and this quantizer, after the pool, requantizes them exactly."""
+        return ActivationQDQ(float(self.scale), 0, torch.uint8, 0, 255)
+
 
 class SignExport(nn.Module):
+    """A sign whose producer the export cannot make integer (see :func:`integer_signs`): float ±1."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return qdq_ops.binary_sign(x)
 
@@ -162,8 +232,7 @@ def activation_export(q: Quantizer, name: str, activation_dtype: str) -> nn.Modu
         bits = int(q.bits)
         if bits > 8:
             raise DeployError(f"{name}: {bits}-bit DoReFa activations do not fit uint8: export at most 8 bits")
-        levels = 2**bits - 1
-        return ActivationQDQ(1.0 / levels, 0, torch.uint8, 0, levels, pre_scale=q.pre_scale)
+        return RequantizeCodes.dorefa(bits, q.pre_scale)
     if isinstance(q, AffineQuantizer):
         return _affine_export(q, name, activation_dtype)
     raise DeployError(f"{name}: quantizer {type(q).__name__} has no ONNX mapping (supported: affine, lsq, "
@@ -171,7 +240,7 @@ def activation_export(q: Quantizer, name: str, activation_dtype: str) -> nn.Modu
 
 
 def _input_kind(module: nn.Module) -> str:
-    if isinstance(module, ActivationQDQ):
+    if isinstance(module, (ActivationQDQ, RequantizeCodes)):
         return module.dtype_name
     return "sign" if isinstance(module, SignExport) else "float"
 
@@ -186,41 +255,35 @@ def _per_axis(t: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
 @torch.no_grad()
 def int8_weight(module: WeightedQuantizedModule) -> tuple[torch.Tensor, torch.Tensor] | str:
     """(int8 codes, per-channel float32 scale) with ``codes·scale`` = the weight the layer computes with,
-    or the reason why no int8 tensor holds those values."""
+    or the reason why no int8 tensor holds those values (:func:`int8_weight_codes`)."""
     quantizer = module.weight_quantizer
-    weight = module.weight.detach()
-    target = quantizer.quantize(weight) if quantizer.enabled.item() else weight
     if isinstance(quantizer, AffineQuantizer) and not quantizer.observer.is_initialized:
         raise DeployError(f"{quantizer.qualified_name or 'a weight quantizer'} was never calibrated: run "
                           "calibrate(model, data) or QAT before exporting")
-    try:
-        codes = quantizer.weight_codes(weight)
-    except Exception as error:  # a family without integer codes (e.g. float weights)
-        return f"no integer codes ({error})"
-    centred = codes.codes.double() - codes.zero_point.double()
-    scale = codes.scale.double().expand_as(centred) if codes.scale.dim() else codes.scale.double()
-    for factor in (1.0, 2.0):  # integers, or half-integers (binary: ±½ around zero point ½)
-        doubled = centred * factor
-        if torch.equal(doubled, doubled.round()) and doubled.abs().max() <= 127:
-            int_codes = doubled.to(torch.int8)
-            step = scale / factor
-            break
-    else:
-        return f"{int(quantizer.bits)}-bit codes need more than int8 (values kept float, exact)"
-    axis = module.weight_axis
-    if axis is None or step.dim() == 0:
-        channel_scale = step.reshape(-1)[:1].reshape(())
-    else:
-        dims = [d for d in range(step.dim()) if d != axis]
-        channel_scale = step.amax(dim=dims) if dims else step
-        if not torch.equal(_per_axis(channel_scale, axis, step.dim()).expand_as(step), step):
-            return "scales vary inside a channel"
-    channel_scale = channel_scale.float()
-    rebuilt = int_codes.float() * (channel_scale if channel_scale.dim() == 0 else _per_axis(channel_scale, axis, weight.dim()))
-    tolerance = 4 * torch.finfo(torch.float32).eps * float(target.abs().max().clamp(min=1e-30))
-    if (rebuilt - target).abs().max() > tolerance:
-        return "integer codes do not reproduce the layer's weights"
-    return int_codes, channel_scale
+    return int8_weight_codes(quantizer, module.weight.detach(), module.weight_axis)
+
+
+def _positive_channel_scales(codes: torch.Tensor, scale: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channels whose weights are all 0 (binary/ternary α = 0, a BatchNorm γ = 0) get codes 0 at scale 1: the
+    same values, and a valid requantization multiplier for an integer kernel."""
+    zero = scale == 0
+    if not bool(zero.any()):
+        return codes, scale
+    if scale.dim() == 0:
+        return torch.zeros_like(codes), torch.ones_like(scale)
+    return (torch.where(_per_axis(zero, axis, codes.dim()), torch.zeros_like(codes), codes),
+            torch.where(zero, torch.ones_like(scale), scale))
+
+
+def nudge_bias_for_sign(bias: torch.Tensor | None, channels: int) -> torch.Tensor:
+    """The float bias of a float layer whose output a sign reads, plus 255·SIGN_SCALE (≈ 2^-92).
+
+    Requantized at SIGN_SCALE, v + 255·SIGN_SCALE gives code 255 (+1) for every v ≥ 0, v = 0 included, and
+    code 0 (−1) for v ≤ −254.5·SIGN_SCALE. Only a float sum in (−2^-92, 0) would get the other sign: float32
+    sums of inputs and weights of ordinary magnitude are exactly 0 or far larger. The nudge itself vanishes
+    in float32 next to any bias of magnitude above ~2^-68."""
+    nudge = 255 * SIGN_SCALE
+    return torch.full((channels,), nudge) if bias is None else bias + nudge
 
 
 class WeightedExport(nn.Module):
@@ -264,7 +327,7 @@ class WeightedExport(nn.Module):
             self.register_buffer("weight", weight_float.float())
             self.weight_text = "float"
         else:
-            codes, scale = packed
+            codes, scale = _positive_channel_scales(*packed, self.axis)
             zero_point = torch.zeros(scale.shape, dtype=torch.int8)
             weight_dtype = "int8" if activation_dtype == "int8" else resolve_weight_dtype(weight_dtype, codes, target)
             if weight_dtype == "uint8":  # the same values: codes and zero point shifted by 128
@@ -274,29 +337,85 @@ class WeightedExport(nn.Module):
             self.register_buffer("weight_zero_point", zero_point)
             self.weight_text = f"{weight_dtype} per-channel" if scale.dim() else f"{weight_dtype} per-tensor"
         self.bias_text = "none" if bias is None else "float"
+        self.float_bias = bias  # float64, for the int32 codes below and sign thresholds
         self.register_buffer("bias_codes", None)
         self.register_buffer("bias", None if bias is None else bias.float())
-        int32_bias = activation_dtype == "uint8"  # TensorRT's parser dequantizes int8 only: float biases there
-        if int32_bias and bias is not None and isinstance(self.input_quantizer, ActivationQDQ) \
-                and self.weight_codes is not None and self.input_quantizer.pre_scale is None:
-            bias_scale = (self.input_quantizer.scale * self.weight_scale).float()  # as ORT's quantizer computes it
-            bias_scale = bias_scale.expand(bias.shape) if bias_scale.dim() == 0 else bias_scale
-            q = bias_codes(bias, bias_scale)  # the codes the fake-quant layer adds in eval (see integer_bias)
-            if q is not None:
-                self.bias_codes = q.to(torch.int32)
-                self.register_buffer("bias_scale", bias_scale.contiguous())
-                self.register_buffer("bias_zero_point", torch.zeros(bias.shape, dtype=torch.int32))
-                self.bias = None
-                self.bias_text = "int32"
-        # A float bias next to a DequantizeLinear input and weight is what ONNX Runtime's WeightBiasQuantization
-        # rounds to int32 at s_x·s_w: harmless at 8 bits, but with 4-bit DoReFa inputs (which keep a float bias:
-        # their Clip precedes the quantizer) that rounding flips activation codes. Added after the layer, the bias
-        # stays float and ONNX Runtime computes what the fake-quant model computes.
-        self.bias_after = (self.bias_text == "float" and int32_bias and isinstance(self.input_quantizer, ActivationQDQ)
-                           and self.weight_codes is not None)
-        if self.bias_after:
-            self.bias_text = "float, added after the layer"
+        self.int32_bias = activation_dtype == "uint8"  # TensorRT's parser dequantizes int8 only: float biases there
+        self.bias_after = False
+        self.input_step = self.input_quantizer.input_step if isinstance(self.input_quantizer, (ActivationQDQ, RequantizeCodes)) else None
         self.record = LayerExport(name, self.kind, _input_kind(self.input_quantizer), self.weight_text, self.bias_text, note)
+        self._place_bias(rounded_in_model=True)
+
+    @property
+    def integer_operands(self) -> bool:
+        """Integer codes on both sides of the product: ONNX Runtime can run the layer on an integer kernel."""
+        return self.input_step is not None and self.weight_codes is not None
+
+    def accumulator_step(self) -> torch.Tensor:
+        """float32 ``s_x·s_w`` per output channel: the scale of the int32 accumulator (as ORT's quantizer
+        computes it)."""
+        step = (self.input_step * self.weight_scale).float()
+        channels = self.weight_codes.shape[self.axis]
+        return step.expand(channels).contiguous() if step.dim() == 0 else step.contiguous()
+
+    def _set_bias_codes(self, codes: torch.Tensor, text: str) -> None:
+        step = self.accumulator_step()
+        self.bias_codes = codes.to(torch.int32).expand(step.shape).contiguous()
+        self.register_buffer("bias_scale", step)
+        self.register_buffer("bias_zero_point", torch.zeros(step.shape, dtype=torch.int32))
+        self.bias, self.bias_after, self.bias_text = None, False, text
+        self.record.bias = text
+
+    def _place_bias(self, rounded_in_model: bool) -> None:
+        """An int32 bias where the model adds its bias on the accumulator grid (``rounded_in_model``, see
+        :mod:`~micronet.compression.quantization.core.integer_bias`), else a float bias added after the layer.
+
+        A float bias next to a DequantizeLinear input and weight is what ONNX Runtime's WeightBiasQuantization
+        rounds to int32 at s_x·s_w itself, moving outputs by up to half an accumulator step; added after the
+        layer, it stays float and ONNX Runtime computes what the model computes (in float: that layer then
+        has no integer kernel)."""
+        if not (self.int32_bias and self.integer_operands and self.float_bias is not None):
+            return
+        if rounded_in_model:
+            codes = bias_codes(self.float_bias, self.accumulator_step())
+            if codes is not None:
+                self._set_bias_codes(codes, "int32")
+                return
+        self.bias_after = True
+        self.bias_text = self.record.bias = "float, added after the layer"
+
+    def read_sign_codes(self) -> None:
+        """The input comes from a sign activation written as codes ±1 (zero point 128, scale 1)."""
+        self.input_step = torch.tensor(1.0)
+        self.record.input = "sign"
+        self._place_bias(rounded_in_model=False)  # the model adds its float bias to the ±1 products
+
+    @torch.no_grad()
+    def write_sign_threshold(self) -> None:
+        """Make the requantization of this layer's output at ``SIGN_SCALE`` (zero point 0, uint8) the sign of
+        the model's pre-sign value v = a·s + b (a the integer accumulator, s = s_x·s_w > 0, b the bias).
+
+        v ≥ 0 ⟺ a ≥ −b/s ⟺ a ≥ T = ⌈−b/s⌉, because a is an integer (v = 0 gives +1, as sign(0) = +1). With
+        the int32 bias 1 − T the kernel's sum is a' = a + 1 − T, an integer: a ≥ T ⟺ a' ≥ 1, and then
+        fl32(a')·M ≥ M ≥ 255 for the requantization multiplier M = s / SIGN_SCALE (≥ 255 for any s ≥ 2^-92),
+        so the code saturates at 255; a < T ⟺ a' ≤ 0, whose code is 0. Ties cannot occur: no a' lies
+        between 0 and 1. T is clamped to the reachable range of a, so the bias fits int32."""
+        step = self.accumulator_step().double()
+        if bool((step * (1.0 / SIGN_SCALE) < 255).any()):
+            raise DeployError(f"{self.record.name}: weight scales below 2^-92 cannot be written as a sign threshold: "
+                              "retrain or rescale the layer")
+        bias = self.float_bias if self.float_bias is not None else torch.zeros_like(step)
+        threshold = torch.ceil(-bias / step)
+        centred = self.weight_codes.to(torch.int64) - _per_axis(self.weight_zero_point.to(torch.int64), self.axis,
+                                                                self.weight_codes.dim())
+        reach = centred.abs().sum(dim=[d for d in range(centred.dim()) if d != self.axis]).double() * 255
+        reach = reach.clamp(max=2.0**30)
+        self._set_bias_codes(1 - torch.maximum(torch.minimum(threshold, reach + 1), -reach), "int32 sign threshold")
+
+    def nudge_for_sign(self) -> None:
+        """A float layer before a sign: see :func:`nudge_bias_for_sign`."""
+        self.bias = nudge_bias_for_sign(self.bias, self.weight.shape[self.axis] if self.weight_codes is None
+                                        else self.weight_codes.shape[self.axis])
 
     def _weight(self) -> torch.Tensor:
         if self.weight_codes is None:
@@ -344,21 +463,25 @@ class _FormTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
         from micronet.graph import is_micronet_module
 
-        if isinstance(m, (ActivationQDQ, SignExport, Passthrough, WeightedExport, QuantizedModule)):
+        if isinstance(m, (ActivationQDQ, RequantizeCodes, SignExport, Passthrough, WeightedExport, QuantizedModule)):
             return True
         if is_micronet_module(m) and next(m.children(), None) is None:
             return True
         return super().is_leaf_module(m, qualified_name)
 
 
-def _consumer_quantizers(node: torch.fx.Node, modules: dict[str, nn.Module]) -> list[ActivationQDQ] | None:
-    """The activation quantizers that read ``node``'s value, looking through value-preserving ops (ReLU,
-    flatten, further max pools: each commutes with a monotone quantizer); None if any reader is another op."""
-    found: list[ActivationQDQ] = []
+_READERS = (ActivationQDQ, RequantizeCodes)
+
+
+def _consumer_quantizers(node: torch.fx.Node, modules: dict[str, nn.Module]) -> list[nn.Module] | None:
+    """The activation quantizers (:class:`ActivationQDQ`, :class:`RequantizeCodes`) that read ``node``'s value,
+    looking through value-preserving ops (ReLU, flatten, further max pools: each commutes with a monotone
+    quantizer); None if any reader is another op."""
+    found: list[nn.Module] = []
     for user in node.users:
         module = modules.get(user.target) if user.op == "call_module" else None
         readers = _quantizers_reading(module, user, node) if module is not None else []
-        if readers and all(isinstance(q, ActivationQDQ) and q.pre_scale is None for q in readers):
+        if readers and all(isinstance(q, _READERS) for q in readers):
             found.extend(readers)
             continue
         passes = (isinstance(module, _VALUE_PRESERVING) or (user.op == "call_function" and user.target in _VALUE_PRESERVING_CALLS)
@@ -374,7 +497,10 @@ def _consumer_quantizers(node: torch.fx.Node, modules: dict[str, nn.Module]) -> 
 
 def _quantizers_reading(module: nn.Module, user: torch.fx.Node, node: torch.fx.Node) -> list[nn.Module]:
     """The input quantizers of ``module`` (called at ``user``) that quantize ``node``: an Add with one
-    quantizer per input applies only those of the arguments that are ``node``."""
+    quantizer per input applies only those of the arguments that are ``node``; a quantizer on its own
+    is its own reader."""
+    if isinstance(module, _READERS):
+        return [module]
     second = getattr(module, "second_input_quantizer", None)
     if second is not None:
         return [q for q, arg in zip((module.input_quantizer, second), user.args) if arg is node]
@@ -387,6 +513,13 @@ def _same(a: ActivationQDQ, b: ActivationQDQ) -> bool:
             and (a.clip_min, a.clip_max) == (b.clip_min, b.clip_max))
 
 
+def _trace(form: nn.Module) -> torch.fx.Graph | None:
+    try:
+        return _FormTracer().trace(form)
+    except Exception:  # noqa: BLE001 - an untraceable model is exported without the graph rewrites
+        return None
+
+
 def quantize_before_value_moving_ops(form: nn.Module) -> int:
     """Give every float max pool and channel shuffle the quantizer its readers apply (when they all apply
     the same one).
@@ -394,10 +527,10 @@ def quantize_before_value_moving_ops(form: nn.Module) -> int:
     Q(maxpool(x)) = maxpool(Q(x)) for any monotone Q, and a shuffle only moves values, so this changes no
     value; it turns ``Conv → ReLU → MaxPool → Q`` into ``Conv → ReLU → Q → DQ → MaxPool → Q``, which ONNX
     Runtime runs as QLinearConv (ReLU absorbed) and a uint8 max pool instead of a float conv and a float
-    pool (likewise QLinearConv and uint8 Reshape/Transpose for NIN-GC's shuffles)."""
-    try:
-        graph = _FormTracer().trace(form)
-    except Exception:  # noqa: BLE001 - an untraceable model is exported without this rewrite
+    pool (likewise QLinearConv and uint8 Reshape/Transpose for NIN-GC's shuffles). A reader that clips
+    codes (:class:`RequantizeCodes`) puts its QuantizeLinear alone before the pool and clips after it."""
+    graph = _trace(form)
+    if graph is None:
         return 0
     modules = dict(form.named_modules())
     done = 0
@@ -410,10 +543,117 @@ def quantize_before_value_moving_ops(form: nn.Module) -> int:
                 and isinstance(modules.get(source.target), nn.Sequential) and isinstance(modules[source.target][0], ActivationQDQ):
             continue
         readers = _consumer_quantizers(node, modules)
-        if readers and all(_same(readers[0], q) for q in readers[1:]):
-            _set_module(form, node.target, nn.Sequential(copy.deepcopy(readers[0]), modules[node.target]))
+        copies = [q.value_copy() for q in readers or []]
+        if copies and all(_same(copies[0], q) for q in copies[1:]):
+            _set_module(form, node.target, nn.Sequential(copies[0], modules[node.target]))
             done += 1
     return done
+
+
+# ------------------------------------------------------------------------------------------ signs
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+_MONOTONE_MOVES = (nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d)  # sign(op(v)) = op(sign(v))
+
+
+def _module(node: object, modules: dict[str, nn.Module]) -> nn.Module | None:
+    return modules.get(node.target) if isinstance(node, torch.fx.Node) and node.op == "call_module" else None
+
+
+def _sole_producer(node: torch.fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The layer whose output alone ``node`` reads, through Identity / Dropout / max pools that nothing else
+    reads (BatchNorms folded into a sign threshold are Identities by now)."""
+    source = node.args[0] if node.args else None
+    while isinstance(_module(source, modules), _MONOTONE_MOVES) and len(source.users) == 1 \
+            and not isinstance(_module(source, modules), QuantizedModule):
+        source = source.args[0]
+    if not isinstance(source, torch.fx.Node) or len(source.users) != 1:
+        return None
+    return _module(source, modules)
+
+
+def _layers_reading(node: torch.fx.Node, modules: dict[str, nn.Module]) -> list[WeightedExport]:
+    """The weighted layers that read ``node``'s value directly or through value-preserving modules."""
+    found: list[WeightedExport] = []
+    for user in node.users:
+        module = _module(user, modules)
+        if isinstance(module, WeightedExport) and isinstance(module.input_quantizer, Passthrough):
+            found.append(module)
+        elif isinstance(module, (*_MONOTONE_MOVES, nn.Flatten)) and user.args and user.args[0] is node:
+            found.extend(_layers_reading(user, modules))
+    return found
+
+
+def integer_signs(form: nn.Module) -> int:
+    """Write sign activations as codes that integer kernels produce and read (:meth:`RequantizeCodes.sign`).
+
+    Each sign whose value comes from one layer alone becomes that layer's requantization: an integer layer
+    gets the int32 threshold bias of :meth:`WeightedExport.write_sign_threshold` (exact), a float layer the
+    nudge of :func:`nudge_bias_for_sign`. A sign followed only by a max pool moves after it (the max of
+    signs is the sign of the max), so the pool runs on codes and the clip on the pooled tensor. The layers
+    reading a sign then have integer operands. Returns how many signs were rewritten; the others stay float
+    (:class:`SignExport`)."""
+    done = 0
+    for _ in range(2):  # a sign's producer reads an earlier sign: the second pass sees its input step
+        graph = _trace(form)
+        if graph is None:
+            return done
+        modules = dict(form.named_modules())
+        for node in graph.nodes:
+            if not isinstance(_module(node, modules), SignExport):
+                continue
+            layer = _sole_producer(node, modules)
+            if isinstance(layer, WeightedExport) and layer.integer_operands and layer.int32_bias:
+                layer.write_sign_threshold()
+            elif isinstance(layer, WeightedExport) and not layer.integer_operands:
+                layer.nudge_for_sign()
+            elif isinstance(layer, _LAYERS) and not isinstance(layer, (QuantizedModule, WeightedExport)):
+                channels = layer.weight.shape[1 if isinstance(layer, nn.ConvTranspose2d) else 0]
+                nudged = nudge_bias_for_sign(None if layer.bias is None else layer.bias.detach(), channels)
+                layer.bias = nn.Parameter(nudged, requires_grad=False)
+            else:
+                continue
+            reader, users = RequantizeCodes.sign(), list(node.users)
+            pool = _module(users[0], modules) if len(users) == 1 else None
+            if isinstance(pool, (nn.MaxPool1d, nn.MaxPool2d)) and not isinstance(pool, QuantizedModule):
+                _set_module(form, node.target, nn.Identity())
+                _set_module(form, users[0].target, nn.Sequential(pool, reader))
+                node = users[0]
+            else:
+                _set_module(form, node.target, reader)
+            for reading in _layers_reading(node, modules):
+                reading.read_sign_codes()
+            done += 1
+        if not any(isinstance(m, SignExport) for m in form.modules()):
+            break
+    return done
+
+
+def classify_kernels(form: nn.Module) -> None:
+    """Record in each layer's report whether ONNX Runtime can run it on an integer kernel: quantized
+    input, int8 weights, an int32 (or no) bias, and a quantizer reading its output; else why not."""
+    graph = _trace(form)
+    modules = dict(form.named_modules())
+    quantized_output = set()
+    if graph is not None:
+        for node in graph.nodes:
+            module = _module(node, modules)
+            if isinstance(module, WeightedExport) and _consumer_quantizers(node, modules):
+                quantized_output.add(id(module))
+    for module in modules.values():
+        if not isinstance(module, WeightedExport):
+            continue
+        if module.weight_codes is None:
+            why = f"float weights ({module.record.note or 'not quantized'})"
+        elif module.input_step is None:
+            why = "float input: ONNX Runtime's integer kernels need quantized activations"
+        elif module.bias_after:
+            why = "float bias added after the layer"
+        elif id(module) not in quantized_output:
+            why = "float output: no quantizer reads it (the model output, or a float op)"
+        else:
+            module.record.kernel = "integer"
+            continue
+        module.record.kernel = f"float: {why}"
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -452,17 +692,20 @@ def export_form(model: nn.Module, activation_dtype: str = "uint8", weight_dtype:
             if bn_name:
                 _set_module(form, bn_name, nn.Identity())
             report.layers.append(exported.record)
-            report.activation_quantizers += isinstance(exported.input_quantizer, (ActivationQDQ, SignExport))
+            report.activation_quantizers += isinstance(exported.input_quantizer, (*_READERS, SignExport))
     report.bn_folded = len(fusion.fused) + len(bn_into_scales)
     owned: set[str] = set()
     for name, module in list(form.named_modules()):
         if isinstance(module, QuantizedModule):
             module.input_quantizer = activation_export(module.input_quantizer, f"{name}.input_quantizer", activation_dtype)
             owned.add(f"{name}.input_quantizer" if name else "input_quantizer")
-            report.activation_quantizers += isinstance(module.input_quantizer, (ActivationQDQ, SignExport))
+            report.activation_quantizers += isinstance(module.input_quantizer, (*_READERS, SignExport))
         elif isinstance(module, Quantizer) and name not in owned:
             exported = activation_export(module, name, activation_dtype)
             _set_module(form, name, exported)
-            report.activation_quantizers += isinstance(exported, (ActivationQDQ, SignExport))
+            report.activation_quantizers += isinstance(exported, (*_READERS, SignExport))
+    if activation_dtype == "uint8":  # TensorRT's form keeps float signs (its parser dequantizes int8 only)
+        integer_signs(form)
     report.value_moving_ops_quantized = quantize_before_value_moving_ops(form)
+    classify_kernels(form)
     return form, report

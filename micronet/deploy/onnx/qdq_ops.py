@@ -1,7 +1,7 @@
 """Export-only torch ops that become ONNX QuantizeLinear / DequantizeLinear / Sign nodes.
 
 torch's exporters refuse fake-quant with a dynamic batch (dynamo) or with a −127..127 range (both), and
-``torch.ops.quantized_decomposed`` lives in the deprecated ``torch.ao``. So micronet owns three tiny custom
+``torch.ops.quantized_decomposed`` lives in the deprecated ``torch.ao``. So micronet owns four tiny custom
 ops and tells each exporter how to write them: a TorchScript symbolic for the legacy exporter and an
 onnxscript function for the dynamo exporter. In eager mode they compute exactly what the ONNX ops compute,
 so the export-form model can be checked against ONNX Runtime before anything is written.
@@ -27,6 +27,24 @@ def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.
 
 @quantize_dequantize.register_fake
 def _(x, scale, zero_point, clip_min, clip_max):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("micronet::requantize_codes", mutates_args=())
+def requantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, code_min: int, code_max: int,
+                     out_scale: torch.Tensor, out_zero_point: torch.Tensor) -> torch.Tensor:
+    """``DequantizeLinear(Clip(QuantizeLinear(x, scale, zero_point), code_min, code_max), out_scale,
+    out_zero_point)``: the clip acts on the integer codes (an integer Clip that ONNX Runtime runs between
+    its integer kernels), and the codes are read back on another grid. The clip is skipped when it covers
+    the whole code range of ``zero_point``'s dtype."""
+    info = torch.iinfo(zero_point.dtype)
+    q = torch.clamp(torch.round(x / scale) + zero_point.to(torch.float32), info.min, info.max)
+    q = torch.clamp(q, code_min, code_max)
+    return (q - out_zero_point.to(torch.float32)) * out_scale
+
+
+@requantize_codes.register_fake
+def _(x, scale, zero_point, code_min, code_max, out_scale, out_zero_point):
     return torch.empty_like(x)
 
 
@@ -76,6 +94,23 @@ def _quantize_dequantize_symbolic(g, x, scale, zero_point, clip_min, clip_max):
     return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_point), scale, zero_point)
 
 
+_ONNX_CODE_TYPES = {"Byte": torch.uint8, "Char": torch.int8}
+
+
+def _requantize_codes_symbolic(g, x, scale, zero_point, code_min, code_max, out_scale, out_zero_point):
+    from torch.onnx import symbolic_helper
+
+    lo = symbolic_helper._get_const(code_min, "i", "code_min")
+    hi = symbolic_helper._get_const(code_max, "i", "code_max")
+    dtype = _ONNX_CODE_TYPES[zero_point.type().scalarType()]
+    codes = g.op("QuantizeLinear", x, scale, zero_point)
+    info = torch.iinfo(dtype)
+    if lo > info.min or hi < info.max:
+        codes = g.op("Clip", codes, g.op("Constant", value_t=torch.tensor(lo, dtype=dtype)),
+                     g.op("Constant", value_t=torch.tensor(hi, dtype=dtype)))
+    return g.op("DequantizeLinear", codes, out_scale, out_zero_point)
+
+
 def _dequantize_symbolic(g, codes, scale, zero_point, axis):
     from torch.onnx import symbolic_helper
 
@@ -95,7 +130,7 @@ def register_legacy_symbolics() -> None:
     if _registered:
         return
     for name, fn in (("quantize_dequantize", _quantize_dequantize_symbolic), ("dequantize", _dequantize_symbolic),
-                     ("binary_sign", _binary_sign_symbolic)):
+                     ("binary_sign", _binary_sign_symbolic), ("requantize_codes", _requantize_codes_symbolic)):
         torch.onnx.register_custom_op_symbolic(f"micronet::{name}", fn, 13)
     _registered = True
 
@@ -110,6 +145,12 @@ def dynamo_translation_table() -> dict:
             x = op.Clip(x, op.Constant(value_float=clip_min), op.Constant(value_float=clip_max))
         return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
 
+    def requantize_codes_onnx(x, scale, zero_point, code_min: int, code_max: int, out_scale, out_zero_point):
+        codes = op.QuantizeLinear(x, scale, zero_point)
+        codes = op.Clip(codes, op.CastLike(op.Constant(value_int=code_min), zero_point),
+                        op.CastLike(op.Constant(value_int=code_max), zero_point))
+        return op.DequantizeLinear(codes, out_scale, out_zero_point)
+
     def dequantize_onnx(codes, scale, zero_point, axis: int):
         return op.DequantizeLinear(codes, scale, zero_point, axis=axis)
 
@@ -120,4 +161,5 @@ def dynamo_translation_table() -> dict:
         torch.ops.micronet.quantize_dequantize.default: quantize_dequantize_onnx,
         torch.ops.micronet.dequantize.default: dequantize_onnx,
         torch.ops.micronet.binary_sign.default: binary_sign_onnx,
+        torch.ops.micronet.requantize_codes.default: requantize_codes_onnx,
     }

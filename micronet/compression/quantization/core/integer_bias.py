@@ -10,11 +10,14 @@ folds), and the exporter writes the same codes: the fake-quant model computes wh
 Training and calibration keep the float bias (the rounding has no useful gradient, and the scales are not
 final while observers run).
 
-The bias is rounded where micronet's ONNX export writes an int32 bias: an enabled affine (or learned-scale)
-per-tensor input quantizer of at most 8 bits, and a symmetric affine weight quantizer of at most 8 bits
-(int8 codes; it may be switched off once the weights hold their quantized values, as after ``convert`` or
-loading a packed artifact). Elsewhere (DoReFa or sign inputs, float weights) the bias stays float, as in
-the export. TensorRT's form (int8 activations) also keeps float biases, which its kernels add in float.
+The bias is rounded where micronet's ONNX export writes an int32 bias: an enabled input quantizer with
+integer codes on a uniform grid of at most 8 bits (affine or learned-scale per tensor: step ``s_x``;
+DoReFa k ≤ 8 bits: step 1/(2^k − 1), whatever its ``pre_scale``) and a weight whose values are int8 codes
+times a per-channel step (:func:`int8_weight_codes`: symmetric affine of at most 8 bits — possibly switched
+off once the weights hold their quantized values, as after ``convert`` —, binary, ternary, DoReFa k ≤ 7).
+Elsewhere (sign inputs, whose single threshold the export computes exactly; float weights; DoReFa 8-bit
+weights, which no int8 tensor holds) the bias stays float, as in the export. TensorRT's form (int8
+activations) also keeps float biases, which its kernels add in float.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from micronet.compression.quantization.core.lowbit import DoReFaActivationQuantizer, LowBitWeightQuantizer
 from micronet.compression.quantization.core.quantizers import AffineQuantizer, Quantizer
 
 INT32_MAX = 2**31 - 1
 MAX_BITS = 8
+INT8_MAX = 127
 
 
 def _calibrated(quantizer: AffineQuantizer) -> bool:
@@ -35,20 +40,87 @@ def _calibrated(quantizer: AffineQuantizer) -> bool:
     return quantizer.observer.is_initialized
 
 
-def integer_bias_grid(input_quantizer: Quantizer, weight_quantizer: Quantizer) -> torch.Tensor | None:
-    """The float32 grid ``s_x·s_w`` (per output channel, or one value) of the layer's int32 bias, or ``None``
-    where deployment keeps the bias float (see the module docstring)."""
-    for quantizer in (input_quantizer, weight_quantizer):
-        if not (isinstance(quantizer, AffineQuantizer) and int(quantizer.bits) <= MAX_BITS and _calibrated(quantizer)):
+def input_step(quantizer: Quantizer) -> torch.Tensor | None:
+    """The float32 step between the input codes an integer layer multiplies (0-dim), or ``None`` where the
+    input is not integer codes on one uniform grid of at most 8 bits (float, per channel, calibrating)."""
+    if not quantizer.enabled.item() or quantizer.observing:
+        return None
+    if isinstance(quantizer, DoReFaActivationQuantizer):
+        bits = int(quantizer.bits)
+        return torch.tensor(1.0 / (2**bits - 1), dtype=torch.float32) if bits <= MAX_BITS else None
+    if not (isinstance(quantizer, AffineQuantizer) and int(quantizer.bits) <= MAX_BITS and _calibrated(quantizer)):
+        return None
+    if quantizer.ch_axis is not None:
+        return None
+    return quantizer.scale.detach().float().reshape(())
+
+
+def _per_axis(t: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+@torch.no_grad()
+def int8_weight_codes(quantizer: Quantizer, weight: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """``(int8 codes, float32 step per output channel along axis, or one 0-dim step)`` with
+    ``codes·step`` = the weight the layer computes with, or the reason why no int8 tensor holds it.
+
+    Every family's :meth:`~Quantizer.weight_codes` gives ``(codes − zero_point)·scale``; centred codes
+    that are integers (affine, ternary) or half-integers (binary ±½ around ½, DoReFa's odd multiples of
+    ½ around (2^k − 1)/2) become int8 at the scale or half of it, when they fit ±127."""
+    target = quantizer.quantize(weight) if quantizer.enabled.item() else weight
+    try:
+        codes = quantizer.weight_codes(weight)
+    except Exception as error:  # noqa: BLE001 - a family without integer codes (e.g. float weights)
+        return f"no integer codes ({error})"
+    centred = codes.codes.double() - codes.zero_point.double()
+    scale = codes.scale.double().expand_as(centred) if codes.scale.dim() else codes.scale.double()
+    for factor in (1.0, 2.0):  # integers, or half-integers
+        doubled = centred * factor
+        if torch.equal(doubled, doubled.round()) and doubled.abs().max() <= INT8_MAX:
+            int_codes = doubled.to(torch.int8)
+            step = scale / factor
+            break
+    else:
+        return f"{int(quantizer.bits)}-bit codes need more than int8 (values kept float, exact)"
+    if axis is None or step.dim() == 0:
+        channel_step = step.reshape(-1)[:1].reshape(())
+    else:
+        dims = [d for d in range(step.dim()) if d != axis]
+        channel_step = step.amax(dim=dims) if dims else step
+        if not torch.equal(_per_axis(channel_step, axis, step.dim()).expand_as(step), step):
+            return "scales vary inside a channel"
+    channel_step = channel_step.float()
+    rebuilt = int_codes.float() * (channel_step if channel_step.dim() == 0 else _per_axis(channel_step, axis, weight.dim()))
+    tolerance = 4 * torch.finfo(torch.float32).eps * float(target.abs().max().clamp(min=1e-30))
+    if (rebuilt - target).abs().max() > tolerance:
+        return "integer codes do not reproduce the layer's weights"
+    return int_codes, channel_step
+
+
+def weight_step(quantizer: Quantizer, weight: torch.Tensor | None, axis: int | None) -> torch.Tensor | None:
+    """The float32 step of the layer's int8 weight codes (per output channel, or 0-dim), or ``None``.
+    Affine weights: their scale (the quantizer may be off once the weights hold their quantized values);
+    low-bit families: from the codes of ``weight`` (binary and ternary steps are α, which depends on it)."""
+    if isinstance(quantizer, AffineQuantizer):
+        if not (int(quantizer.bits) <= MAX_BITS and _calibrated(quantizer) and quantizer.symmetric) or quantizer.observing:
             return None
-    if not input_quantizer.enabled.item():  # a float input: the layer runs in float
-        return None
-    if input_quantizer.observing or weight_quantizer.observing:  # calibrating: the scales are not final yet
-        return None
-    if input_quantizer.ch_axis is not None or not weight_quantizer.symmetric:
-        return None
-    input_scale = input_quantizer.scale.detach().float().reshape(())
-    return (input_scale * weight_quantizer.scale.detach().float()).reshape(-1)
+        return quantizer.scale.detach().float()
+    if isinstance(quantizer, LowBitWeightQuantizer) and weight is not None:
+        packed = int8_weight_codes(quantizer, weight.detach(), axis)
+        return None if isinstance(packed, str) else packed[1]
+    return None
+
+
+def integer_bias_grid(input_quantizer: Quantizer, weight_quantizer: Quantizer, weight: torch.Tensor | None = None,
+                      axis: int | None = 0) -> torch.Tensor | None:
+    """The float32 grid ``s_x·s_w`` (per output channel, or one value) of the layer's int32 bias, or ``None``
+    where deployment keeps the bias float (see the module docstring). ``weight`` (and its channel ``axis``)
+    is needed by the families whose step depends on it (binary and ternary α)."""
+    x_step = input_step(input_quantizer)
+    w_step = None if x_step is None else weight_step(weight_quantizer, weight, axis)
+    return None if w_step is None else (x_step * w_step).reshape(-1)
 
 
 def bias_codes(bias: torch.Tensor, grid: torch.Tensor) -> torch.Tensor | None:
@@ -104,12 +176,14 @@ class IntegerBiasBatchNorm2d(nn.BatchNorm2d):
         """``(γ/σ, float shift β + (b − μ)·γ/σ, the int32-grid shift added instead)`` per channel in float64,
         or ``None`` where the eval forward adds the float shift (training, no grid, int32 overflow)."""
         conv = self._conv
-        grid = None if self.training or conv is None else integer_bias_grid(conv.input_quantizer, conv.weight_quantizer)
-        if grid is None or not self.track_running_stats or self.running_mean is None:
+        if self.training or conv is None or not self.track_running_stats or self.running_mean is None:
+            return None
+        x_step = input_step(conv.input_quantizer)
+        w_step = None if x_step is None else weight_step(conv.weight_quantizer, conv.deployed_weight(), conv.weight_axis)
+        if w_step is None:
             return None
         factor, shift = batchnorm_factor_and_bias(self, conv.bias)
-        input_scale = conv.input_quantizer.scale.detach().float().reshape(())
-        grid = (input_scale * folded_channel_scale(conv.weight_quantizer.scale, factor)).float()
+        grid = (x_step * folded_channel_scale(w_step, factor)).float()
         codes = bias_codes(shift, grid)
         return None if codes is None else (factor, shift, codes * grid.double())
 

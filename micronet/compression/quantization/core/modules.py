@@ -90,7 +90,8 @@ class WeightedQuantizedModule(QuantizedModule):
         (:mod:`~micronet.compression.quantization.core.integer_bias`); in training, ``bias`` itself."""
         if bias is None or self.training:
             return bias
-        return round_bias(bias, integer_bias_grid(self.input_quantizer, self.weight_quantizer))
+        return round_bias(bias, integer_bias_grid(self.input_quantizer, self.weight_quantizer, self.deployed_weight(),
+                                                  self.weight_axis))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_weight(self.input_quantizer(x), self.quantized_weight())
