@@ -35,7 +35,12 @@ def sign_activations(model: onnx.ModelProto) -> list[tuple[str, str]]:
     graph order (the order in which the model calls its sign activations)."""
     view = GraphView(model)
     pairs = []
-    for node in model.graph.node:
+    for node in model.graph.node:  # integer form: QuantizeLinear → Clip on codes → DequantizeLinear (±1)
+        clip = view.producer.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        quantize = view.producer.get(clip.input[0]) if clip is not None and clip.op_type == "Clip" else None
+        if quantize is not None and quantize.op_type == "QuantizeLinear" and view.constant(node.input[2]) == 128:
+            pairs.append((quantize.input[0], node.output[0]))
+            continue
         add = view.producer.get(node.input[0]) if node.op_type == "Sign" else None
         inner = view.producer.get(add.input[0]) if add is not None and add.op_type == "Add" else None
         if inner is not None and inner.op_type == "Sign":
