@@ -1,7 +1,8 @@
-"""Pipeline configuration: a YAML file of steps, each one micronet command, checked before anything runs.
+"""Pipeline configuration: a YAML file of steps, each one workflow call, checked before anything runs.
 
 A step names the command it runs (``run``), the step whose artifact it starts from (``from``), the command's
-options (``args``, the same names as on the command line, ``w_bits`` or ``w-bits`` alike) and, when it
+options (``args``, the same names as on the command line, ``w_bits`` or ``w-bits`` alike, checked against the
+workflow's options dataclass) and, when it
 produces a model worth a row in the results table, ``row``. Every error names the file and line.
 
 Relative paths in a config (``out``, ``data.data_root``, a checkpoint folder in ``from`` or ``distill_from``)
@@ -10,9 +11,6 @@ are relative to the config file's folder, so a config means the same wherever it
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,7 +173,7 @@ def load_config(path: str | Path, *, out: str | Path | None = None) -> PipelineC
         raise _fail(path, line, f"baseline {config.baseline!r} is not a step with a `row`")
     _check_data(config)
     for step in steps:
-        step_argv(config, step)  # every command line parses before anything runs
+        step_options(config, step)  # every step's options check out before anything runs
     return config
 
 
@@ -269,49 +267,62 @@ def _option_words(key: str, value: Any) -> list[str]:
     return [_flag(key), str(value)]
 
 
-def _accepted_options(command: str) -> set[str]:
-    from micronet.cli import build_parser
+def _options_class(step: Step) -> type:
+    from micronet.workflows import VERBS
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
-    return set(sub.choices[command]._option_string_actions)  # noqa: SLF001
+    return VERBS[step.command][0]
+
+
+def _step_values(config: PipelineConfig, step: Step) -> dict[str, Any]:
+    """The options of ``step`` as named in the config: its output folder, input step and data options filled in."""
+    from micronet.workflows.options import key_name, spellings
+
+    command, source_option, _ = STEP_KINDS[step.run]
+    values: dict[str, Any] = {}
+    if command in ("quantize", "sensitivity") and step.args.get("method") is None:
+        raise _fail(config.path, step.line, f"step {step.name!r}: {step.run} needs args.method (iao, dorefa or wbwtab)")
+    if step.source is not None and source_option:
+        values[source_option] = str(config.step_dir(step.source))
+    values["--out"] = str(config.step_dir(step.name))
+    accepted = spellings(_options_class(step))
+    data = {"data": config.data.get("data", "fashion-mnist"), **config.data}
+    values.update({key: value for key, value in data.items() if key_name(key) in accepted})
+    if step.skip_from is not None:
+        values["--skip"] = [str(config.step_dir(step.skip_from) / "skip.txt")]
+    if step.distill_from is not None:
+        values["--distill"] = str(config.step_dir(step.distill_from))
+    values.update(step.args)
+    return values
+
+
+def step_options(config: PipelineConfig, step: Step, *, resume: Path | None = None) -> tuple[Any, set[str]]:
+    """(the workflow options of ``step``, the names of those it sets), checked by the options' own types: an
+    unknown option or a value the command line would refuse fails here, naming the step and its line.
+    ``resume``: continue the interrupted run in that folder."""
+    from micronet.engine.distributed import parse_gpu_ids
+    from micronet.errors import ConfigError
+    from micronet.workflows.options import options_from_mapping
+
+    values = _step_values(config, step)
+    if resume is not None:
+        values["--resume"] = str(resume)
+    try:
+        options, given = options_from_mapping(_options_class(step), values, command=step.command)
+        if len(parse_gpu_ids(getattr(options, "gpu_id", None))) > 1:
+            raise ConfigError("a pipeline runs its steps in one process: give gpu_id one GPU")
+    except ConfigError as error:
+        raise _fail(config.path, step.line, f"step {step.name!r}: {error}") from None
+    return options, given
 
 
 def step_argv(config: PipelineConfig, step: Step) -> list[str]:
-    """The micronet command line of ``step`` (its output folder, input step and data options filled in),
-    checked by the command's own parser: a wrong option fails here, naming the step and its line."""
-    command, source_option, _ = STEP_KINDS[step.run]
-    accepted = _accepted_options(command)
+    """The ``micronet`` command line that does what ``step`` does: shown in the log and the step's record, and
+    hashed into its fingerprint. (The step itself calls the workflow with :func:`step_options`.)"""
+    command = STEP_KINDS[step.run][0]
     argv = [command]
-    positional = step.args.get("method")
     if command in ("quantize", "sensitivity"):
-        if positional is None:
-            raise _fail(config.path, step.line, f"step {step.name!r}: {step.run} needs args.method (iao, dorefa or wbwtab)")
-        argv.append(str(positional))
-    if step.source is not None and source_option:
-        argv += [source_option, str(config.step_dir(step.source))]
-    argv += ["--out", str(config.step_dir(step.name))]
-    data = {"data": config.data.get("data", "fashion-mnist"), **config.data}
-    for key, value in data.items():
-        if _flag(key) in accepted or _flag(key.replace("_", "-")) in accepted:
-            argv += _option_words(key, value)
-    if step.skip_from is not None:
-        argv += ["--skip", str(config.step_dir(step.skip_from) / "skip.txt")]
-    if step.distill_from is not None:
-        argv += ["--distill", str(config.step_dir(step.distill_from))]
-    for key, value in step.args.items():
-        if key == "method":
-            continue
-        if _flag(str(key)) not in accepted:
-            raise _fail(config.path, step.line, f"step {step.name!r}: `micronet {command}` has no option --{key}")
-        argv += _option_words(str(key), value)
-    from micronet.cli import build_parser
-
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr):
-            build_parser().parse_args(argv)
-    except SystemExit:
-        message = stderr.getvalue().strip().splitlines()[-1:] or ["invalid options"]
-        raise _fail(config.path, step.line, f"step {step.name!r}: {message[0]}") from None
+        argv.append(str(step.args.get("method")))
+    for key, value in _step_values(config, step).items():
+        if key != "method":
+            argv += _option_words(str(key), value)
     return argv
