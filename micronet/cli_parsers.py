@@ -108,7 +108,8 @@ HELP: dict[str, dict[str, str]] = {
   micronet quantize iao --checkpoint runs/demo_ptq --qaft --epochs 1 --lr 1e-4 --out runs/demo_qaft
   micronet quantize dorefa --checkpoint runs/demo --w_bits 4 --a_bits 4 --pre_scale 0.33 --epochs 4 --lr 0.005 --out runs/demo_dorefa_w4a4
   micronet quantize wbwtab --checkpoint runs/demo --W 3 --A 2 --epochs 3 --lr 0.01 --out runs/demo_ternary
-  micronet quantize wbwtab --checkpoint runs/demo --W 2 --A 2 --distill runs/demo --optimizer adam --lr 0.001 --weight-decay 0 --epochs 10 --out runs/demo_bnn
+  micronet quantize wbwtab --checkpoint runs/demo --W 2 --A 2 --distill runs/demo --optimizer adam --lr 0.001 \\
+      --weight-decay 0 --epochs 10 --out runs/demo_bnn
 """),
     "sensitivity": dict(help="rank layers by the accuracy their quantization costs; write a skip list",
                         description="Calibrate the scheme once (PTQ) on training images, then measure validation "

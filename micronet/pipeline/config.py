@@ -28,12 +28,12 @@ STEP_KINDS: dict[str, tuple[str, str | None, bool]] = {
     "sensitivity": ("sensitivity", "--checkpoint", True),
 }
 # options the pipeline sets itself: a step may not override them (compared as _option_key spells them)
-_OWNED = {"out", "resume", "checkpoint", "init", "prune_refine", "data", "data_root", "overwrite"}
+_OWNED = {"out", "resume", "checkpoint", "init", "prune_refine", "data", "data_root", "overwrite", "weights"}
 DATA_KEYS = ("data", "data_root", "train_subset", "test_subset", "val_fraction", "data_seed")
 MEASURE_DEFAULTS: dict[str, Any] = {"onnx": True, "threads": 1, "batch_sizes": [1, 64], "warmup": 3, "repeats": 20,
                                     "exporter": "dynamo", "openvino": True}
 _TOP_KEYS = {"name", "out", "data", "measure", "baseline", "steps"}
-_STEP_KEYS = {"name", "run", "from", "args", "row", "skip_from", "distill_from"}
+_STEP_KEYS = {"name", "run", "from", "args", "row", "skip_from", "distill_from", "model", "weights"}
 _ROW_KEYS = {"type", "w_bits", "a_bits", "pack"}
 
 
@@ -78,6 +78,8 @@ class Step:
     line: int
     skip_from: str | None = None  # a sensitivity step whose skip list this quantize step keeps in float
     distill_from: str | None = None  # an earlier step (or checkpoint folder) this training step distills from
+    model: str | None = None  # the user's own MODULE:CALLABLE (a .py path made absolute), in place of `from`
+    weights: str | None = None  # its state dict file (absolute)
 
     @property
     def command(self) -> str:
@@ -196,7 +198,8 @@ def _parse_steps(items: Any, path: Path, line: int) -> list[Step]:
         if kind not in STEP_KINDS:
             raise _fail(path, item_line, f"step {name!r}: unknown step kind {kind!r}: choose one of {', '.join(STEP_KINDS)}")
         source = item.get("from")
-        needs_source = STEP_KINDS[kind][2]
+        model, weights = _user_model(item, kind, name, path, item_line)
+        needs_source = STEP_KINDS[kind][2] and model is None
         if needs_source and source is None:
             raise _fail(path, item_line, f"step {name!r} ({kind}) needs `from: <an earlier step>`")
         earlier = {s.name: s for s in steps}
@@ -238,9 +241,39 @@ def _parse_steps(items: Any, path: Path, line: int) -> list[Step]:
             if distill_from not in earlier and not _is_checkpoint_folder(distill_from):
                 raise _fail(path, item_line, f"step {name!r}: `distill_from: {written}` is neither an earlier step "
                                              "nor an existing checkpoint folder")
-        steps.append(Step(name=name, run=kind, source=source, args=args, row=dict(row) if row else None,
+        steps.append(Step(name=name, run=kind, source=source, args=args, row=dict(row) if row else None, model=model,
+                          weights=weights,
                           line=item_line, skip_from=skip_from, distill_from=distill_from))
     return steps
+
+
+def _user_model(item: dict, kind: str, name: str, path: Path, line: int) -> tuple[str | None, str | None]:
+    """A step's ``model: MODULE:CALLABLE`` and ``weights: FILE`` (the user's own network in place of ``from``),
+    with a ``.py`` module and the weights file relative to the config file's folder."""
+    model, weights = item.get("model"), item.get("weights")
+    if model is None and weights is None:
+        if ":" in str((item.get("args") or {}).get("model", "")):
+            raise _fail(path, line, f"step {name!r}: put your own model in the step's `model:` key (a .py path there "
+                                    "is relative to the config file), not in args")
+        return None, None
+    if not isinstance(model, str) or ":" not in model:
+        raise _fail(path, line, f"step {name!r}: `model` is your own network as MODULE:CALLABLE (e.g. nets.py:Net), "
+                                f"with `weights: FILE` (got model {model!r})")
+    if item.get("from") is not None or kind == "finetune":
+        raise _fail(path, line, f"step {name!r}: `model` names the model a {kind} step starts from, and so does "
+                                "`from`: keep one (a finetune step always starts from its prune step)")
+    if "model" in map(_option_key, item.get("args") or {}):
+        raise _fail(path, line, f"step {name!r}: the model is named twice (`model` and args.model): keep the step's `model`")
+    if weights is None and kind != "train":
+        raise _fail(path, line, f"step {name!r}: a {kind} step reads a trained model: add `weights: FILE` beside `model`")
+    module, _, builder = model.rpartition(":")
+    if module.endswith(".py") or "/" in module:
+        model = f"{_relative_to_config(path, module)}:{builder}"
+    if weights is not None:
+        weights = _relative_to_config(path, weights)
+        if not Path(weights).is_file():
+            raise _fail(path, line, f"step {name!r}: weights file {weights} does not exist")
+    return model, weights
 
 
 def _check_data(config: PipelineConfig) -> None:
@@ -283,6 +316,10 @@ def _step_values(config: PipelineConfig, step: Step) -> dict[str, Any]:
         raise _fail(config.path, step.line, f"step {step.name!r}: {step.run} needs args.method (iao, dorefa or wbwtab)")
     if step.source is not None and source_option:
         values[source_option] = str(config.step_dir(step.source))
+    if step.model is not None:
+        values["--model"] = step.model
+    if step.weights is not None:
+        values["--weights"] = step.weights
     values["--out"] = str(config.step_dir(step.name))
     accepted = spellings(_options_class(step))
     data = {"data": config.data.get("data", "fashion-mnist"), **config.data}

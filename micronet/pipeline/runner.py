@@ -53,9 +53,18 @@ def fingerprints(config: PipelineConfig) -> dict[str, str]:
             teacher = out[step.distill_from] if config.is_step(step.distill_from) else _checkpoint_fingerprint(step.distill_from)
             argv = [arg.replace(str(config.step_dir(step.distill_from)), f"<{teacher}>") for arg in argv]
         argv = [arg.replace(str(config.step_dir(step.name)), "<out>") for arg in argv]
+        user = _user_model_fingerprint(step)  # an edited model file or new weights re-run the step
         out[step.name] = _hash({"argv": argv, "source": source, **({"skip": skip} if skip else {}),
-                                **({"teacher": teacher} if teacher else {})})
+                                **({"teacher": teacher} if teacher else {}), **({"user_model": user} if user else {})})
     return out
+
+
+def _user_model_fingerprint(step: Step) -> str | None:
+    """The contents of a step's own model: its .py file (an importable module is named only) and weights file."""
+    if step.model is None:
+        return None
+    files = [Path(step.model.rpartition(":")[0]), *([Path(step.weights)] if step.weights else [])]
+    return _hash([hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else str(file) for file in files])
 
 
 def _checkpoint_fingerprint(folder: str) -> str:

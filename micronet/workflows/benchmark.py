@@ -43,7 +43,8 @@ class BenchmarkResult:
 def benchmark(options: BenchmarkOptions, *, log: Log = say) -> BenchmarkResult:
     """Time the ONNX file (or the packed runtime) as ``options`` say; logs the table."""
     from micronet.analysis import format_table
-    from micronet.deploy.onnxruntime import benchmark as time_onnx, int8_coverage, machine_header, runtime_label
+    from micronet.deploy.onnxruntime import benchmark as time_onnx
+    from micronet.deploy.onnxruntime import int8_coverage, machine_header, runtime_label
     from micronet.deploy.onnxruntime.benchmark import BENCHMARK_JSON_OUTPUT
     from micronet.io import atomic_write_text
 

@@ -16,12 +16,27 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def load_data(options: Any, name: str):
-    """The splits of dataset ``name`` as ``options`` (a :class:`~micronet.workflows.options.DataOptions`) cut it."""
+_handed_over: list[tuple[tuple, Any]] = []  # splits read early (to size a user's model), for the next load_data
+
+
+def _data_key(options: Any, name: str) -> tuple:
+    return (name, options.data_root, options.val_fraction, options.data_seed, options.train_subset, options.test_subset)
+
+
+def load_data(options: Any, name: str, *, keep: bool = False):
+    """The splits of dataset ``name`` as ``options`` (a :class:`~micronet.workflows.options.DataOptions`) cut it.
+    ``keep``: hand them to the next call with the same options instead of reading the dataset twice."""
     from micronet.data import load_dataset
 
-    return load_dataset(name, options.data_root, val_fraction=options.val_fraction, seed=options.data_seed,
-                        train_subset=options.train_subset, test_subset=options.test_subset)
+    key = _data_key(options, name)
+    if _handed_over and _handed_over[0][0] == key:
+        return _handed_over.pop()[1]
+    _handed_over.clear()
+    splits = load_dataset(name, options.data_root, val_fraction=options.val_fraction, seed=options.data_seed,
+                          train_subset=options.train_subset, test_subset=options.test_subset)
+    if keep:
+        _handed_over.append((key, splits))
+    return splits
 
 
 def dataset_name(options: Any, checkpoint: Any) -> str | None:

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from micronet.errors import ConfigError
-from micronet.workflows.common import Log, dataset_name, device_context, load_data, load_source, say
+from micronet.workflows.common import Log, dataset_name, device_context, load_data, say
 from micronet.workflows.options import DataFromCheckpoint, DeviceOptions, option
+from micronet.workflows.source import UserModelOptions, open_source
 
 RUNTIMES = ["torch", "packed", "onnxruntime", "openvino"]
 RUNTIME_HELP = ("--checkpoint: torch (default), or packed = binary layers on the bit-packed XNOR-popcount kernels "
@@ -19,7 +20,7 @@ RUNTIME_HELP = ("--checkpoint: torch (default), or packed = binary layers on the
 
 # bases in reverse: a dataclass lists the fields of its last base first
 @dataclass(kw_only=True)
-class EvaluateOptions(DeviceOptions, DataFromCheckpoint):
+class EvaluateOptions(DeviceOptions, DataFromCheckpoint, UserModelOptions):
     checkpoint: str | None = option(None, "--checkpoint", help="checkpoint directory, or a run directory (uses its best/)")
     onnx: str | None = option(None, "--onnx", metavar="FILE",
                               help="evaluate this ONNX file in ONNX Runtime (CPU) instead of a checkpoint")
@@ -50,22 +51,23 @@ def onnx_runtime(runtime: str | None) -> str:
 
 def evaluate(options: EvaluateOptions, *, log: Log = say) -> Accuracy:
     """Accuracy of ``options.checkpoint`` or ``options.onnx`` on the chosen split; logs the result line."""
-    if options.checkpoint and options.onnx:
-        raise ConfigError("pass either --checkpoint DIR or --onnx FILE, not both")
+    if (options.checkpoint or options.model) and options.onnx:
+        raise ConfigError("pass either --checkpoint DIR (or --model MODULE:CALLABLE --weights FILE) or --onnx FILE, not both")
     if options.onnx and options.runtime == "packed":
         raise ConfigError("--runtime packed runs a checkpoint, not an ONNX file: pass --checkpoint DIR instead of --onnx")
-    if options.checkpoint and options.runtime in ("onnxruntime", "openvino"):
+    if (options.checkpoint or options.model) and options.runtime in ("onnxruntime", "openvino"):
         raise ConfigError(f"--runtime {options.runtime} runs an ONNX file: pass --onnx FILE (micronet export writes one)")
     if options.onnx:
         return _evaluate_onnx(options, log)
-    if not options.checkpoint:
-        raise ConfigError("pass --checkpoint DIR or --onnx FILE")
+    if not options.checkpoint and not options.model:
+        raise ConfigError("pass --checkpoint DIR or --onnx FILE (or your own model: --model MODULE:CALLABLE --weights FILE)")
     return _evaluate_checkpoint(options, log)
 
 
 def _evaluate_onnx(options: EvaluateOptions, log: Log) -> Accuracy:
     from micronet.deploy.onnx import read_metadata
-    from micronet.deploy.onnxruntime import build_session, evaluate as evaluate_session, runtime_label
+    from micronet.deploy.onnxruntime import build_session, runtime_label
+    from micronet.deploy.onnxruntime import evaluate as evaluate_session
 
     name = options.data or read_metadata(options.onnx).get("micronet.dataset")
     if not name:
@@ -87,12 +89,12 @@ def _evaluate_checkpoint(options: EvaluateOptions, log: Log) -> Accuracy:
     from micronet.io import resolve_directory
 
     ctx = device_context(options)
-    if is_packed_artifact(options.checkpoint):  # `micronet pack` output: weights unpacked from their codes
+    if options.checkpoint and is_packed_artifact(options.checkpoint):  # `micronet pack` output: weights unpacked
         path = resolve_directory(options.checkpoint)
         checkpoint = Checkpoint(path, read_packed_meta(path), {})
         model = load_packed(path).to(ctx.device)
     else:
-        checkpoint = load_source(options.checkpoint)
+        checkpoint = open_source(options)
         model = checkpoint.build_model().to(ctx.device)
     name = dataset_name(options, checkpoint)
     if name is None:

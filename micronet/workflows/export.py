@@ -8,16 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from micronet.errors import ConfigError
-from micronet.workflows.common import Log, check_data_fits, claim, dataset_name, load_data, load_source, say
+from micronet.workflows.common import Log, check_data_fits, claim, dataset_name, load_data, say
 from micronet.workflows.options import DataFromCheckpoint, Overwrite, option
+from micronet.workflows.source import UserModelOptions, open_source
 
 TARGETS = ["portable", "vnni", "tensorrt"]
 
 
 # bases in reverse: a dataclass lists the fields of its last base first
 @dataclass(kw_only=True)
-class ExportOptions(DataFromCheckpoint, Overwrite):
-    checkpoint: str = option("", "--checkpoint", required=True, help="checkpoint or run directory")
+class ExportOptions(DataFromCheckpoint, UserModelOptions, Overwrite):
+    checkpoint: str | None = option(None, "--checkpoint", help="checkpoint or run directory")
     out: str = option("", "--out", required=True, help="ONNX file to write")
     format: str = option("onnx", "--format", choices=["onnx"], help="artifact format (packed low-bit: micronet pack)")
     int8: bool = option(False, "--int8", action="store_true",
@@ -66,7 +67,7 @@ def export(options: ExportOptions, *, log: Log = say) -> ExportResult:
     from micronet.engine.numerics import require_finite_weights
 
     claim(options.out, ONNX_OUTPUT, options.overwrite)
-    checkpoint = load_source(options.checkpoint)
+    checkpoint = open_source(options)
     model = checkpoint.build_model().cpu().eval()
     require_finite_weights(model, str(checkpoint.path))
     name = dataset_name(options, checkpoint)

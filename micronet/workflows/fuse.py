@@ -7,14 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from micronet.workflows.common import Log, claim, dataset_name, device_context, load_data, load_source, say
+from micronet.workflows.common import Log, claim, dataset_name, device_context, load_data, say
 from micronet.workflows.options import DataFromCheckpoint, DeviceOptions, Overwrite, option
+from micronet.workflows.source import UserModelOptions, open_source
 
 
 # bases in reverse: a dataclass lists the fields of its last base first
 @dataclass(kw_only=True)
-class FuseOptions(DeviceOptions, DataFromCheckpoint, Overwrite):
-    checkpoint: str = option("", "--checkpoint", required=True, help="checkpoint or run directory")
+class FuseOptions(DeviceOptions, DataFromCheckpoint, UserModelOptions, Overwrite):
+    checkpoint: str | None = option(None, "--checkpoint", help="checkpoint or run directory")
     out: str = option("", "--out", required=True, help="directory for the fused checkpoint")
     batch_size: int = option(512, "--batch-size", type=int, help="evaluation batch size")
     evaluate: bool = option(True, "--no-eval", action="store_false", help="skip the accuracy comparison")
@@ -37,7 +38,7 @@ def fuse(options: FuseOptions, *, log: Log = say) -> FuseResult:
 
     claim(options.out, CHECKPOINT_OUTPUT, options.overwrite)
     ctx = device_context(options)
-    checkpoint = load_source(options.checkpoint)
+    checkpoint = open_source(options)
     model = checkpoint.build_model().eval()
     fused, report = fuse_model(model)
     log(f"{checkpoint.path}: {report.summary()}")

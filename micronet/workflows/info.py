@@ -4,17 +4,23 @@ bytes each quantized layer takes on disk), or the list of registry models and da
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from micronet.errors import ConfigError
 from micronet.workflows.common import Log, cfg_list, load_source, parse_shape, say, summary_table
 from micronet.workflows.options import option
+from micronet.workflows.source import UserModel, check_source_options, is_user_model
 
 
 @dataclass(kw_only=True)
 class InfoOptions:
     checkpoint: str | None = option(None, "--checkpoint", exclusive="source", help="checkpoint or run directory")
-    model: str | None = option(None, "--model", exclusive="source", help="registry model name")
+    model: str | None = option(None, "--model", exclusive="source",
+                               help="registry model name, or your own model as MODULE:CALLABLE (see --weights)")
+    weights: str | None = option(None, "--weights", metavar="FILE",
+                                 help="--model MODULE:CALLABLE: its trained state dict (.safetensors, or .pt/.pth of "
+                                      "tensors only)")
     list: bool = option(False, "--list", exclusive="source", action="store_true",
                         help="list registry models and datasets")
     cfg: list[str] | None = option(None, "--cfg", nargs="+", help="channel config for --model")
@@ -66,6 +72,12 @@ def _describe(options: InfoOptions, shape: tuple[int, ...] | None):
     from micronet.engine.checkpoint import MODEL_FILE
     from micronet.models import build_model
 
+    if is_user_model(options.model) or options.weights:
+        check_source_options(options, weights_required=False)
+        sizing = SimpleNamespace(num_classes=options.num_classes, in_channels=shape[0] if shape else 1)
+        model = UserModel(options.model, options.weights, sizing).build_model()
+        header = f"{options.model}" + (f" with {options.weights}" if options.weights else " (initial weights)")
+        return model, header, None, None
     if options.checkpoint and is_packed_artifact(options.checkpoint):
         return _packed_info(options.checkpoint)
     if options.checkpoint:

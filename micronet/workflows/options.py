@@ -109,7 +109,10 @@ def options_from_mapping(cls: type[Options], values: Mapping[str, Any], *, comma
         if name not in known:
             raise ConfigError(f"`micronet {command}` has no option --{key}")
         f = known[name]
-        converted = read_value(f, value)
+        try:
+            converted = read_value(f, value)
+        except ConfigError as error:  # worded as the command line words the same mistake
+            raise ConfigError(f"micronet {command}: error: {error}") from None
         if converted is not None:
             chosen[f.name] = converted
     return cls(**chosen), set(chosen)

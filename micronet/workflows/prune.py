@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from micronet.errors import ConfigError, DatasetError
-from micronet.workflows.common import (Log, check_data_fits, claim, device_context, load_data, load_source, parse_shape,
-                                       say)
+from micronet.workflows.common import Log, check_data_fits, claim, device_context, load_data, parse_shape, say
 from micronet.workflows.options import DataFromCheckpoint, DeviceOptions, Overwrite, option
+from micronet.workflows.source import UserModelOptions, open_source
 
 
 # bases in reverse: a dataclass lists the fields of its last base first
 @dataclass(kw_only=True)
-class PruneOptions(DeviceOptions, DataFromCheckpoint, Overwrite):
-    checkpoint: str = option("", "--checkpoint", required=True,
-                             help="float checkpoint or run directory (prune before quantizing)")
+class PruneOptions(DeviceOptions, DataFromCheckpoint, UserModelOptions, Overwrite):
+    checkpoint: str | None = option(None, "--checkpoint",
+                                    help="float checkpoint or run directory (prune before quantizing)")
     out: str = option("", "--out", required=True,
                       help="run directory for the pruned model (its checkpoint goes to OUT/best)")
     percent: float = option(0.5, "--percent", type=float, help="share of the prunable channels to remove, in [0, 1)")
@@ -57,7 +57,7 @@ def prune(options: PruneOptions, *, log: Log = say) -> PruneResult:
 
     _check(options)
     output = claim(Path(options.out), RUN_OUTPUT, options.overwrite)
-    checkpoint = load_source(options.checkpoint)
+    checkpoint = open_source(options)
     if checkpoint.quant_scheme is not None:
         raise ConfigError(f"{checkpoint.path} is quantized ({checkpoint.quant_scheme.name}): prune first, then quantize "
                           "- prune the float checkpoint it was quantized from")

@@ -10,16 +10,34 @@ from pathlib import Path
 from typing import Any
 
 from micronet.errors import ConfigError
-from micronet.workflows.common import Log, load_data, load_source, record_test_accuracy, say, summary_table
-from micronet.workflows.options import DataFromCheckpoint, DeviceOptions, DistillOptions, Overwrite, TrainingOptions, option
-from micronet.workflows.runs import (RunResult, claim_run, distillation_hooks, distillation_label, given_options,
-                                     resume_state, saved_hook_states, train_and_report, train_config, with_devices)
+from micronet.workflows.common import Log, load_data, record_test_accuracy, say, summary_table
+from micronet.workflows.options import (
+    DataFromCheckpoint,
+    DeviceOptions,
+    DistillOptions,
+    Overwrite,
+    TrainingOptions,
+    option,
+)
+from micronet.workflows.runs import (
+    claim_run,
+    distillation_hooks,
+    distillation_label,
+    given_options,
+    resume_state,
+    saved_hook_states,
+    train_and_report,
+    train_config,
+    with_devices,
+)
 from micronet.workflows.scheme import SchemeOptions, build_scheme, iao_options, lowbit_scheme
+from micronet.workflows.source import UserModelOptions, open_source
 
 
 # bases in reverse: a dataclass lists the fields of its last base first
 @dataclass(kw_only=True)
-class QuantizeOptions(DistillOptions, DeviceOptions, TrainingOptions, DataFromCheckpoint, SchemeOptions, Overwrite):
+class QuantizeOptions(DistillOptions, DeviceOptions, TrainingOptions, DataFromCheckpoint, UserModelOptions, SchemeOptions,
+                      Overwrite):
     default_epochs = 2
 
     checkpoint: str | None = option(None, "--checkpoint", help="trained checkpoint or run directory to start from")
@@ -82,16 +100,18 @@ def _quantize(options: QuantizeOptions, given: set[str], ctx, log: Log) -> Quant
     if last is not None:  # an interrupted QAT/QAFT run: rebuild the quantized model it was training
         model, source = last.build_model(), last
     else:
-        if not options.checkpoint:
-            raise ConfigError("pass --checkpoint (the trained model to quantize) or --resume (an interrupted run)")
-        source = load_source(options.checkpoint)
+        if not options.checkpoint and not options.model:
+            raise ConfigError("pass --checkpoint (the trained model to quantize) or --resume (an interrupted run), or "
+                              "your own model with --model MODULE:CALLABLE --weights FILE")
+        source = open_source(options)
         model = source.build_model()
         config = train_config(options)
     held = source.data_info
     data_name = options.data or (held.name if held else None)
     if data_name is None:
         raise ConfigError(f"{source.path} does not record its dataset: pass --data")
-    run_dir = Path(options.out or options.resume or f"{Path(options.checkpoint).as_posix().rstrip('/')}_{options.method}")
+    started_from = options.checkpoint or str(Path(options.weights or "").with_suffix(""))
+    run_dir = Path(options.out or options.resume or f"{Path(started_from).as_posix().rstrip('/')}_{options.method}")
     output = claim_run(options, run_dir)
     splits = load_data(options, data_name)
     float_acc = source.metrics.get("test_acc")

@@ -8,16 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from micronet.errors import ConfigError
-from micronet.workflows.common import (Log, check_data_fits, claim, dataset_name, device_context, load_data,
-                                       load_source, say)
+from micronet.workflows.common import Log, check_data_fits, claim, dataset_name, device_context, load_data, say
 from micronet.workflows.options import DataFromCheckpoint, DeviceOptions, Overwrite, option
 from micronet.workflows.scheme import SchemeOptions, build_scheme, lowbit_scheme
+from micronet.workflows.source import UserModelOptions, open_source
 
 
 # bases in reverse: a dataclass lists the fields of its last base first
 @dataclass(kw_only=True)
-class SensitivityOptions(DeviceOptions, DataFromCheckpoint, Overwrite, SchemeOptions):
-    checkpoint: str = option("", "--checkpoint", required=True, help="float checkpoint or run directory")
+class SensitivityOptions(DeviceOptions, DataFromCheckpoint, UserModelOptions, Overwrite, SchemeOptions):
+    checkpoint: str | None = option(None, "--checkpoint", help="float checkpoint or run directory")
     out: str = option("", "--out", required=True, help="directory for sensitivity.json and skip.txt")
     images: int = option(2000, "--images", type=int, help="validation images to evaluate on (class-balanced subset)")
     calibration_batches: int = option(20, "--calibration-batches", type=int,
@@ -57,7 +57,7 @@ def sensitivity(options: SensitivityOptions, *, log: Log = say) -> SensitivityRe
     rule = dict(top=options.top) if options.top is not None else \
         dict(max_drop=0.2 if options.max_drop is None else options.max_drop)
     claim(options.out, SENSITIVITY_OUTPUT, options.overwrite)
-    checkpoint = load_source(options.checkpoint)
+    checkpoint = open_source(options)
     model = checkpoint.build_model()
     if is_prepared(model):
         raise ConfigError(f"{checkpoint.path} is already quantized ({model.quant_scheme.name}): measure the float "

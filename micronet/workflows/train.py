@@ -9,14 +9,30 @@ from pathlib import Path
 from micronet.errors import ConfigError
 from micronet.workflows.common import Log, cfg_list, check_data_fits, load_data, load_source, say
 from micronet.workflows.options import DataOptions, DeviceOptions, DistillOptions, Overwrite, TrainingOptions, option
-from micronet.workflows.runs import (RunResult, claim_run, distillation_hooks, distillation_label, given_options,
-                                     resume_state, saved_hook_states, train_and_report, train_config, with_devices)
+from micronet.workflows.runs import (
+    RunResult,
+    claim_run,
+    distillation_hooks,
+    distillation_label,
+    given_options,
+    resume_state,
+    saved_hook_states,
+    train_and_report,
+    train_config,
+    with_devices,
+)
+from micronet.workflows.source import is_user_model
 
 
 # bases in reverse: a dataclass lists the fields of its last base first
 @dataclass(kw_only=True)
 class TrainOptions(Overwrite, DistillOptions, DeviceOptions, TrainingOptions, DataOptions):
-    model: str | None = option(None, "--model", help="registry model name (micronet info --list shows them; default nin)")
+    model: str | None = option(None, "--model", help="registry model name (micronet info --list shows them; default "
+                                                      "nin), or your own model as MODULE:CALLABLE: a module (or .py "
+                                                      "file) and the function or class in it that builds the network")
+    weights: str | None = option(None, "--weights", metavar="FILE",
+                                 help="--model MODULE:CALLABLE: start from this state dict (.safetensors, or .pt/.pth "
+                                      "of tensors only), as --init does for a checkpoint")
     cfg: list[str] | None = option(None, "--cfg", nargs="+",
                                    help="channel config (e.g. of a pruned model): 64,48,32 or 64 48 32")
     out: str | None = option(None, "--out", help="run directory (default runs/<model>)")
@@ -49,6 +65,7 @@ def _train(options: TrainOptions, given: set[str], ctx, log: Log) -> RunResult |
 
     from micronet.models import build_model
 
+    _check_user_model(options)
     last, config = resume_state(options, given)
     pruned = _pruned_source(options) if last is None else None
     init = None
@@ -64,7 +81,7 @@ def _train(options: TrainOptions, given: set[str], ctx, log: Log) -> RunResult |
         # fine-tuning without --model/--cfg continues the architecture of the --init checkpoint
         same_model = init is not None and model_name == init.arch.name
         cfg = cfg_list(options.cfg) if options.cfg else (list(init.arch.cfg) if same_model else None)
-    run_dir = Path(options.out or options.resume or f"runs/{model_name}")
+    run_dir = Path(options.out or options.resume or f"runs/{model_name.rpartition(':')[2]}")
     output = claim_run(options, run_dir)
     splits = load_data(options, data_name)
     torch.manual_seed(config.seed)
@@ -77,6 +94,10 @@ def _train(options: TrainOptions, given: set[str], ctx, log: Log) -> RunResult |
         model = build_model(model_name, num_classes=splits.info.num_classes, in_channels=splits.info.in_channels, cfg=cfg)
     if init is not None:
         init.load_into(model)
+    if options.weights and last is None:
+        from micronet.models import load_weights_file
+
+        load_weights_file(model, options.weights)
     hooks = _sparsity_hooks(options, last)
     label = f"model {model_name} cfg {list(model.arch.cfg)}" + "".join(
         f" | sparse training s={hook.s:g}" for hook in hooks)
@@ -86,6 +107,21 @@ def _train(options: TrainOptions, given: set[str], ctx, log: Log) -> RunResult |
     if pruned is not None:
         label += f" | fine-tuning the pruned {pruned.path}"
     return train_and_report(options, ctx, model, config, splits, run_dir, label, hooks, output, log)
+
+
+def _check_user_model(options: TrainOptions) -> None:
+    """Write a ``--model MODULE:CALLABLE`` file path absolute (as checkpoints record it, so a resumed run compares
+    equal), and refuse ``--weights`` without such a model or beside ``--init``."""
+    from micronet.models.external import parse_model_spec
+
+    if is_user_model(options.model):
+        options.model = parse_model_spec(options.model).spec
+    if options.weights and not is_user_model(options.model):
+        raise ConfigError("--weights FILE starts your own model (--model MODULE:CALLABLE) from a state dict: pass "
+                          "--model too, or --init DIR for a micronet checkpoint")
+    if options.weights and (options.init or options.prune_refine):
+        raise ConfigError("pass either --weights FILE or --init / --prune-refine DIR (where the weights come from), "
+                          "not both")
 
 
 def _sparsity_hooks(options: TrainOptions, last) -> list:
