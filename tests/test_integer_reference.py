@@ -54,6 +54,7 @@ from micronet.deploy.integer.steps import QLinearAdd as QLinearAddStep
 from micronet.deploy.onnx import GraphView
 from micronet.errors import DeployError
 from micronet.models import build_model
+from onnx_probes import with_quantized_outputs
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 NIN_CFG = [32, 24, 16, 32, 32, 32, 32, 32]
@@ -100,18 +101,6 @@ def _unshared(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _with_quantized_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Every QuantizeLinear output becomes a graph output, so ONNX Runtime returns its codes."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    view = GraphView(model)
-    present = {out.name for out in model.graph.output}
-    for node in view.nodes("QuantizeLinear"):
-        if node.output[0] not in present:
-            dtype = view.initializers[node.input[2]].data_type
-            model.graph.output.append(helper.make_tensor_value_info(node.output[0], dtype, None))
-    return model
-
-
 def _ort_session(model: onnx.ModelProto, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, optimized_path=None):
     options = ort.SessionOptions()
     options.graph_optimization_level = level
@@ -124,7 +113,7 @@ def _ort_session(model: onnx.ModelProto, level=ort.GraphOptimizationLevel.ORT_EN
 
 def _ort_run(model: onnx.ModelProto, x: np.ndarray, **kwargs) -> dict[str, np.ndarray]:
     """ONNX Runtime's graph outputs and the codes of every quantized tensor."""
-    model = _with_quantized_outputs(model)
+    model = with_quantized_outputs(model)
     session = _ort_session(model, **kwargs)
     return dict(zip([out.name for out in session.get_outputs()], session.run(None, {"input": x})))
 

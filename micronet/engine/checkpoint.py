@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from micronet.errors import CheckpointError, MicronetError
+from micronet.errors import CheckpointError, MicronetError, ModelConfigError
 from micronet.io import atomic_directory, read_description, resolve_directory
 from micronet.outputs import OutputKind, described_as
 
@@ -82,15 +82,16 @@ class Checkpoint:
     def build_model(self) -> nn.Module:
         """Rebuild the model from its recorded architecture, then replay its structural changes in the
         workflow's order (pruned channels, quantization ``prepare``, BatchNorm fusion) and load the weights."""
-        from micronet.models import build_model
-
         arch = self.arch
         if arch is None:
             raise CheckpointError(
                 f"{self.path} was saved from a model outside micronet's registry: build the model "
                 "yourself and call load_weights(model, checkpoint)"
             )
-        model = build_model(arch.name, arch.num_classes, arch.in_channels, list(arch.cfg))
+        try:
+            model = arch.build()
+        except ModelConfigError as exc:  # the user's MODULE:CALLABLE no longer imports, or a registry cfg is refused
+            raise CheckpointError(f"checkpoint {self.path} cannot rebuild its model {arch.name}: {exc}") from exc
         pruning = self.pruning_record
         if pruning is not None:  # channels removed first: the workflow prunes, then quantizes, then fuses
             from micronet.compression.pruning import apply_channel_record
@@ -331,7 +332,8 @@ def _load_tensor_file(file: Path, record: dict[str, Any] | None) -> dict[str, to
 
 
 def load_model(path: str | Path) -> nn.Module:
-    """Rebuild a registry model from a checkpoint directory (or a training run directory)."""
+    """Rebuild a model (from the registry or the user's ``MODULE:CALLABLE``) from a checkpoint directory (or a
+    training run directory), replaying its pruning, fusion and quantization."""
     return load_checkpoint(resolve_checkpoint(path)).build_model()
 
 

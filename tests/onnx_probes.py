@@ -1,0 +1,48 @@
+"""Expose intermediate tensors of an ONNX graph as graph outputs, so ONNX Runtime returns them.
+
+Used to compare ONNX Runtime layer by layer with micronet's own references: the codes of every
+QuantizeLinear (against the integer reference) and the inputs and outputs of every sign activation
+(against the fake-quant model).
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from micronet.deploy.onnx import GraphView
+
+
+def with_outputs(model: onnx.ModelProto, names: dict[str, int]) -> onnx.ModelProto:
+    """A copy of ``model`` that also returns each tensor of ``names`` (name → ONNX element type)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    present = {out.name for out in model.graph.output}
+    for name, dtype in names.items():
+        if name not in present:
+            model.graph.output.append(helper.make_tensor_value_info(name, dtype, None))
+    return model
+
+
+def with_quantized_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every QuantizeLinear output becomes a graph output, so ONNX Runtime returns its codes."""
+    view = GraphView(model)
+    return with_outputs(model, {node.output[0]: view.initializers[node.input[2]].data_type
+                                for node in view.nodes("QuantizeLinear")})
+
+
+def sign_activations(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(pre-sign value, ±1 output) of each binary sign the exporter writes as ``Sign(Sign(x) + 0.5)``, in
+    graph order (the order in which the model calls its sign activations)."""
+    view = GraphView(model)
+    pairs = []
+    for node in model.graph.node:
+        add = view.producer.get(node.input[0]) if node.op_type == "Sign" else None
+        inner = view.producer.get(add.input[0]) if add is not None and add.op_type == "Add" else None
+        if inner is not None and inner.op_type == "Sign":
+            pairs.append((inner.input[0], node.output[0]))
+    return pairs
+
+
+def with_sign_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
+    pairs = sign_activations(model)
+    return with_outputs(model, {name: TensorProto.FLOAT for pair in pairs for name in pair}), pairs
