@@ -104,3 +104,19 @@ def test_training_steps_match_the_unfused_expressions(preset, monkeypatch):
     differing = [k for k in fused if not torch.equal(fused[k], reference[k])]
     assert differing == []
     assert any(not torch.equal(fused[k], prepared().state_dict()[k]) for k in fused if k.endswith("weight"))
+
+
+def test_approx_sign_has_the_same_values_and_the_bireal_gradient():
+    x = torch.tensor([-2.0, -1.0, -0.75, -0.25, 0.0, 0.25, 0.5, 1.0, 1.5], requires_grad=True)
+    approx = SignActivation(gradient="approx")
+    out = approx(x)
+    out.sum().backward()
+    assert torch.equal(out, SignActivation()(x.detach()))
+    assert x.grad.tolist() == [0.0, 0.0, 0.5, 1.5, 2.0, 1.5, 1.0, 0.0, 0.0]
+
+
+def test_unknown_sign_gradient_is_refused():
+    from micronet.errors import QuantizationError
+
+    with pytest.raises(QuantizationError, match="unknown sign gradient 'box'"):
+        SignActivation(gradient="box")
