@@ -120,3 +120,30 @@ def test_unknown_sign_gradient_is_refused():
 
     with pytest.raises(QuantizationError, match="unknown sign gradient 'box'"):
         SignActivation(gradient="box")
+
+
+def test_a_model_trained_with_the_approx_gradient_exports_to_onnx_like_the_default(tmp_path):
+    """The gradient option changes training only: after a few steps the model exports, and ONNX Runtime's
+    outputs match PyTorch's (sign values are exact, the float layers agree to float32 rounding)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from micronet.deploy.onnx import export
+
+    torch.manual_seed(0)
+    model = wbwtab.prepare(build_model("nin", 10, 3, [16, 16, 8, 16, 16, 16, 16, 16]), W=2, A=2)
+    from micronet.compression.quantization.core.workflow import prepare
+
+    torch.manual_seed(0)
+    approx = prepare(build_model("nin", 10, 3, [16, 16, 8, 16, 16, 16, 16, 16]), wbwtab.wbwtab_scheme(sign_gradient="approx"))
+    assert all(m.gradient == "approx" for m in approx.modules() if isinstance(m, SignActivation))
+    trained_default, trained_approx = _train(model), _train(approx)
+    assert any(not torch.equal(trained_default[k], trained_approx[k]) for k in trained_default)  # training differs
+    approx.eval()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    export(approx, tmp_path / "approx.onnx", x[:1], exporter="legacy")
+    session = ort.InferenceSession(str(tmp_path / "approx.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        reference = approx(x).numpy()
+    assert np.abs(got - reference).max() <= 1e-4 * max(np.abs(reference).max(), 1.0)
