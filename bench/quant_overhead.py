@@ -59,8 +59,7 @@ from torch import nn  # noqa: E402
 from micronet.models import build_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import (busy_ticks, cpu_busy, finish, machine_header, machine_meta, others_cores,  # noqa: E402
-                      percentile, wait_idle)
+from _machine import busy_ticks, cpu_busy, finish, machine_header, machine_meta, others_cores, percentile, wait_idle  # noqa: E402
 
 # torch.ao.quantization is deprecated (pytorch/pytorch PR #153892) and says so on import and on use.
 warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*")

@@ -139,7 +139,8 @@ def _distillation_hooks(args: argparse.Namespace, last, info) -> list:
 
 def _train_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="train a model (FP32)", epilog=TRAIN_EXAMPLES, formatter_class=_Formatter,
-                       description="Train a registry model with the shared engine; writes OUT/last (resumable), OUT/best and OUT/log.jsonl.")
+                       description="Train a registry model with the shared engine; writes OUT/last (resumable), "
+                                   "OUT/best and OUT/log.jsonl.")
     p.add_argument("--model", default=None, help="registry model name (micronet info --list shows them; default nin)")
     p.add_argument("--cfg", nargs="+", default=None, help="channel config (e.g. of a pruned model): 64,48,32 or 64 48 32")
     _add_data_options(p)
@@ -169,7 +170,8 @@ QUANTIZE_EXAMPLES = """examples:
   micronet quantize iao --checkpoint runs/demo_ptq --qaft --epochs 1 --lr 1e-4 --out runs/demo_qaft
   micronet quantize dorefa --checkpoint runs/demo --w_bits 4 --a_bits 4 --pre_scale 0.33 --epochs 4 --lr 0.005 --out runs/demo_dorefa_w4a4
   micronet quantize wbwtab --checkpoint runs/demo --W 3 --A 2 --epochs 3 --lr 0.01 --out runs/demo_ternary
-  micronet quantize wbwtab --checkpoint runs/demo --W 2 --A 2 --distill runs/demo --optimizer adam --lr 0.001 --weight-decay 0 --epochs 10 --out runs/demo_bnn
+  micronet quantize wbwtab --checkpoint runs/demo --W 2 --A 2 --distill runs/demo --optimizer adam --lr 0.001 \
+      --weight-decay 0 --epochs 10 --out runs/demo_bnn
 """
 
 
@@ -262,7 +264,8 @@ def _sensitivity_parser(sub: Any) -> None:
                        description="Calibrate the scheme once (PTQ) on training images, then measure validation "
                                    "accuracy with each quantized conv/linear layer alone quantized and with all but it "
                                    "quantized. Writes OUT/sensitivity.json and OUT/skip.txt (layers to keep in float; "
-                                   "default: every layer whose drop alone exceeds 0.2 pt, 4 of 2000 images) for `micronet quantize --skip`.")
+                                   "default: every layer whose drop alone exceeds 0.2 pt, 4 of 2000 images) for "
+                                   "`micronet quantize --skip`.")
     _add_scheme_options(p)
     p.add_argument("--checkpoint", required=True, help="float checkpoint or run directory")
     p.add_argument("--out", required=True, help="directory for sensitivity.json and skip.txt")
@@ -281,7 +284,8 @@ def _sensitivity_parser(sub: Any) -> None:
 
 def _evaluate_parser(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="accuracy of a checkpoint or an ONNX file on a dataset split", formatter_class=_Formatter,
-                       epilog="examples:\n  micronet evaluate --checkpoint runs/nin_small\n  micronet evaluate --checkpoint runs/nin_small/best --split val\n"
+                       epilog="examples:\n  micronet evaluate --checkpoint runs/nin_small\n"
+                              "  micronet evaluate --checkpoint runs/nin_small/best --split val\n"
                               "  micronet evaluate --onnx nin_small.onnx --data fashion-mnist --threads 2   # in ONNX Runtime\n")
     p.add_argument("--checkpoint", default=None, help="checkpoint directory, or a run directory (uses its best/)")
     p.add_argument("--onnx", default=None, metavar="FILE", help="evaluate this ONNX file in ONNX Runtime (CPU) instead of a checkpoint")
@@ -360,7 +364,8 @@ def _export_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="ONNX file to write")
     _add_overwrite_option(p, "an ONNX file")
     p.add_argument("--format", default="onnx", choices=["onnx"], help="artifact format (packed low-bit: micronet pack)")
-    p.add_argument("--int8", action="store_true", help="float checkpoint: quantize (IAO PTQ, 8-bit activations, weights per --target) before exporting")
+    p.add_argument("--int8", action="store_true", help="float checkpoint: quantize (IAO PTQ, 8-bit activations, "
+                                                       "weights per --target) before exporting")
     _add(p, "--calib-batches", type=int, default=16, help="--int8: calibration batches of --batch-size training images")
     p.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"], help="torch exporter (both write the same ops)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (13-20)")
@@ -382,7 +387,8 @@ def _export_parser(sub: Any) -> None:
 
 def _info_parser(sub: Any) -> None:
     p = sub.add_parser("info", help="parameters, MACs, GFLOPs and size of a model or checkpoint", formatter_class=_Formatter,
-                       epilog="examples:\n  micronet info --checkpoint runs/nin_small\n  micronet info --model resnet20 --input-shape 3,32,32\n  micronet info --list\n")
+                       epilog="examples:\n  micronet info --checkpoint runs/nin_small\n"
+                              "  micronet info --model resnet20 --input-shape 3,32,32\n  micronet info --list\n")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint or run directory")
     src.add_argument("--model", help="registry model name")
@@ -1076,10 +1082,9 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _evaluate_onnx(args: argparse.Namespace) -> int:
+    from micronet.deploy.onnx import read_metadata
     from micronet.deploy.onnxruntime import build_session, evaluate, runtime_label
     from micronet.errors import ConfigError
-
-    from micronet.deploy.onnx import read_metadata
 
     name = args.data or read_metadata(args.onnx).get("micronet.dataset")
     if not name:
@@ -1207,12 +1212,11 @@ def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _evaluate_checkpoint(args: argparse.Namespace) -> int:
     from micronet.compression.packing import is_packed_artifact, load_packed, read_packed_meta
     from micronet.data import BatchLoader
-    from micronet.engine.checkpoint import Checkpoint
-    from micronet.io import resolve_directory
     from micronet.engine import evaluate, load_checkpoint, setup
+    from micronet.engine.checkpoint import Checkpoint, resolve_checkpoint
     from micronet.engine.distributed import parse_gpu_ids
-    from micronet.engine.checkpoint import resolve_checkpoint
     from micronet.errors import ConfigError
+    from micronet.io import resolve_directory
 
     ctx = setup(cpu=args.cpu, gpu_ids=parse_gpu_ids(args.gpu_id)[:1])
     if is_packed_artifact(args.checkpoint):  # `micronet pack` output: weights unpacked from their codes

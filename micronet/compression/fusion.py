@@ -357,7 +357,7 @@ def fuse(model: nn.Module) -> tuple[nn.Module, FusionReport]:
     """
     from micronet.compression.quantization.core.bn_fold import QuantBNFuseConv2d
     from micronet.compression.quantization.core.modules import WeightedQuantizedModule
-    from micronet.compression.quantization.core.workflow import is_prepared
+    from micronet.compression.quantization.core.quantizers import is_prepared
 
     fused = copy.deepcopy(model).eval()
     report = FusionReport(stage="quantized" if is_prepared(fused) else "float")

@@ -353,7 +353,8 @@ class Trainer:
         return False
 
     def _summary(self, m: dict[str, Any]) -> str:
-        parts = [f"epoch {m['epoch']}/{self.config.epochs}", f"lr {m['lr']:.4g}", f"train loss {m['train_loss']:.4f}", f"train acc {m['train_acc']:.4f}"]
+        parts = [f"epoch {m['epoch']}/{self.config.epochs}", f"lr {m['lr']:.4g}", f"train loss {m['train_loss']:.4f}",
+                 f"train acc {m['train_acc']:.4f}"]
         if "val_acc" in m:
             parts += [f"val loss {m['val_loss']:.4f}", f"val acc {m['val_acc']:.4f}"]
         parts += [f"{m['seconds']:.1f} s", f"{m['img_per_s']:.0f} img/s"]
@@ -402,6 +403,7 @@ class Trainer:
         atomic_write_text(self.out_dir / LOG_FILE, "".join(json.dumps(row) + "\n" for row in self.history))
 
 
-def fit(model: nn.Module, config: TrainConfig, train_loader: Any, val_loader: Any = None, *, resume: str | Path | None = None, **options: Any) -> FitResult:
+def fit(model: nn.Module, config: TrainConfig, train_loader: Any, val_loader: Any = None, *,
+        resume: str | Path | None = None, **options: Any) -> FitResult:
     """Train ``model``; see :class:`Trainer` for the options."""
     return Trainer(model, config, train_loader, val_loader, **options).fit(resume)

@@ -83,8 +83,8 @@ class ExportFormReport:
     value_moving_ops_quantized: int = 0  # max pools and shuffles given their readers' quantizer (no value changes)
 
     def rows(self) -> list[dict[str, str]]:
-        return [{"layer": l.name, "op": l.op, "input": l.input, "weight": l.weight, "bias": l.bias, "note": l.note}
-                for l in self.layers]
+        return [{"layer": row.name, "op": row.op, "input": row.input, "weight": row.weight, "bias": row.bias,
+                 "note": row.note} for row in self.layers]
 
 
 # ------------------------------------------------------------------------------------------ activations

@@ -29,8 +29,14 @@ import torch.fx as fx
 from torch import nn
 
 from micronet.deploy.packed.kernels import kernels_for, resolve_isa
-from micronet.deploy.packed.layers import (PackedChannelShuffle, PackedConv2d, PackedMaxPool2d, PackSign, Unpack,
-                                          _PackedModule)
+from micronet.deploy.packed.layers import (
+    PackedChannelShuffle,
+    PackedConv2d,
+    PackedMaxPool2d,
+    PackSign,
+    Unpack,
+    _PackedModule,
+)
 from micronet.errors import DeployError
 
 __all__ = ["PackedModel", "PackedReport", "compile_packed", "set_isa"]

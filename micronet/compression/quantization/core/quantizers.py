@@ -220,3 +220,13 @@ class AffineQuantizer(Quantizer):
         kind = "symmetric" if self.symmetric else "asymmetric"
         sign = "auto-signed" if self.signed_policy is None else ("signed" if self.signed_policy else "unsigned")
         return f"bits={int(self.bits)}, {kind}, {sign}" + (", narrow" if self.narrow_range else "")
+
+
+def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
+    """Every quantizer of ``model`` with its module path."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Quantizer)]
+
+
+def is_prepared(model: nn.Module) -> bool:
+    """Whether ``model`` holds quantizers (went through ``prepare``)."""
+    return any(True for _ in quantizers(model))

@@ -26,7 +26,7 @@ from micronet.compression.quantization.core.modules import (
     QuantizedModule,
     WeightedQuantizedModule,
 )
-from micronet.compression.quantization.core.quantizers import CALIBRATE, FROZEN, QAT, Quantizer
+from micronet.compression.quantization.core.quantizers import CALIBRATE, FROZEN, QAT, Quantizer, is_prepared, quantizers
 from micronet.compression.quantization.core.scheme import QuantScheme
 from micronet.errors import ConfigError, QuantizationError
 
@@ -67,14 +67,6 @@ class QuantizationReport:
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(map(list, v)) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
-
-
-def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, Quantizer)]
-
-
-def is_prepared(model: nn.Module) -> bool:
-    return any(True for _ in quantizers(model))
 
 
 def _mapping(scheme: QuantScheme) -> dict[type[nn.Module], type[QuantizedModule]]:

@@ -15,7 +15,8 @@ from typing import Any
 from torch import nn
 
 from micronet.compression.quantization.core.workflow import calibrate, is_prepared, prepare
-from micronet.compression.quantization.ptq.adaround import AdaRoundOptions, adaround as learn_rounding
+from micronet.compression.quantization.ptq.adaround import AdaRoundOptions
+from micronet.compression.quantization.ptq.adaround import adaround as learn_rounding
 from micronet.compression.quantization.ptq.bias_correction import correct_bias
 from micronet.compression.quantization.ptq.equalize import equalize as equalize_layers
 from micronet.compression.quantization.ptq.layers import layer_units

@@ -14,8 +14,8 @@
   quantized; layer inputs are not quantized separately (the sign activations binarize them).
 
 Differences from the original, on purpose: clipping (and the opt-in centring) act on a copy of the weight
-(the original overwrote the float weights in place on every forward call), centring is off by default, linear layers between the first and last
-weighted layer are quantized too, first/last are found in call order (not by counting convs),
+(the original overwrote the float weights in place on every forward call), centring is off by default, linear
+layers between the first and last weighted layer are quantized too, first/last are found in call order (not by counting convs),
 ConvTranspose2d works, and ``quant_inference=True`` switches the weight quantizers off so stored,
 already-quantized weights are used as they are.
 """
