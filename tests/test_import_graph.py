@@ -16,10 +16,7 @@ PACKAGE_ROOT = Path(micronet.__file__).parent
 
 # Edges (importer, or the package whose modules import, → imported) tolerated for now, with the reason; empty
 # is the goal.
-ALLOWED_EDGES: dict[tuple[str, str], str] = {
-    ("micronet.pipeline", "micronet.cli"): "the pipeline parses its steps with the CLI's parser until it calls "
-                                           "the workflow layer directly, which removes this edge",
-}
+ALLOWED_EDGES: dict[tuple[str, str], str] = {}
 
 
 def _allowed(importer: str, imported: str) -> bool:

@@ -53,6 +53,10 @@ class QuantizeOptions(DistillOptions, DeviceOptions, TrainingOptions, DataFromCh
     clamp_weights: bool = option(False, "--clamp-weights", action="store_true",
                                  help="wbwtab binary weights: clamp the latent float weights to [-1, 1] after every "
                                       "optimizer step (the original's W_clip; beyond ±1 they get no gradient)")
+    float_weight_epochs: int | None = option(None, "--float-weight-epochs", type=int,
+                                             help="wbwtab --W 2/3: train the first N epochs with float weights (binary "
+                                                  "activations only), then binarize the weights too (two-stage "
+                                                  "training)")
     equalize: bool = option(False, "--equalize", action="store_true",
                             help="with --ptq: fold BatchNorm, equalize weight ranges across layer pairs and absorb "
                                  "high biases first")
@@ -138,6 +142,8 @@ def _quantize(options: QuantizeOptions, given: set[str], ctx, log: Log) -> Quant
     else:
         label = f"resumed {model.quant_scheme.name if is_prepared(model) else 'float'} run"
     hooks = _training_hooks(options, last)
+    if last is None and options.float_weight_epochs is not None:
+        label += f" | float weights for {options.float_weight_epochs} epoch(s), then binarized"
     if hooks:
         from micronet.compression.quantization.core.schedule import ClampBinaryWeights
 
@@ -210,8 +216,13 @@ def _silent(line: str) -> None:
 
 
 def _training_hooks(options: QuantizeOptions, last) -> list[Any]:
-    """BN-statistics freezing and binary-weight clamping: as given, or as the resumed run ``last`` had them."""
-    from micronet.compression.quantization.core.schedule import ClampBinaryWeights, FreezeBNStatistics
+    """BN-statistics freezing, binary-weight clamping and float-weights-first training: as given, or as the
+    resumed run ``last`` had them."""
+    from micronet.compression.quantization.core.schedule import (
+        ClampBinaryWeights,
+        FloatWeightsFirst,
+        FreezeBNStatistics,
+    )
 
     saved = [FreezeBNStatistics.from_state(state) for state in saved_hook_states(last, "freeze_bn_statistics")]
     freeze_after = options.freeze_bn_after
@@ -223,6 +234,10 @@ def _training_hooks(options: QuantizeOptions, last) -> list[Any]:
         hooks += [ClampBinaryWeights() for _ in saved_hook_states(last, "clamp_binary_weights")]
     elif options.clamp_weights:
         hooks.append(ClampBinaryWeights())
+    if last is not None:  # a resumed run keeps its two stages
+        hooks += [FloatWeightsFirst.from_state(state) for state in saved_hook_states(last, "float_weights_first")]
+    elif options.float_weight_epochs is not None:
+        hooks.append(FloatWeightsFirst(options.float_weight_epochs))
     return hooks
 
 

@@ -27,6 +27,9 @@ class SchemeOptions:
     center_weights: bool = option(False, "--center-weights", action="store_true",
                                   help="wbwtab binary weights: subtract each filter's mean over its input channels "
                                        "before the sign (the original's W_clip; lowers accuracy)")
+    sign_gradient: str = option("hardtanh", "--sign-gradient", choices=["hardtanh", "approx"],
+                                help="wbwtab --A 2: the sign activations' training gradient: hardtanh (pass where "
+                                     "|x| < 1) or approx (Bi-Real Net's ApproxSign, max(0, 2 - 2|x|))")
     pre_scale: float = option(1.0, "--pre-scale", type=float,
                               help="dorefa: activations are clamp(x * pre_scale, 0, 1) on the k-bit grid (the "
                                    "original used 0.1)")
@@ -65,6 +68,11 @@ def lowbit_scheme(options: Any):
         raise ConfigError(f"--W, --A and --center-weights belong to `micronet quantize wbwtab`; {method} takes --w_bits and --a_bits")
     if method != "wbwtab" and clamp:
         raise ConfigError(f"--clamp-weights clamps binary weights of `micronet quantize wbwtab --W 2`; drop it for {method}")
+    float_epochs = getattr(options, "float_weight_epochs", None)
+    if method != "wbwtab" and float_epochs is not None:
+        raise ConfigError(f"--float-weight-epochs belongs to `micronet quantize wbwtab --W 2/3`; drop it for {method}")
+    if method != "wbwtab" and options.sign_gradient != "hardtanh":
+        raise ConfigError(f"--sign-gradient belongs to `micronet quantize wbwtab --A 2`; drop it for {method}")
     if method == "iao":
         return None
     if getattr(options, "ptq", False):
@@ -87,7 +95,14 @@ def lowbit_scheme(options: Any):
     for flag, on in (("--center-weights", options.center_weights), ("--clamp-weights", clamp)):
         if on and W != 2:
             raise ConfigError(f"{flag} applies to binary weights (--W 2), not --W {W}")
-    return replace(wbwtab_scheme(A=2 if options.A is None else options.A, W=W, center=options.center_weights),
+    A = 2 if options.A is None else options.A  # noqa: N806
+    epochs = getattr(options, "total_epochs", None)
+    if float_epochs is not None and (W == 32 or not 1 <= float_epochs < (epochs or 0)):
+        raise ConfigError(f"--float-weight-epochs {float_epochs} needs binary or ternary weights (--W 2 or 3) and "
+                          f"must be at least 1 and below --epochs ({epochs}), so some epochs train the binarized weights")
+    if options.sign_gradient != "hardtanh" and A != 2:
+        raise ConfigError(f"--sign-gradient applies to sign activations (--A 2), not --A {A}")
+    return replace(wbwtab_scheme(A=A, W=W, center=options.center_weights, sign_gradient=options.sign_gradient),
                    target=options.target)
 
 
