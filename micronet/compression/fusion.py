@@ -26,7 +26,7 @@ its quantization grid —, a conv with other consumers, a BN without running sta
 listed in the :class:`FusionReport` with the reason.
 
 The fused model records what changed in ``model.fusion_record``; checkpoints store it (``extra.fusion``)
-and :meth:`micronet.engine.Checkpoint.build_model` replays the structural change before loading weights.
+and :func:`micronet.compression.restore.restore_model` replays the structural change before loading weights.
 
 Dataflow comes from a torch.fx trace (quantized modules, quantizers and micronet leaf modules are not
 traced into), so "the BN is the conv's only consumer" is checked on the real graph; an untraceable model
