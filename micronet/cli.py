@@ -188,6 +188,9 @@ def _add_scheme_options(p: argparse.ArgumentParser) -> None:
     _add(p, "--center-weights", action="store_true",
          help="wbwtab binary weights: subtract each filter's mean over its input channels before the sign "
               "(the original's W_clip; lowers accuracy)")
+    _add(p, "--sign-gradient", default="hardtanh", choices=["hardtanh", "approx"],
+         help="wbwtab --A 2: the sign activations' training gradient: hardtanh (pass where |x| < 1) or approx "
+              "(Bi-Real Net's ApproxSign, max(0, 2 - 2|x|))")
     _add(p, "--pre-scale", type=float, default=1.0,
          help="dorefa: activations are clamp(x * pre_scale, 0, 1) on the k-bit grid (the original used 0.1)")
     _add(p, "--q-type", type=int, default=0, choices=[0, 1], help="0 symmetric, 1 asymmetric")
@@ -229,6 +232,9 @@ def _quantize_parser(sub: Any) -> None:
     _add(p, "--clamp-weights", action="store_true",
          help="wbwtab binary weights: clamp the latent float weights to [-1, 1] after every optimizer step (the "
               "original's W_clip; beyond ±1 they get no gradient)")
+    _add(p, "--float-weight-epochs", type=int, default=None,
+         help="wbwtab --W 2/3: train the first N epochs with float weights (binary activations only), then "
+              "binarize the weights too (two-stage training)")
     p.add_argument("--equalize", action="store_true",
                    help="with --ptq: fold BatchNorm, equalize weight ranges across layer pairs and absorb high biases first")
     _add(p, "--bias-correction", action="store_true",
@@ -797,6 +803,10 @@ def _lowbit_scheme(args: argparse.Namespace):
         raise ConfigError(f"--W, --A and --center-weights belong to `micronet quantize wbwtab`; {args.method} takes --w_bits and --a_bits")
     if args.method != "wbwtab" and getattr(args, "clamp_weights", False):
         raise ConfigError(f"--clamp-weights clamps binary weights of `micronet quantize wbwtab --W 2`; drop it for {args.method}")
+    if args.method != "wbwtab" and getattr(args, "float_weight_epochs", None) is not None:
+        raise ConfigError(f"--float-weight-epochs belongs to `micronet quantize wbwtab --W 2/3`; drop it for {args.method}")
+    if args.method != "wbwtab" and args.sign_gradient != "hardtanh":
+        raise ConfigError(f"--sign-gradient belongs to `micronet quantize wbwtab --A 2`; drop it for {args.method}")
     if args.method == "iao":
         return None
     if getattr(args, "ptq", False):
@@ -819,7 +829,16 @@ def _lowbit_scheme(args: argparse.Namespace):
     for flag, on in (("--center-weights", args.center_weights), ("--clamp-weights", getattr(args, "clamp_weights", False))):
         if on and W != 2:
             raise ConfigError(f"{flag} applies to binary weights (--W 2), not --W {W}")
-    return replace(wbwtab_scheme(A=2 if args.A is None else args.A, W=W, center=args.center_weights), target=args.target)
+    A = 2 if args.A is None else args.A  # noqa: N806
+    float_epochs = getattr(args, "float_weight_epochs", None)
+    epochs = args.epochs if getattr(args, "epochs", None) is not None else getattr(args, "default_epochs", None)
+    if float_epochs is not None and (W == 32 or not 1 <= float_epochs < (epochs or 0)):
+        raise ConfigError(f"--float-weight-epochs {float_epochs} needs binary or ternary weights (--W 2 or 3) and "
+                          f"must be at least 1 and below --epochs ({epochs}), so some epochs train the binarized weights")
+    if args.sign_gradient != "hardtanh" and A != 2:
+        raise ConfigError(f"--sign-gradient applies to sign activations (--A 2), not --A {A}")
+    return replace(wbwtab_scheme(A=A, W=W, center=args.center_weights, sign_gradient=args.sign_gradient),
+                   target=args.target)
 
 
 def _iao_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -972,6 +991,13 @@ def cmd_quantize(args: argparse.Namespace, ctx) -> int:
         hooks += [ClampBinaryWeights() for _ in _saved_hook_states(last, "clamp_binary_weights")]
     elif args.clamp_weights:
         hooks.append(ClampBinaryWeights())
+    from micronet.compression.quantization.core.schedule import FloatWeightsFirst
+
+    if last is not None:  # a resumed run keeps its two stages
+        hooks += [FloatWeightsFirst.from_state(state) for state in _saved_hook_states(last, "float_weights_first")]
+    elif getattr(args, "float_weight_epochs", None) is not None:
+        hooks.append(FloatWeightsFirst(args.float_weight_epochs))
+        label += f" | float weights for {args.float_weight_epochs} epoch(s), then binarized"
     if any(isinstance(hook, ClampBinaryWeights) for hook in hooks):
         label += " | binary latent weights clamped to [-1, 1] after each step"
     distillation = _distillation_hooks(args, last, splits.info)

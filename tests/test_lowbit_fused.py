@@ -104,3 +104,46 @@ def test_training_steps_match_the_unfused_expressions(preset, monkeypatch):
     differing = [k for k in fused if not torch.equal(fused[k], reference[k])]
     assert differing == []
     assert any(not torch.equal(fused[k], prepared().state_dict()[k]) for k in fused if k.endswith("weight"))
+
+
+def test_approx_sign_has_the_same_values_and_the_bireal_gradient():
+    x = torch.tensor([-2.0, -1.0, -0.75, -0.25, 0.0, 0.25, 0.5, 1.0, 1.5], requires_grad=True)
+    approx = SignActivation(gradient="approx")
+    out = approx(x)
+    out.sum().backward()
+    assert torch.equal(out, SignActivation()(x.detach()))
+    assert x.grad.tolist() == [0.0, 0.0, 0.5, 1.5, 2.0, 1.5, 1.0, 0.0, 0.0]
+
+
+def test_unknown_sign_gradient_is_refused():
+    from micronet.errors import QuantizationError
+
+    with pytest.raises(QuantizationError, match="unknown sign gradient 'box'"):
+        SignActivation(gradient="box")
+
+
+def test_a_model_trained_with_the_approx_gradient_exports_to_onnx_like_the_default(tmp_path):
+    """The gradient option changes training only: after a few steps the model exports, and ONNX Runtime's
+    outputs match PyTorch's (sign values are exact, the float layers agree to float32 rounding)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from micronet.deploy.onnx import export
+
+    torch.manual_seed(0)
+    model = wbwtab.prepare(build_model("nin", 10, 3, [16, 16, 8, 16, 16, 16, 16, 16]), W=2, A=2)
+    from micronet.compression.quantization.core.workflow import prepare
+
+    torch.manual_seed(0)
+    approx = prepare(build_model("nin", 10, 3, [16, 16, 8, 16, 16, 16, 16, 16]), wbwtab.wbwtab_scheme(sign_gradient="approx"))
+    assert all(m.gradient == "approx" for m in approx.modules() if isinstance(m, SignActivation))
+    trained_default, trained_approx = _train(model), _train(approx)
+    assert any(not torch.equal(trained_default[k], trained_approx[k]) for k in trained_default)  # training differs
+    approx.eval()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    export(approx, tmp_path / "approx.onnx", x[:1], exporter="legacy")
+    session = ort.InferenceSession(str(tmp_path / "approx.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        reference = approx(x).numpy()
+    assert np.abs(got - reference).max() <= 1e-4 * max(np.abs(reference).max(), 1.0)

@@ -262,13 +262,16 @@ def run_pipeline(config: PipelineConfig | str | Path, *, out: str | Path | None 
     _publish_sensitivity(config)
     rows = _measure_rows(config, prints, echo)
     baseline = _with_baseline(rows, config.baseline)
-    compute = sum(float((_read_json(config.step_dir(s.name) / STEP_RECORD) or {}).get("seconds", 0)) for s in config.steps)
-    compute += sum(float(row.get("seconds", 0)) for row in rows)
+    step_seconds = [{"step": s.name, "run": s.run,
+                      "seconds": float((_read_json(config.step_dir(s.name) / STEP_RECORD) or {}).get("seconds", 0))}
+                     for s in config.steps]
+    step_seconds += [{"step": row["name"], "run": "measure", "seconds": float(row.get("seconds", 0))} for row in rows]
+    compute = sum(entry["seconds"] for entry in step_seconds)
     report = {
         "name": config.name, "config": str(config.path), "data": config.data.get("data", "fashion-mnist"),
         "test_images": rows[0].get("test_images") if rows else None,
         "machine": _machine(int(config.measure.get("threads", 1))), "baseline": baseline,
-        "wall_time_s": compute, "this_run_s": time.perf_counter() - start, "rows": rows,
+        "wall_time_s": compute, "this_run_s": time.perf_counter() - start, "rows": rows, "step_seconds": step_seconds,
     }
     _write_json(config.out / REPORT_FILE, report)
     from micronet.pipeline.report import render_report

@@ -68,6 +68,21 @@ class _SignSTE(torch.autograd.Function):
         return torch.where(inside, grad, 0.0)
 
 
+class _ApproxSignSTE(torch.autograd.Function):
+    """sign(x) with sign(0) = +1; gradient × max(0, 2 − 2|x|), the derivative of Bi-Real Net's piecewise
+    quadratic approximation of sign (ApproxSign): closer to sign's impulse than hardtanh's box."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(torch.clamp(2 - 2 * x.abs(), min=0.0))
+        return _sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (slope,) = ctx.saved_tensors
+        return grad * slope
+
+
 class _IdentitySTE(torch.autograd.Function):
     """Forward ``fn(x)`` (a piecewise-constant map), backward the identity."""
 
@@ -110,6 +125,14 @@ def _sign(x: torch.Tensor) -> torch.Tensor:
 def sign_ste(x: torch.Tensor) -> torch.Tensor:
     """Binary activation: values exactly {−1, +1} (0 → +1), hardtanh straight-through gradient."""
     return _SignSTE.apply(x)
+
+
+def approx_sign_ste(x: torch.Tensor) -> torch.Tensor:
+    """Binary activation: values exactly {−1, +1} (0 → +1), ApproxSign gradient max(0, 2 − 2|x|)."""
+    return _ApproxSignSTE.apply(x)
+
+
+SIGN_GRADIENTS = ("hardtanh", "approx")
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -299,14 +322,24 @@ class DoReFaActivationQuantizer(Quantizer):
 
 
 class SignActivation(Quantizer):
-    """Binary activation ±1 (sign(0) = +1, hardtanh STE). ``prepare`` puts it in place of the ReLUs
-    in front of binarized layers: a ReLU followed by a sign would make every activation +1."""
+    """Binary activation ±1 (sign(0) = +1). ``prepare`` puts it in place of the ReLUs in front of
+    binarized layers: a ReLU followed by a sign would make every activation +1.
 
-    def __init__(self) -> None:
+    ``gradient``: ``"hardtanh"`` (default) passes the gradient where |x| < 1; ``"approx"`` scales it by
+    max(0, 2 − 2|x|) (Bi-Real Net's ApproxSign). Only training differs: the forward values are the same.
+    """
+
+    def __init__(self, gradient: str = "hardtanh") -> None:
         super().__init__(1)
+        if gradient not in SIGN_GRADIENTS:
+            raise QuantizationError(f"unknown sign gradient {gradient!r}: choose one of {', '.join(SIGN_GRADIENTS)}")
+        self.gradient = gradient
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return sign_ste(x)
+        return sign_ste(x) if self.gradient == "hardtanh" else approx_sign_ste(x)
+
+    def extra_repr(self) -> str:
+        return "" if self.gradient == "hardtanh" else f"gradient={self.gradient}"
 
 
 class FloatQuantizer(Quantizer):
@@ -351,8 +384,7 @@ def _build_dorefa_activation(spec: Any, ch_axis: int | None, num_channels: int |
 
 def _build_sign(spec: Any, ch_axis: int | None, num_channels: int | None) -> Quantizer:
     _check_bits("sign", spec.bits, (1,), "1 bit (values ±1): set bits=1")
-    _options(spec, ())
-    return SignActivation()
+    return SignActivation(**_options(spec, ("gradient",)))
 
 
 def _build_float(spec: Any, ch_axis: int | None, num_channels: int | None) -> Quantizer:
