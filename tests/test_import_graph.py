@@ -147,3 +147,12 @@ def test_the_graph_sees_lazy_and_relative_imports():
     modules = {"micronet.cli", "micronet.engine", "micronet.engine.checkpoint", "micronet.io"}
     found = set().union(*(_targets(n, "micronet.pipeline.config", False, modules) for n in _imports(tree)))
     assert found == {"micronet.cli", "micronet.engine.checkpoint", "micronet.engine"}
+
+
+def test_the_engine_only_stores_what_compression_changed():
+    """The training engine knows nothing of compression; its one door is ``Checkpoint.build_model`` (and
+    ``quant_scheme``), which hand a checkpoint to :mod:`micronet.compression.restore`."""
+    graph = import_graph()
+    reached = {(module, target) for module, targets in graph.items() if module.startswith("micronet.engine")
+               for target in targets if target.startswith("micronet.compression")}
+    assert reached == {("micronet.engine.checkpoint", "micronet.compression.restore")}
