@@ -42,7 +42,6 @@ from micronet.data import BatchLoader, load_dataset  # noqa: E402
 from micronet.engine import evaluate, load_model  # noqa: E402
 
 
-
 @dataclass(frozen=True)
 class Bits:
     """One column of the comparison: weight and activation bits, weight granularity, micronet's target."""
