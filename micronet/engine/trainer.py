@@ -25,7 +25,7 @@ from micronet.engine.checkpoint import CHECKPOINT_OUTPUT, load_checkpoint, resol
 from micronet.engine.config import TrainConfig, lr_factor
 from micronet.engine.distributed import DistContext, broadcast_object
 from micronet.engine.hooks import Hook
-from micronet.engine.numerics import nonfinite_tensor, require_finite
+from micronet.engine.numerics import ClassificationScore, nonfinite_tensor
 from micronet.engine.state import optimizer_state_join, optimizer_state_split, restore_rng_state, rng_state
 from micronet.errors import CheckpointError, NumericalError
 from micronet.io import atomic_write_text
@@ -101,21 +101,16 @@ def evaluate(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
+    score = ClassificationScore(source)
     try:
         for inputs, targets in loader:
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with _autocast(device, amp):
                 outputs = model(inputs)
-            require_finite(outputs, source)
-            loss_sum += F.cross_entropy(outputs.float(), targets, reduction="sum").item()
-            correct += (outputs.argmax(1) == targets).sum().item()
-            seen += targets.numel()
+            score.add(outputs, targets)
     finally:
         model.train(was_training)
-    if seen == 0:
-        return {"loss": float("nan"), "acc": float("nan"), "samples": 0}
-    return {"loss": loss_sum / seen, "acc": correct / seen, "samples": seen}
+    return score.result()
 
 
 class Trainer:

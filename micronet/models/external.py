@@ -6,7 +6,7 @@
 from its absolute path (so two files called ``model.py`` never collide), with its folder on ``sys.path`` while it
 runs so that it can import its neighbours.
 
-A :class:`ModelSource` records the import (a file as its absolute path plus its SHA-256) so a checkpoint can
+A :class:`ModelImport` records the import (a file as its absolute path plus its SHA-256) so a checkpoint can
 rebuild the model. A file that changed since is a warning, not an error: the weights are still checked name by
 name and shape by shape, so a change that alters the structure fails loudly anyway, while an edit to a comment
 or a docstring must not make every saved checkpoint unreadable.
@@ -30,7 +30,7 @@ from torch import nn
 
 from micronet.errors import ModelConfigError
 
-__all__ = ["ModelSource", "build_from_spec", "call_builder", "is_model_spec", "parse_model_spec", "resolve_callable"]
+__all__ = ["ModelImport", "build_from_spec", "call_builder", "is_model_spec", "parse_model_spec", "resolve_callable"]
 
 
 def is_model_spec(name: object) -> bool:
@@ -47,7 +47,7 @@ def _file_sha256(path: Path) -> str:
 
 
 @dataclass(frozen=True)
-class ModelSource:
+class ModelImport:
     """How to import the callable that builds a user's model: ``module`` is an importable name or the absolute
     path of a ``.py`` file, ``callable`` an attribute path in it, ``sha256`` the file's digest (files only)."""
 
@@ -68,12 +68,12 @@ class ModelSource:
         return {"module": self.module, "callable": self.callable, "sha256": self.sha256}
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> ModelSource:
+    def from_json(cls, d: Mapping[str, Any]) -> ModelImport:
         """Read back :meth:`to_json`; raises :class:`ModelConfigError` on a malformed entry."""
         if not isinstance(d, Mapping) or set(d) != {"module", "callable", "sha256"} or not all(
                 isinstance(d[k], str) and d[k] for k in ("module", "callable")) or not isinstance(d["sha256"], (str, type(None))):
             raise ModelConfigError(f"model source {d!r} is not valid: it must be {{'module', 'callable', 'sha256'}} as "
-                                   "written by ModelSource.to_json()")
+                                   "written by ModelImport.to_json()")
         return cls(d["module"], d["callable"], d["sha256"])
 
     def resolve(self) -> Callable[..., Any]:
@@ -98,7 +98,7 @@ class ModelSource:
                                    "not a function or class")
         return target
 
-    def current(self) -> ModelSource:
+    def current(self) -> ModelImport:
         """This source with the file's digest as it is now (what a model built now was built from)."""
         return replace(self, sha256=_file_sha256(Path(self.module))) if self.is_file else self
 
@@ -107,8 +107,8 @@ class ModelSource:
         return call_builder(self.resolve(), self.spec, num_classes=num_classes, in_channels=in_channels)
 
 
-def parse_model_spec(spec: str) -> ModelSource:
-    """``MODULE:CALLABLE`` → :class:`ModelSource` (a file module made absolute and hashed); nothing imported yet."""
+def parse_model_spec(spec: str) -> ModelImport:
+    """``MODULE:CALLABLE`` → :class:`ModelImport` (a file module made absolute and hashed); nothing imported yet."""
     if not is_model_spec(spec):
         raise ModelConfigError(f"model {spec!r} is not MODULE:CALLABLE: pass e.g. my_nets.py:build or mypkg.nets:Net")
     module, _, name = spec.rpartition(":")
@@ -116,12 +116,12 @@ def parse_model_spec(spec: str) -> ModelSource:
     if not module or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", name):
         raise ModelConfigError(f"model {spec!r} is not MODULE:CALLABLE: pass e.g. my_nets.py:build or mypkg.nets:Net")
     if not _is_file_module(module):
-        return ModelSource(module, name)
+        return ModelImport(module, name)
     path = Path(module).expanduser().resolve()
     if not path.is_file():
         raise ModelConfigError(f"cannot build model {spec}: {path} does not exist: pass the path of the .py file "
                                "that defines the model")
-    return ModelSource(str(path), name, _file_sha256(path))
+    return ModelImport(str(path), name, _file_sha256(path))
 
 
 def _module_name(path: Path) -> str:
@@ -193,8 +193,8 @@ def call_builder(builder: Callable[..., Any], spec: str, *, num_classes: int, in
     return model
 
 
-def build_from_spec(spec: str | ModelSource, num_classes: int, in_channels: int) -> tuple[nn.Module, ModelSource]:
+def build_from_spec(spec: str | ModelImport, num_classes: int, in_channels: int) -> tuple[nn.Module, ModelImport]:
     """Build the user's model; returns it and the source it was built from (the file's digest as of now)."""
-    source = spec if isinstance(spec, ModelSource) else parse_model_spec(spec)
+    source = spec if isinstance(spec, ModelImport) else parse_model_spec(spec)
     model = source.build(num_classes, in_channels)
     return model, source.current()

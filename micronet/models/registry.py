@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from micronet.errors import ModelConfigError
-from micronet.models.external import ModelSource, build_from_spec, is_model_spec
+from micronet.models.external import ModelImport, build_from_spec, is_model_spec
 
 __all__ = ["ModelArch", "build_model", "default_cfg", "list_models", "model_arch", "register_model"]
 
@@ -47,7 +47,7 @@ class ModelArch:
     num_classes: int
     in_channels: int
     cfg: tuple[int, ...]
-    source: ModelSource | None = None
+    source: ModelImport | None = None
 
     def to_json(self) -> dict:
         """A JSON-ready dict: ``{"name", "num_classes", "in_channels", "cfg": [ints]}``, plus ``"source"`` for the
@@ -81,7 +81,7 @@ class ModelArch:
                 raise ModelConfigError(f"model architecture {key} must be a positive integer (got {value!r}): fix the saved JSON")
         if not isinstance(cfg, (list, tuple)) or not all(_is_int(c) for c in cfg):
             raise ModelConfigError(f"model architecture cfg must be a list of integers (got {cfg!r}): fix the saved JSON")
-        source = ModelSource.from_json(d["source"]) if "source" in d else None
+        source = ModelImport.from_json(d["source"]) if "source" in d else None
         return cls(name, num_classes, in_channels, tuple(cfg), source)
 
     def kwargs(self) -> dict[str, Any]:
@@ -150,17 +150,17 @@ def _check_cfg(name: str, cfg: Any, default: tuple[int, ...]) -> list[int]:
     return list(cfg)
 
 
-def build_model(name: str | ModelSource, num_classes: int = 10, in_channels: int = 3,
+def build_model(name: str | ModelImport, num_classes: int = 10, in_channels: int = 3,
                 cfg: Sequence[int] | None = None) -> nn.Module:
     """Build a freshly initialised model and attach ``model.arch`` (a :class:`ModelArch`).
 
-    ``name`` is a registry name or the user's ``MODULE:CALLABLE`` (or a :class:`ModelSource`).
+    ``name`` is a registry name or the user's ``MODULE:CALLABLE`` (or a :class:`ModelImport`).
     ``cfg=None`` selects the model's default channel config; otherwise ``cfg`` must have the same
     length as :func:`default_cfg` and satisfy the model's constraints (see each model's docstring).
     Raises :class:`ModelConfigError` for an unknown name or a config that does not fit.
     """
-    external = isinstance(name, ModelSource) or is_model_spec(name)
-    key = (name.spec if isinstance(name, ModelSource) else name) if external else _entry(name)[0]
+    external = isinstance(name, ModelImport) or is_model_spec(name)
+    key = (name.spec if isinstance(name, ModelImport) else name) if external else _entry(name)[0]
     for arg, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if not _is_int(value) or value < 1:
             example = 10 if arg == "num_classes" else 3
