@@ -666,6 +666,44 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
       for (int64_t j = 0; j < g.nwg; ++j)
         for (int l = 0; l < kLanes; ++l)
           pad_mismatches[k * lanes + blk * kLanes + l] += popcount64(g.weight[((blk * taps + k) * g.nwg + j) * kLanes + l]);
+  // The taps inside the image form a rectangle [first, last] of kernel rows × columns; output rows (and
+  // columns) with the same range share one class, and each (row class, column class) its correction.
+  auto classes = [](int64_t count, int64_t stride, int64_t pad, int64_t size, int64_t kernel, int64_t dilation,
+                    std::vector<int64_t>& class_of, std::vector<std::pair<int64_t, int64_t>>& ranges) {
+    class_of.resize(count);
+    for (int64_t o = 0; o < count; ++o) {
+      int64_t first = 0, last = kernel - 1;
+      while (first < kernel && o * stride + first * dilation < pad) ++first;
+      while (last >= 0 && o * stride + last * dilation >= pad + size) --last;
+      const std::pair<int64_t, int64_t> range{first, last};
+      const auto found = std::find(ranges.begin(), ranges.end(), range);
+      class_of[o] = found - ranges.begin();
+      if (found == ranges.end()) ranges.push_back(range);
+    }
+  };
+  std::vector<int64_t> row_class, col_class;
+  std::vector<std::pair<int64_t, int64_t>> row_ranges, col_ranges;
+  classes(g.OH, g.sh, g.ph, g.H, g.KH, g.dh, row_class, row_ranges);
+  classes(g.OW, g.sw, g.pw, g.W, g.KW, g.dw, col_class, col_ranges);
+  const int64_t n_cols = col_ranges.size();
+  std::vector<int64_t> corrections(row_ranges.size() * n_cols * lanes, 0), class_valid(row_ranges.size() * n_cols);
+  std::vector<char> class_full(row_ranges.size() * n_cols);
+  for (size_t rc = 0; rc < row_ranges.size(); ++rc)
+    for (int64_t cc = 0; cc < n_cols; ++cc) {
+      const int64_t id = rc * n_cols + cc;
+      int64_t inside = 0;
+      for (int64_t k = 0; k < taps; ++k) {
+        const int64_t kh = k / g.KW, kw = k % g.KW;
+        if (kh >= row_ranges[rc].first && kh <= row_ranges[rc].second && kw >= col_ranges[cc].first &&
+            kw <= col_ranges[cc].second) {
+          ++inside;
+        } else {
+          for (int64_t o = 0; o < lanes; ++o) corrections[id * lanes + o] += pad_mismatches[k * lanes + o];
+        }
+      }
+      class_valid[id] = inside * g.cin_per_group;
+      class_full[id] = inside == taps;
+    }
 
   const TilePlan plan{taps, g.nwg, tap_offset.data(), g.weight, taps * g.nwg * kLanes, lanes};
   const TileFamily& family = tile_family(isa);
@@ -676,11 +714,10 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
   const int64_t plane = g.OH * g.OW;
 
   at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> mm(kTilePixels * lanes), corr(lanes);
+    std::vector<int64_t> mm(kTilePixels * lanes);
     const uint64_t* px[kTilePixels];
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.OH, oh = row % g.OH, top = oh * g.sh;
-      const bool rows_inside = top >= g.ph && top + (g.KH - 1) * g.dh < g.ph + g.H;
       for (int64_t ow0 = 0; ow0 < g.OW; ow0 += P) {
         const int64_t first = std::min(ow0, g.OW - P);  // the last tile overlaps the one before
         for (int64_t grp = 0; grp < g.groups; ++grp) {
@@ -694,24 +731,9 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
           }
         }
         for (int p = 0; p < P; ++p) {
-          const int64_t ow = first + p, left_col = ow * g.sw;
-          const bool inside = rows_inside && left_col >= g.pw && left_col + (g.KW - 1) * g.dw < g.pw + g.W;
-          int64_t valid_taps = taps;
-          const int64_t* correction = nullptr;
-          if (!inside) {
-            std::fill(corr.begin(), corr.end(), 0);
-            valid_taps = 0;
-            for (int64_t k = 0; k < taps; ++k) {
-              const int64_t ih = top + (k / g.KW) * g.dh, iw = left_col + (k % g.KW) * g.dw;
-              if (ih >= g.ph && ih < g.ph + g.H && iw >= g.pw && iw < g.pw + g.W) {
-                ++valid_taps;
-              } else {
-                for (int64_t o = 0; o < lanes; ++o) corr[o] += pad_mismatches[k * lanes + o];
-              }
-            }
-            correction = corr.data();
-          }
-          const int64_t valid = valid_taps * g.cin_per_group;
+          const int64_t ow = first + p, id = row_class[oh] * n_cols + col_class[ow];
+          const int64_t valid = class_valid[id];
+          const int64_t* correction = class_full[id] ? nullptr : corrections.data() + id * lanes;
           const int64_t* counts = mm.data() + p * lanes;
           if (bits_out) {
             epilogue(counts, correction, valid, thr64.data(), flip_bytes.data(), g.blocks,
