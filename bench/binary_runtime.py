@@ -36,9 +36,9 @@ for folder in (REPO, Path(__file__).resolve().parent):
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _machine import finish, machine_header, machine_meta  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _machine import finish, machine_header, machine_meta  # noqa: E402
 from micronet.analysis import format_table  # noqa: E402
 from micronet.compression.fusion import fuse  # noqa: E402
 from micronet.compression.quantization.core.workflow import calibrate  # noqa: E402
@@ -46,7 +46,7 @@ from micronet.compression.quantization.wbwtab import quantize as wbwtab  # noqa:
 from micronet.compression.quantization.wqaq.iao import quantize as iao  # noqa: E402
 from micronet.deploy.onnx import export  # noqa: E402
 from micronet.deploy.onnxruntime import build_session, quantize_with_onnxruntime  # noqa: E402
-from micronet.deploy.packed import compile_packed, set_isa  # noqa: E402
+from micronet.deploy.packed import compile_packed  # noqa: E402
 from micronet.deploy.packed.layers import PackedConv2d  # noqa: E402
 from micronet.models import build_model  # noqa: E402
 

@@ -29,6 +29,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from onnx_probes import with_quantized_outputs
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from torch import nn
 
@@ -54,7 +55,6 @@ from micronet.deploy.integer.steps import QLinearAdd as QLinearAddStep
 from micronet.deploy.onnx import GraphView
 from micronet.errors import DeployError
 from micronet.models import build_model
-from onnx_probes import with_quantized_outputs
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 NIN_CFG = [32, 24, 16, 32, 32, 32, 32, 32]

@@ -14,8 +14,7 @@ from micronet.cli import main
 from micronet.compression.fusion import fuse
 from micronet.compression.packing import META_FILE, save_packed
 from micronet.compression.quantization.wbwtab import quantize as wbwtab
-from micronet.deploy.packed import (ISA_ENV, PackedRuntimeWarning, available_isas, compile_packed, kernels,
-                                    resolve_isa)
+from micronet.deploy.packed import ISA_ENV, PackedRuntimeWarning, available_isas, compile_packed, kernels, resolve_isa
 from micronet.deploy.packed.layers import PackedConv2d
 from micronet.engine import save_checkpoint
 from micronet.errors import CheckpointError, DeployError

@@ -255,7 +255,8 @@ def test_cli_refuses_recipes_it_cannot_apply(tmp_path, cli_fails):
     base = ["quantize", "iao", "--checkpoint", str(tmp_path / "lenet"), "--data", "synthetic", "--out", str(tmp_path / "q")]
     cli_fails(base + ["--adaround"], "post-training recipes (--adaround) calibrate instead of training: add --ptq")
     cli_fails(base + ["--ptq", "--adaround", "--qaft"], "drop --qaft and pass the float checkpoint")
-    cli_fails(["quantize", "dorefa", *base[2:], "--ptq", "--adaround"], "post-training recipes (--adaround) work on IAO's integer weights, not dorefa")
+    cli_fails(["quantize", "dorefa", *base[2:], "--ptq", "--adaround"], "post-training recipes (--adaround) work "
+                                                                        "on IAO's integer weights, not dorefa")
     cli_fails(base + ["--ptq", "--adaround", "--adaround-iters", "0"], "--adaround-iters must be at least 1")
     cli_fails(base + ["--ptq", "--adaround-iters", "5"], "add --adaround")
     cli_fails(base + ["--ptq", "--adaround", "--lsq"], "drop one")

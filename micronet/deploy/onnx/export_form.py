@@ -83,8 +83,8 @@ class ExportFormReport:
     value_moving_ops_quantized: int = 0  # max pools and shuffles given their readers' quantizer (no value changes)
 
     def rows(self) -> list[dict[str, str]]:
-        return [{"layer": l.name, "op": l.op, "input": l.input, "weight": l.weight, "bias": l.bias, "note": l.note}
-                for l in self.layers]
+        return [{"layer": row.name, "op": row.op, "input": row.input, "weight": row.weight, "bias": row.bias,
+                 "note": row.note} for row in self.layers]
 
 
 # ------------------------------------------------------------------------------------------ activations
@@ -411,17 +411,12 @@ def quantize_before_value_moving_ops(form: nn.Module) -> int:
             continue
         readers = _consumer_quantizers(node, modules)
         if readers and all(_same(readers[0], q) for q in readers[1:]):
-            _set_module(form, node.target, nn.Sequential(copy.deepcopy(readers[0]), modules[node.target]))
+            form.set_submodule(node.target, nn.Sequential(copy.deepcopy(readers[0]), modules[node.target]))
             done += 1
     return done
 
 
 # ------------------------------------------------------------------------------------------ the model
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 @torch.no_grad()
 def export_form(model: nn.Module, activation_dtype: str = "uint8", weight_dtype: str = "auto",
                 target: str = DEFAULT_TARGET) -> tuple[nn.Module, ExportFormReport]:
@@ -448,9 +443,9 @@ def export_form(model: nn.Module, activation_dtype: str = "uint8", weight_dtype:
             bn_name = bn_into_scales.get(name)
             bn = form.get_submodule(bn_name) if bn_name else None
             exported = WeightedExport(module, name, activation_dtype, bn, weight_dtype, target)
-            _set_module(form, name, exported)
+            form.set_submodule(name, exported)
             if bn_name:
-                _set_module(form, bn_name, nn.Identity())
+                form.set_submodule(bn_name, nn.Identity())
             report.layers.append(exported.record)
             report.activation_quantizers += isinstance(exported.input_quantizer, (ActivationQDQ, SignExport))
     report.bn_folded = len(fusion.fused) + len(bn_into_scales)
@@ -462,7 +457,7 @@ def export_form(model: nn.Module, activation_dtype: str = "uint8", weight_dtype:
             report.activation_quantizers += isinstance(module.input_quantizer, (ActivationQDQ, SignExport))
         elif isinstance(module, Quantizer) and name not in owned:
             exported = activation_export(module, name, activation_dtype)
-            _set_module(form, name, exported)
+            form.set_submodule(name, exported)
             report.activation_quantizers += isinstance(exported, (ActivationQDQ, SignExport))
     report.value_moving_ops_quantized = quantize_before_value_moving_ops(form)
     return form, report
