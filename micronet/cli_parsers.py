@@ -33,7 +33,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, suppress_defaults
     """An argument for every option of ``cls``; ``suppress_defaults``: leave options not given unset (to tell
     which ones argv gives)."""
     groups: dict[str, Any] = {}
-    for f in option_fields(cls):
+    own = set(vars(cls).get("__annotations__", {}))  # the verb's own options first in --help, then the shared groups
+    for f in sorted(option_fields(cls), key=lambda f: f.name not in own):
         read = dict(f.metadata["read"])
         exclusive = read.pop("exclusive", None)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

@@ -216,6 +216,8 @@ def test_bad_weights_and_mixed_sources_are_one_line(trained, tmp_path, cli_fails
                str(tmp_path / "f")], "--weights FILE goes with --model MODULE:CALLABLE")
     cli_fails(["evaluate", "--model", spec, "--weights", str(root / "trained.pt")], "pass --data")
     cli_fails(["train", "--weights", str(root / "trained.pt"), *DATA], "pass --model too")
+    cli_fails(["prune", "--out", str(tmp_path / "p")],
+              "pass --checkpoint DIR, or your own model with --model MODULE:CALLABLE --weights FILE")
 
 
 BAD_STEPS = [

@@ -219,8 +219,8 @@ def _sensitivity_section(sensitivity: dict[str, Any], plotted: bool) -> list[str
 
 
 def _step_times_section(step_seconds: Sequence[dict[str, Any]], total: float | None) -> list[str]:
-    """Seconds of each step (its last complete run, resumed parts added) and of measuring each row: where
-    the budget goes."""
+    """Seconds of each step's last run (after an interruption: since it resumed) and of measuring each row:
+    where the budget goes."""
     lines = ["## Time per step", "", "| Step | Runs | Time |", "|------|------|-----:|"]
     lines += [f"| {entry['step']} | {entry['run']} | {_duration(entry['seconds'])} |" for entry in step_seconds]
     return lines + [f"| **total** | | **{_duration(total)}** |", ""]
