@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make demo` (set up + run the default pipeline on Fashion-MNIST)
-# and `make test` (the test suite that CI runs). Both set up .venv and the dataset when missing.
+# and `make test` (ruff, then the test suite: what CI runs). Both set up .venv and the dataset when missing.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -26,7 +26,9 @@ data:
 demo: setup data
 	$(BIN)/micronet pipeline --config configs/default.yaml
 
+# The linter first (config in pyproject.toml), so a style or import error fails fast, then the suite.
 test: setup data
+	$(BIN)/ruff check micronet tests bench
 	$(BIN)/python -m pytest -q --durations=10
 
 test-slow: setup data

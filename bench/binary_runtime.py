@@ -36,9 +36,9 @@ for folder in (REPO, Path(__file__).resolve().parent):
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _machine import finish, machine_header, machine_meta  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _machine import finish, machine_header, machine_meta  # noqa: E402
 from micronet.analysis import format_table  # noqa: E402
 from micronet.compression.fusion import fuse  # noqa: E402
 from micronet.compression.quantization.core.workflow import calibrate  # noqa: E402
@@ -46,7 +46,7 @@ from micronet.compression.quantization.wbwtab import quantize as wbwtab  # noqa:
 from micronet.compression.quantization.wqaq.iao import quantize as iao  # noqa: E402
 from micronet.deploy.onnx import export  # noqa: E402
 from micronet.deploy.onnxruntime import build_session, quantize_with_onnxruntime  # noqa: E402
-from micronet.deploy.packed import compile_packed, set_isa  # noqa: E402
+from micronet.deploy.packed import compile_packed  # noqa: E402
 from micronet.deploy.packed.layers import PackedConv2d  # noqa: E402
 from micronet.models import build_model  # noqa: E402
 
@@ -115,6 +115,27 @@ def single_conv_files(layer: PackedConv2d, shape: tuple[int, ...], folder: Path,
     return fp32, int8
 
 
+def goal_rows(end_to_end: list[dict], per_layer: list[dict], isa: str) -> list[dict]:
+    """The goal ratios of this run: end to end against ORT FP32 (≥ 2× at batch 64) and int8 (≥ 1.3×), and
+    the slowest binary conv against ORT FP32 (≥ 4× on AVX-512 kernels, ≥ 2.5× on AVX2)."""
+    rows = []
+    for row in end_to_end:
+        for column, target in (("fp32 / packed", 2.0), ("int8 / packed", 1.3)):
+            wanted = target if row["batch"] >= 64 else None
+            rows.append({"goal": f"end to end, {column.split(' ')[0]} / packed", "threads": row["threads"],
+                         "batch": row["batch"], "ratio": row[column], "target": wanted or "-",
+                         "met": "-" if wanted is None else ("yes" if row[column] >= wanted else "NO")})
+    conv_target = 4.0 if isa.startswith("avx512") else 2.5
+    for n_threads in sorted({r["threads"] for r in per_layer}):
+        layers = [r for r in per_layer if r["threads"] == n_threads]
+        slowest = min(layers, key=lambda r: r["fp32 / packed"])
+        met = sum(r["fp32 / packed"] >= conv_target for r in layers)
+        rows.append({"goal": f"slowest binary conv ({slowest['layer']}), fp32 / packed", "threads": n_threads,
+                     "batch": layers[0].get("batch", "-"), "ratio": slowest["fp32 / packed"], "target": conv_target,
+                     "met": f"{'yes' if met == len(layers) else 'NO'} ({met}/{len(layers)} convs)"})
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", default=PIPELINE_CFG)
@@ -178,7 +199,7 @@ def main() -> int:
             ms = round_robin({"ort fp32": ort_runner(build_session(fp32_file, threads=n_threads), feed),
                               "ort int8": ort_runner(build_session(int8_file, threads=n_threads), feed),
                               "packed": lambda: layer(value)}, warmup, repeats)
-            layer_rows.append({"threads": n_threads, "layer": name,
+            layer_rows.append({"threads": n_threads, "batch": x.shape[0], "layer": name,
                                "shape": f"{layer.in_channels}→{layer.out_channels} {layer.kernel_size[0]}×{layer.kernel_size[1]}"
                                         f" @{shape[2]}×{shape[3]}" + (f" g{layer.groups}" if layer.groups > 1 else ""),
                                **{f"{k} (ms)": round(v, 3) for k, v in ms.items()},
@@ -188,6 +209,10 @@ def main() -> int:
           "conv alone):")
     print(format_table(layer_rows))
     results.append({"per_layer": layer_rows})
+    goals = goal_rows(rows, layer_rows, packed.isa)
+    print(f"\ngoals ({meta.get('cpu', 'cpu')}, packed kernels {packed.isa}; batch 1 has no target, it is reported):")
+    print(format_table(goals))
+    results.append({"goals": goals})
     finish(meta, results, args.json)
     return 0
 

@@ -40,9 +40,9 @@ for folder in (REPO, Path(__file__).resolve().parent):
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _machine import busy_ticks, finish, machine_header, machine_meta, others_cores, percentile, wait_idle  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _machine import busy_ticks, finish, machine_header, machine_meta, others_cores, percentile, wait_idle  # noqa: E402
 from micronet.compression.quantization.core.workflow import calibrate  # noqa: E402
 from micronet.compression.quantization.wbwtab import quantize as wbwtab  # noqa: E402
 from micronet.compression.quantization.wqaq.dorefa import quantize as dorefa  # noqa: E402
@@ -180,7 +180,8 @@ def print_model(result: dict) -> None:
               + ", ".join(f"{k} {100 * v:.2f}%" for k, v in result["openvino_top1_agreement"].items()))
     for variant, text in result["coverage"].items():
         print(f"int8 coverage ({variant}): {text}")
-    print("| CPU class | runtime | threads | batch | file | median ms | p90 ms | × fp32 latency | × best ORT quantize_static | × micronet int8 | other cores |")
+    print("| CPU class | runtime | threads | batch | file | median ms | p90 ms | × fp32 latency | × best ORT "
+          "quantize_static | × micronet int8 | other cores |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for t in result["timings"]:
         median = t["median ms"]

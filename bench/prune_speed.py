@@ -43,9 +43,9 @@ for folder in (REPO, Path(__file__).resolve().parent):
         sys.path.insert(0, str(folder))
 
 import torch  # noqa: E402
+from _machine import busy_ticks, cpu_busy, finish, machine_header, machine_meta, others_cores, percentile, wait_idle  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _machine import busy_ticks, cpu_busy, finish, machine_header, machine_meta, others_cores, percentile, wait_idle  # noqa: E402
 from micronet.analysis import summarize  # noqa: E402
 from micronet.models import build_model  # noqa: E402
 

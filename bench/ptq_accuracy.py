@@ -2,7 +2,9 @@
 
 Same trained float checkpoints, same calibration images (the first ``--calibration-batches`` batches of
 ``--batch-size`` shuffled training images, seed 0), same test set (full Fashion-MNIST test split unless
-``--test-subset``). Rows per model and bit width (W8A8, W4A8, W4A4 where each tool can):
+``--test-subset``). Rows per model and bit width where each tool can: W8A8 (8-bit per-channel weights:
+micronet's ``vnni`` target), W8A8-tensor (one weight scale per layer), W7A8 (micronet's default ``portable``
+target, 7-bit weights; ORT's ``reduce_range``), W4A8 and W4A4:
 
 * micronet ``post_training_quantize``: plain (percentile observer), ``--equalize``, ``--bias-correction``,
   ``--adaround``, all three; accuracy of the fake-quant model in PyTorch (which adds the int32 biases the
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +41,24 @@ from micronet.compression.quantization import post_training_quantize  # noqa: E4
 from micronet.data import BatchLoader, load_dataset  # noqa: E402
 from micronet.engine import evaluate, load_model  # noqa: E402
 
-BITS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
+
+@dataclass(frozen=True)
+class Bits:
+    """One column of the comparison: weight and activation bits, weight granularity, micronet's target."""
+
+    w: int
+    a: int
+    per_channel: bool = True
+    target: str = "portable"  # micronet's deployment target (other tools ignore it)
+
+
+BITS = {
+    "W8A8": Bits(8, 8, target="vnni"),                       # 8-bit weights, exact on VNNI/AMX CPUs
+    "W8A8-tensor": Bits(8, 8, per_channel=False, target="vnni"),  # one weight scale per layer
+    "W7A8": Bits(7, 8),                                      # the default portable target (±63 weights)
+    "W4A8": Bits(4, 8),
+    "W4A4": Bits(4, 4),
+}
 MICRONET_ROWS = {
     "micronet PTQ": {},
     "micronet + equalize": {"equalize": True},
@@ -48,10 +68,11 @@ MICRONET_ROWS = {
 }
 
 
-def _micronet(model, calibration, w_bits, a_bits, options, args):
+def _micronet(model, calibration, bits: Bits, options, args):
     extra = {"adaround_iterations": args.adaround_iters} if options.get("adaround") else {}
-    return post_training_quantize(model, calibration, w_bits=w_bits, a_bits=a_bits, num_batches=len(calibration),
-                                  progress=False, **options, **extra)
+    return post_training_quantize(model, calibration, w_bits=bits.w, a_bits=bits.a, num_batches=len(calibration),
+                                  progress=False, target=bits.target, q_level=0 if bits.per_channel else 1,
+                                  **options, **extra)
 
 
 def _fp32_onnx(model, calibration, workdir: Path) -> Path:
@@ -63,32 +84,34 @@ def _fp32_onnx(model, calibration, workdir: Path) -> Path:
     return fp32
 
 
-def _nncf(model, calibration, w_bits, a_bits, full_bias_correction, workdir: Path):
+def _nncf(model, calibration, bits: Bits, full_bias_correction, workdir: Path):
     """NNCF's ONNX backend (its torch backend refuses fast_bias_correction=False), evaluated in ORT."""
     import nncf
     import onnx
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
     advanced = None
-    if (w_bits, a_bits) != (8, 8):
-        advanced = AdvancedQuantizationParameters(weights_quantization_params=QuantizationParameters(num_bits=w_bits),
-                                                  activations_quantization_params=QuantizationParameters(num_bits=a_bits))
+    if (bits.w, bits.a, bits.per_channel) != (8, 8, True):
+        weights = QuantizationParameters(num_bits=bits.w, per_channel=None if bits.per_channel else False)
+        advanced = AdvancedQuantizationParameters(weights_quantization_params=weights,
+                                                  activations_quantization_params=QuantizationParameters(num_bits=bits.a))
     fp32 = onnx.load(str(_fp32_onnx(model, calibration, workdir)))
     dataset = nncf.Dataset(calibration, lambda x: {"input": x.numpy()})
     quantized = nncf.quantize(fp32, dataset, subset_size=sum(len(x) for x in calibration),
                               fast_bias_correction=not full_bias_correction, advanced_parameters=advanced)
-    out = workdir / f"nncf_{int(full_bias_correction)}_w{w_bits}a{a_bits}.onnx"
+    out = workdir / f"nncf_{int(full_bias_correction)}_w{bits.w}a{bits.a}_{int(bits.per_channel)}.onnx"
     onnx.save(quantized, str(out))
     return out
 
 
-def _ort(model, calibration, w_bits, a_bits, method, workdir: Path):
+def _ort(model, calibration, bits: Bits, method, workdir: Path):
+    """7-bit weights are ORT's ``reduce_range``."""
     from micronet.deploy.onnxruntime.ort_quantizer import quantize_with_onnxruntime
 
     fp32 = _fp32_onnx(model, calibration, workdir)
-    out = workdir / f"ort_{method}_w{w_bits}a{a_bits}.onnx"
-    quantize_with_onnxruntime(fp32, out, calibration, calibrate_method=method, weight_bits=w_bits,
-                              activation_bits=a_bits, reduce_range=False)
+    out = workdir / f"ort_{method}_w{bits.w}a{bits.a}_{int(bits.per_channel)}.onnx"
+    quantize_with_onnxruntime(fp32, out, calibration, calibrate_method=method, weight_bits=8 if bits.w == 7 else bits.w,
+                              activation_bits=bits.a, reduce_range=bits.w == 7, per_channel=bits.per_channel)
     return out
 
 
@@ -106,7 +129,9 @@ def _ort_accuracy(path, test) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", action="append", required=True, metavar="NAME=DIR")
-    parser.add_argument("--bits", nargs="+", default=list(BITS), choices=list(BITS))
+    parser.add_argument("--bits", nargs="+", default=list(BITS), choices=list(BITS),
+                        help="W8A8: 8-bit per-channel weights (micronet's vnni target); W8A8-tensor: one weight scale per "
+                             "layer; W7A8: the portable target's 7-bit weights (ORT: reduce_range)")
     parser.add_argument("--tools", nargs="+", default=["micronet", "nncf", "ort"], choices=["micronet", "nncf", "ort"])
     parser.add_argument("--rows", nargs="+", default=list(MICRONET_ROWS), help="micronet rows to run")
     parser.add_argument("--calibration-batches", type=int, default=16)
@@ -139,17 +164,17 @@ def main() -> int:
         print(f"| {name} | FP32 | float | {fp32 * 100:.2f} | – | – |", flush=True)
         workdir = Path(tempfile.mkdtemp(prefix=f"ptq-bench-{name}-"))
         for bits in args.bits:
-            w_bits, a_bits = BITS[bits]
+            spec = BITS[bits]
             jobs = []
             for tool in args.tools:  # in the order given
                 if tool == "micronet":
-                    jobs += [(row, lambda o=MICRONET_ROWS[row]: (_micronet(model, calibration, w_bits, a_bits, o, args), "torch"))
+                    jobs += [(row, lambda o=MICRONET_ROWS[row]: (_micronet(model, calibration, spec, o, args), "torch"))
                              for row in args.rows]
                 elif tool == "nncf":
-                    jobs += [("NNCF defaults", lambda: (_nncf(model, calibration, w_bits, a_bits, False, workdir), "ort")),
-                             ("NNCF + bias correction", lambda: (_nncf(model, calibration, w_bits, a_bits, True, workdir), "ort"))]
+                    jobs += [("NNCF defaults", lambda: (_nncf(model, calibration, spec, False, workdir), "ort")),
+                             ("NNCF + bias correction", lambda: (_nncf(model, calibration, spec, True, workdir), "ort"))]
                 else:
-                    jobs += [(f"ORT {m}", lambda m=m: (_ort(model, calibration, w_bits, a_bits, m, workdir), "ort"))
+                    jobs += [(f"ORT {m}", lambda m=m: (_ort(model, calibration, spec, m, workdir), "ort"))
                              for m in ("minmax", "entropy", "percentile")]
             for label, job in jobs:
                 started = time.perf_counter()

@@ -1,25 +1,35 @@
-"""QAT training-step overhead: FP32 vs micronet IAO W8A8 QAT vs torch.ao eager QAT, in one process.
+"""QAT training-step overhead of every quantization preset and of distillation, against FP32, in one process.
 
 For each model (``nin`` with its default cfg, ``resnet20``) it times one training step — forward,
-cross-entropy, backward, SGD-momentum step — of four configurations built from the *same* float model:
+cross-entropy, backward, SGD-momentum step — of these configurations, all built from the *same* float model:
 
-1. ``fp32``          the float model;
-2. ``iao``           ``iao.prepare(model)``: W8A8, symmetric per-channel weights, moving-average
-                     activation observers, train (QAT) mode;
-3. ``iao-bnfold``    ``iao.prepare(model, bn_fuse=True)``: the same with Conv→BN folded (QuantBNFuseConv2d);
-4. ``torch.ao``      torch.ao eager QAT: ``get_default_qat_qconfig("x86")``, conv-bn(-relu) fused with
-                     ``fuse_modules_qat`` where the model's structure allows it, ``QuantWrapper`` (so the
-                     input is fake-quantized, as micronet does), ``prepare_qat``. Skipped (with the reason
-                     in its row) when torch.ao is missing or fails on the model.
+* ``fp32``          the float model;
+* ``iao``           ``iao.prepare(model)``: the portable target's W7A8, symmetric per-channel weights,
+                    moving-average activation observers, train (QAT) mode;
+* ``iao-bnfold``    ``iao.prepare(model, bn_fuse=True)``: the same with Conv→BN folded (QuantBNFuseConv2d);
+* ``iao-lsq``       ``iao.prepare(model, learned_scale=True)``: learned step sizes (``--lsq``);
+* ``dorefa-w4a4``   ``dorefa.prepare(model, a_bits=4, w_bits=4, pre_scale=0.33)`` (the default pipeline's row);
+* ``ternary``       ``wbwtab.prepare(model, W=3, A=32)``: ternary weights, float activations;
+* ``binary``        ``wbwtab.prepare(model, W=2, A=2)``: binary weights and sign activations;
+* ``fp32+kd`` / ``binary+kd`` / ``dorefa-w4a4+kd``: the same student steps plus the
+                    :class:`~micronet.engine.distillation.Distillation` hook with the FP32 model as teacher
+                    (its forward and the KL term): the cost of ``--distill`` is the ratio to the same row without;
+* ``torch.ao``      torch.ao eager QAT: ``get_default_qat_qconfig("x86")``, conv-bn(-relu) fused with
+                    ``fuse_modules_qat`` where the model's structure allows it, ``QuantWrapper`` (so the
+                    input is fake-quantized, as micronet does), ``prepare_qat``. Skipped (with the reason
+                    in its row) when torch.ao is missing or fails on the model.
+
+``--configs`` picks a subset (``fp32`` is always timed: every ratio is to it).
 
 Noise control: pinned threads, warm-up steps, configurations interleaved
 round-robin (A B C D A B C D ...) so machine noise hits all alike, medians and p90 over the timed steps,
 ratios to FP32 of the same model, and the CPU capability, load average and torch version logged.
 Never assert on these numbers in tests.
 
-    .venv/bin/python bench/quant_overhead.py                       # defaults: ~2-3 min on 2 cores
+    .venv/bin/python bench/quant_overhead.py                       # defaults: ~6 min on 2 idle cores
     .venv/bin/python bench/quant_overhead.py --steps 5 --batch-size 16 --models resnet20   # smoke
     .venv/bin/python bench/quant_overhead.py --json /tmp/quant_overhead.json
+    .venv/bin/python bench/quant_overhead.py --configs binary,binary+kd --profile 5   # + torch.profiler top ops
 """
 
 from __future__ import annotations
@@ -49,8 +59,7 @@ from torch import nn  # noqa: E402
 from micronet.models import build_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import (busy_ticks, cpu_busy, finish, machine_header, machine_meta, others_cores,  # noqa: E402
-                      percentile, wait_idle)
+from _machine import busy_ticks, cpu_busy, finish, machine_header, machine_meta, others_cores, percentile, wait_idle  # noqa: E402
 
 # torch.ao.quantization is deprecated (pytorch/pytorch PR #153892) and says so on import and on use.
 warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*")
@@ -58,23 +67,44 @@ warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.a
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.ao.*")
 warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao.*")
 
-CONFIGS = ("fp32", "iao", "iao-bnfold", "torch.ao")
+CONFIGS = ("fp32", "iao", "iao-bnfold", "iao-lsq", "dorefa-w4a4", "ternary", "binary",
+           "fp32+kd", "dorefa-w4a4+kd", "binary+kd", "torch.ao")
 LABELS = {
     "fp32": "FP32",
-    "iao": "micronet IAO W8A8 QAT",
-    "iao-bnfold": "micronet IAO W8A8 QAT + BN fold",
+    "iao": "micronet IAO W7A8 QAT",
+    "iao-bnfold": "micronet IAO W7A8 QAT + BN fold",
+    "iao-lsq": "micronet IAO W7A8 QAT, LSQ",
+    "dorefa-w4a4": "DoReFa W4A4",
+    "ternary": "ternary W / float A",
+    "binary": "binary W / binary A",
+    "fp32+kd": "FP32 + distillation",
+    "dorefa-w4a4+kd": "DoReFa W4A4 + distillation",
+    "binary+kd": "binary W/A + distillation",
     "torch.ao": "torch.ao eager QAT (x86)",
 }
+DISTILLED = {"fp32+kd": "fp32", "dorefa-w4a4+kd": "dorefa-w4a4", "binary+kd": "binary"}
 
 
 # ---------------------------------------------------------------------------------------------- setup
-def _micronet_iao(model: nn.Module, bn_fuse: bool) -> tuple[nn.Module, str]:
+def _quantizer_note(prepared: nn.Module) -> str:
     from micronet.compression.quantization.core.quantizers import Quantizer
+
+    names = [n for n, m in prepared.named_modules() if isinstance(m, Quantizer)]
+    weights = sum(1 for n in names if n.endswith("weight_quantizer"))
+    return f"{weights} weight + {len(names) - weights} other quantizers"
+
+
+def _micronet_iao(model: nn.Module, bn_fuse: bool, learned_scale: bool = False) -> tuple[nn.Module, str]:
+    from micronet.compression.quantization.core.quantizers import Quantizer
+    from micronet.compression.quantization.core.workflow import prepare
     from micronet.compression.quantization.wqaq.iao import quantize as iao
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prepared = iao.prepare(model, bn_fuse=bn_fuse)
+        if learned_scale:
+            prepared = prepare(model, iao.iao_scheme(learned_scale=True))
+        else:
+            prepared = iao.prepare(model, bn_fuse=bn_fuse)
     prepared.train()
     names = [n for n, m in prepared.named_modules() if isinstance(m, Quantizer)]
     weights = sum(1 for n in names if n.endswith("weight_quantizer"))
@@ -146,16 +176,38 @@ def _torch_ao(model: nn.Module) -> tuple[nn.Module, str]:
     return prepared, note
 
 
-def build_configs(float_model: nn.Module) -> dict[str, tuple[nn.Module | None, str]]:
-    """name -> (model or None when it could not be built, note/reason)."""
+def _dorefa(model: nn.Module) -> tuple[nn.Module, str]:
+    from micronet.compression.quantization.wqaq.dorefa import quantize as dorefa
+
+    prepared = dorefa.prepare(model, a_bits=4, w_bits=4, pre_scale=0.33).train()
+    return prepared, _quantizer_note(prepared)
+
+
+def _wbwtab(model: nn.Module, W: int, A: int) -> tuple[nn.Module, str]:  # noqa: N803
+    from micronet.compression.quantization.wbwtab import quantize as wbwtab
+
+    prepared = wbwtab.prepare(model, W=W, A=A).train()
+    return prepared, _quantizer_note(prepared)
+
+
+def build_configs(float_model: nn.Module, names: tuple[str, ...] = CONFIGS) -> dict[str, tuple[nn.Module | None, str]]:
+    """name -> (model or None when it could not be built, note/reason). Distilled configurations get a
+    student of their own (built like the row they extend) and are trained with the FP32 model as teacher."""
     builders: dict[str, Callable[[], tuple[nn.Module, str]]] = {
         "fp32": lambda: (copy.deepcopy(float_model).train(), ""),
         "iao": lambda: _micronet_iao(float_model, bn_fuse=False),
         "iao-bnfold": lambda: _micronet_iao(float_model, bn_fuse=True),
+        "iao-lsq": lambda: _micronet_iao(float_model, bn_fuse=False, learned_scale=True),
+        "dorefa-w4a4": lambda: _dorefa(float_model),
+        "ternary": lambda: _wbwtab(float_model, W=3, A=32),
+        "binary": lambda: _wbwtab(float_model, W=2, A=2),
         "torch.ao": lambda: _torch_ao(float_model),
     }
+    for distilled, student in DISTILLED.items():
+        builders[distilled] = builders[student]
     out: dict[str, tuple[nn.Module | None, str]] = {}
-    for name, build in builders.items():
+    for name in names:
+        build = builders[name]
         try:
             out[name] = build()
         except ImportError as exc:
@@ -167,12 +219,16 @@ def build_configs(float_model: nn.Module) -> dict[str, tuple[nn.Module | None, s
 
 # ---------------------------------------------------------------------------------------------- timing
 class Runner:
-    """One configuration: its model, optimizer and per-step timings."""
+    """One configuration: its model, optimizer, optional distillation hook and per-step timings."""
 
-    def __init__(self, name: str, model: nn.Module, lr: float, channels_last: bool) -> None:
+    def __init__(self, name: str, model: nn.Module, lr: float, channels_last: bool,
+                 teacher: nn.Module | None = None) -> None:
+        from micronet.engine.distillation import Distillation
+
         self.name = name
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
         self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
+        self.distill = None if teacher is None else Distillation(teacher)
         self.times: list[float] = []
         self.error: str | None = None
         self.last_loss = math.nan
@@ -180,7 +236,12 @@ class Runner:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         start = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(x), y)
+        if self.distill is not None:
+            self.distill.on_batch(None, x, y)  # the trainer's calls, in its order
+        outputs = self.model(x)
+        loss = F.cross_entropy(outputs, y)
+        if self.distill is not None:
+            loss = loss + self.distill.extra_loss(None, outputs, y)
         loss.backward()
         self.opt.step()
         elapsed = time.perf_counter() - start
@@ -191,14 +252,19 @@ class Runner:
 def bench_model(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     float_model = build_model(name, 10, 3, None).train()
-    built = build_configs(float_model)
+    built = build_configs(float_model, args.configs)
+    teacher = copy.deepcopy(float_model).eval()
+    if args.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
     runners: list[Runner] = []
     rows: dict[str, dict] = {}
-    for cfg in CONFIGS:
+    for cfg in args.configs:
         model, note = built[cfg]
+        if cfg in DISTILLED:
+            note = f"teacher: the FP32 model; student: {note or 'FP32'}"
         rows[cfg] = {"label": LABELS[cfg], "note": note, "error": None if model is not None else note}
         if model is not None:
-            runners.append(Runner(cfg, model, args.lr, args.channels_last))
+            runners.append(Runner(cfg, model, args.lr, args.channels_last, teacher if cfg in DISTILLED else None))
 
     gen = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randn(args.batch_size, 3, 32, 32, generator=gen)
@@ -246,11 +312,15 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
                 ratio_to_fp32=med / base if base == base else math.nan,
                 samples_ms=[round(t * 1e3, 3) for t in r.times],
             )
-    ao = rows["torch.ao"].get("median_ms")
+    ao = rows.get("torch.ao", {}).get("median_ms")
     summary = {
-        cfg: (rows[cfg]["median_ms"] / ao if ao and rows[cfg].get("median_ms") else None)
+        cfg: (rows[cfg]["median_ms"] / ao if ao and rows.get(cfg, {}).get("median_ms") else None)
         for cfg in ("iao", "iao-bnfold")
     }
+    for distilled, student in DISTILLED.items():
+        if rows.get(distilled, {}).get("median_ms") and rows.get(student, {}).get("median_ms"):
+            rows[distilled]["added_to_student"] = rows[distilled]["ratio_to_fp32"] - rows[student]["ratio_to_fp32"]
+    profiles = {r.name: profile_step(r, x, y, args.profile) for r in runners if args.profile and r.error is None}
     return {
         "model": name,
         "params_M": sum(p.numel() for p in float_model.parameters()) / 1e6,
@@ -263,7 +333,18 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
         "other_processes_cores_per_round": round_others,
         "loadavg_after": load_after,
         "wall_s": wall,
+        "profiles": profiles,
     }
+
+
+def profile_step(runner: Runner, x: torch.Tensor, y: torch.Tensor, steps: int) -> str:
+    """torch.profiler's table of the operators that took the most CPU time over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            runner.step(x, y)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -286,26 +367,36 @@ def print_model(result: dict, args: argparse.Namespace) -> None:
               " core, and small-op-heavy configurations (fake-quant) suffer most; rerun idle before trusting these")
     print(f"| {'configuration':<32} | {'median ms':>9} | {'p90 ms':>8} | {'x FP32':>6} | notes")
     print(f"|{'-' * 34}|{'-' * 11}|{'-' * 10}|{'-' * 8}|------")
-    for cfg in CONFIGS:
+    for cfg in args.configs:
         row = result["rows"][cfg]
+        if "added_to_student" in row:
+            row = {**row, "note": f"+{row['added_to_student']:.2f} x FP32 over {LABELS[DISTILLED[cfg]]}; {row['note']}"}
         if row.get("median_ms") is None:
             print(f"| {row['label']:<32} | {'-':>9} | {'-':>8} | {'-':>6} | {row['error'] or 'no timings'}")
             continue
         print(f"| {row['label']:<32} | {row['median_ms']:>9.1f} | {row['p90_ms']:>8.1f} | "
               f"{row['ratio_to_fp32']:>6.2f} | {row['note']}")
     s = result["micronet_over_torch_ao"]
-    if s["iao"] is None and s["iao-bnfold"] is None:
+    if "torch.ao" not in args.configs or "iao" not in args.configs:
+        pass
+    elif s["iao"] is None and s["iao-bnfold"] is None:
         reason = result["rows"]["torch.ao"]["error"] or result["rows"]["iao"]["error"] or "missing timings"
         print(f"{name}: micronet QAT / torch.ao QAT = n/a ({reason})")
     else:
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
         print(f"{name}: micronet QAT / torch.ao QAT = {fmt(s['iao'])} (with BN folding: {fmt(s['iao-bnfold'])})")
+    for cfg, table in result["profiles"].items():
+        print(f"\n### torch.profiler, {name} {LABELS[cfg]}, {args.profile} steps\n{table}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--models", default="nin,resnet20", help="comma-separated registry names")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma-separated configurations, of: {', '.join(CONFIGS)} (fp32 is always included)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile N more steps of each configuration and print torch.profiler's top ops")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration")
@@ -320,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 2 or args.threads < 1:
         ap.error("need --steps >= 1, --warmup >= 0, --batch-size >= 2 (BatchNorm), --threads >= 1")
+    picked = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = sorted(set(picked) - set(CONFIGS))
+    if unknown:
+        ap.error(f"unknown configuration(s) {', '.join(unknown)}: choose from {', '.join(CONFIGS)}")
+    args.configs = tuple(c for c in CONFIGS if c == "fp32" or c in picked)
 
     torch.set_num_threads(args.threads)
     try:
@@ -333,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "channels_last": args.channels_last,
         "input": "random 3x32x32, 10 classes",
-        "step": "forward + cross-entropy + backward + SGD(momentum 0.9)",
+        "step": "forward + cross-entropy (+ distillation term) + backward + SGD(momentum 0.9)",
+        "configs": list(args.configs),
     }
     print(f"# quant_overhead  {meta['date']}")
     print(machine_header(meta))

@@ -17,12 +17,12 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from micronet.outputs import OutputKind
+from micronet.outputs import LEFTOVER_PATTERN as _LEFTOVER
+from micronet.outputs import STEP_RECORD, OutputKind, check_replaceable, is_leftover_name
 
-_LEFTOVER = r"\.{name}\.(?:(?P<pid>\d+)\.)?[a-z0-9_]{{8}}\.(?:tmp|staging)"
+__all__ = ["atomic_directory", "atomic_write", "atomic_write_text", "is_leftover_name", "previous_version",
+           "read_description", "remove_leftovers", "resolve_directory"]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -38,11 +38,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def is_leftover_name(name: str, of: str) -> bool:
-    """``name`` is a temporary file or staging folder of a write of ``of`` (or the parked old version)."""
-    return name == f"{of}.previous" or re.fullmatch(_LEFTOVER.format(name=re.escape(of)), name) is not None
 
 
 def _alive(pid: int) -> bool:
@@ -118,8 +113,6 @@ def atomic_directory(path: str | os.PathLike, kind: OutputKind) -> Iterator[Path
     A crash between the two renames leaves ``<path>.previous`` intact, and readers fall back to it
     (see :func:`resolve_directory`).
     """
-    from micronet.outputs import STEP_RECORD, check_replaceable
-
     path = Path(path)
     check_replaceable(path, kind)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -73,10 +74,17 @@ def _preview(names: Iterable[str], limit: int = 3) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+# The temporary names of micronet's atomic writes (:mod:`micronet.io`): ``.<name>.<pid>.<random>.tmp`` / ``.staging``.
+LEFTOVER_PATTERN = r"\.{name}\.(?:(?P<pid>\d+)\.)?[a-z0-9_]{{8}}\.(?:tmp|staging)"
+
+
+def is_leftover_name(name: str, of: str) -> bool:
+    """``name`` is a temporary file or staging folder of a write of ``of`` (or the parked old version)."""
+    return name == f"{of}.previous" or re.fullmatch(LEFTOVER_PATTERN.format(name=re.escape(of)), name) is not None
+
+
 def _is_leftover_of(name: str, entries: Iterable[str]) -> bool:
     """An interrupted atomic write of one of ``entries`` (see :mod:`micronet.io`)."""
-    from micronet.io import is_leftover_name
-
     return any(is_leftover_name(name, entry) for entry in entries)
 
 

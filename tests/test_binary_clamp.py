@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from micronet.cli import main
@@ -9,6 +11,7 @@ from micronet.compression.quantization.core.schedule import binary_latent_weight
 from micronet.compression.quantization.wbwtab import quantize as wbwtab
 from micronet.data import BatchLoader, load_dataset
 from micronet.engine import TrainConfig, fit, load_checkpoint, load_model
+from micronet.engine.hooks import LambdaHook
 from micronet.models import build_model
 
 
@@ -83,3 +86,61 @@ def test_pipeline_step_passes_clamp_weights(tmp_path):
                     "  - {name: bnn, run: quantize, from: fp32, args: {method: wbwtab, W: 2, A: 2, clamp-weights: true}}\n")
     config = load_config(path)
     assert "--clamp-weights" in step_argv(config, config.step("bnn"))
+
+
+def test_float_weights_first_trains_binary_activations_then_binarizes_and_keeps_a_binarized_best(tmp_path, capsys, cli_fails):
+    from micronet.compression.quantization.core.lowbit import LowBitWeightQuantizer
+
+    common = ["--data", "synthetic", "--train-subset", "256", "--test-subset", "64", "--batch-size", "32", "--no-progress"]
+    assert main(["train", "--model", "nin", "--cfg", "8,8,8,8,8,8,8,8", *common, "--epochs", "1",
+                 "--out", str(tmp_path / "float")]) == 0
+    run = tmp_path / "two_stage"
+    assert main(["quantize", "wbwtab", "--checkpoint", str(tmp_path / "float"), *common, "--float-weight-epochs", "1",
+                 "--epochs", "2", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "float weights for 1 epoch(s), then binarized" in out and "epoch 2: weights binarized" in out
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"epoch"' in line]
+    epochs = [entry for entry in log if "train_loss" in entry]
+    assert "val_acc" not in epochs[0] and "val_acc_float_weights" in epochs[0] and "val_acc" in epochs[1]
+    best = load_model(run / "best")
+    quantizers = [m for m in best.modules() if isinstance(m, LowBitWeightQuantizer)]
+    assert len(quantizers) == 7 and all(bool(q.enabled) for q in quantizers)
+    layer = next(m for m in best.modules() if isinstance(getattr(m, "weight_quantizer", None), LowBitWeightQuantizer))
+    assert layer.weight_quantizer(layer.weight).abs().unique(dim=None).numel() <= layer.weight.shape[0]  # ±α per channel
+    assert {"kind": "float_weights_first", "epochs": 1} in load_checkpoint(run / "last").training["hooks"]
+
+    cli_fails(["quantize", "wbwtab", "--checkpoint", str(tmp_path / "float"), *common, "--float-weight-epochs", "2",
+               "--epochs", "2"], "--float-weight-epochs 2", "below --epochs (2)")
+    cli_fails(["quantize", "wbwtab", "--checkpoint", str(tmp_path / "float"), *common, "--W", "32", "--float-weight-epochs",
+               "1", "--epochs", "2"], "needs binary or ternary weights")
+    cli_fails(["quantize", "dorefa", "--checkpoint", str(tmp_path / "float"), "--float-weight-epochs", "1"],
+              "--float-weight-epochs belongs to `micronet quantize wbwtab --W 2/3`")
+    cli_fails(["quantize", "wbwtab", "--resume", str(run), "--epochs", "3", "--float-weight-epochs", "2"],
+              "was started with --float-weight-epochs 1, not 2")
+
+
+def test_float_weights_first_switches_the_weight_quantizers_per_epoch():
+    from micronet.compression.quantization.core.schedule import FloatWeightsFirst
+
+    model, _ = _binary_nin_with_large_latent_weights()
+    seen = []
+    probe = LambdaHook(on_epoch_start=lambda trainer, epoch: seen.append(
+        [bool(m.weight_quantizer.enabled) for m in trainer.model.modules() if hasattr(m, "weight_quantizer")]))
+    splits = load_dataset("synthetic", train_subset=64, test_subset=32)
+    loader = BatchLoader(splits.train, 32, shuffle=True, seed=0, drop_last=True)
+    fit(model, TrainConfig(epochs=3, lr=0.01, progress=False), loader, hooks=[FloatWeightsFirst(2), probe],
+        log=lambda line: None)
+    # the 7 binarized layers (the first and last stay float convs) are switched on at the third epoch
+    assert seen == [[False] * 7, [False] * 7, [True] * 7]
+
+
+def test_cli_sign_gradient_option(tmp_path, cli_fails):
+    common = ["--data", "synthetic", "--train-subset", "128", "--test-subset", "32", "--batch-size", "32", "--no-progress"]
+    assert main(["train", "--model", "nin", "--cfg", "8,8,8,8,8,8,8,8", *common, "--epochs", "1",
+                 "--out", str(tmp_path / "float")]) == 0
+    assert main(["quantize", "wbwtab", "--checkpoint", str(tmp_path / "float"), *common, "--sign-gradient", "approx",
+                 "--epochs", "1", "--out", str(tmp_path / "approx")]) == 0
+    signs = [m for m in load_model(tmp_path / "approx" / "best").modules() if type(m).__name__ == "SignActivation"]
+    assert len(signs) == 8 and all(m.gradient == "approx" for m in signs)
+    cli_fails(["quantize", "wbwtab", "--checkpoint", str(tmp_path / "float"), "--A", "32", "--sign-gradient", "approx"],
+              "--sign-gradient applies to sign activations (--A 2), not --A 32")

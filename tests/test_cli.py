@@ -8,8 +8,6 @@ from micronet.engine import save_checkpoint
 from micronet.models import build_model
 
 
-
-
 @pytest.mark.parametrize("command", ["train", "evaluate", "info"])
 def test_help_has_examples(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -74,7 +72,8 @@ def test_pickle_checkpoint(capsys, tmp_path, cli_fails):
 
 def test_train_then_evaluate_and_info(capsys, tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--model", "lenet", "--data", "synthetic", "--epochs", "4", "--batch-size", "32", "--out", str(run), "--no-progress"]) == 0
+    assert main(["train", "--model", "lenet", "--data", "synthetic", "--epochs", "4", "--batch-size", "32",
+                 "--out", str(run), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "test accuracy" in out and "params (M)" in out
     assert main(["evaluate", "--checkpoint", str(run)]) == 0

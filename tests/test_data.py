@@ -526,7 +526,9 @@ def test_split_partition_and_determinism(toy_registry):
     a = load_dataset(toy_registry, val_fraction=0.2, seed=5)
     b = load_dataset(toy_registry, val_fraction=0.2, seed=5)
     c = load_dataset(toy_registry, val_fraction=0.2, seed=6)
-    ids = lambda ds: ds.images[:, 0, 0, 0].to(torch.int64) + 256 * ds.images[:, 0, 0, 1].to(torch.int64)
+    def ids(ds):
+        return ds.images[:, 0, 0, 0].to(torch.int64) + 256 * ds.images[:, 0, 0, 1].to(torch.int64)
+
     train_ids, val_ids = set(ids(a.train).tolist()), set(ids(a.val).tolist())
     assert len(val_ids) == 60 and len(train_ids) == 240 and not train_ids & val_ids and train_ids | val_ids == set(range(300))
     assert a.val.class_counts().tolist() == [20, 20, 20]
@@ -604,7 +606,9 @@ def test_loader_no_shuffle_order_and_lengths():
 
 def test_loader_is_deterministic_per_seed_and_epoch():
     ds = _indexed_dataset(50)
-    make = lambda: BatchLoader(ds, 8, shuffle=True, augment=Augment(crop_padding=1, hflip=True), seed=7)
+    def make():
+        return BatchLoader(ds, 8, shuffle=True, augment=Augment(crop_padding=1, hflip=True), seed=7)
+
     loader = make()
     loader.set_epoch(3)
     first = list(loader)

@@ -138,8 +138,8 @@ def test_unknown_target_is_refused(tmp_path, data, trained_nin):
 def test_cli_export_records_the_target(tmp_path, data):
     """`micronet export --int8` quantizes for the portable target by default (7-bit weights)."""
     from micronet.cli import main
-    from micronet.engine import save_checkpoint
     from micronet.data import load_dataset as _load
+    from micronet.engine import save_checkpoint
 
     torch.manual_seed(0)
     checkpoint = tmp_path / "fp32"

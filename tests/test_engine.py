@@ -142,7 +142,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     log_a = (tmp_path / "ref" / "log.jsonl").read_text().splitlines()
     log_b = (run / "log.jsonl").read_text().splitlines()
-    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in ("seconds", "img_per_s")} for r in rows]
+    def strip(rows):
+        return [{k: v for k, v in json.loads(r).items() if k not in ("seconds", "img_per_s")} for r in rows]
+
     assert strip(log_a) == strip(log_b)
 
 

@@ -16,7 +16,6 @@ from micronet.graph import MicronetTracer, ModularizeReport, modularize
 from micronet.models import build_model, list_models
 from micronet.models.layers import ChannelShuffle
 
-
 # ------------------------------------------------------------------------------------------- helpers
 
 

@@ -12,7 +12,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 from micronet.compression.quantization.core import calibrate

@@ -44,6 +44,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx_probes import with_quantized_outputs, with_sign_outputs
 
 from micronet.compression.quantization.core.lowbit import SignActivation
 from micronet.compression.quantization.core.workflow import calibrate, convert
@@ -56,8 +57,6 @@ from micronet.deploy.onnx import GraphView, export, export_form, load_model
 from micronet.deploy.onnxruntime import int8_coverage
 from micronet.errors import DeployError
 from micronet.models import build_model, list_models
-from onnx_probes import with_quantized_outputs, with_sign_outputs
-
 
 TRAIN_STEPS = 40
 TEST_IMAGES = 256

@@ -137,7 +137,8 @@ def test_export_refuses_a_file_it_did_not_write(run, tmp_path, cli_fails):
         cli_fails(["export", "--checkpoint", str(run), "--check-images", "0", "--exporter", "legacy", "--out", str(other), *extra],
                   f"--out {other} already exists and is not an ONNX file micronet wrote")
     assert other.read_bytes() == b"someone else's model"
-    cli_fails(["export", "--checkpoint", str(run), "--check-images", "0", "--exporter", "legacy", "--out", str(tmp_path)], "is a folder, not a file")
+    cli_fails(["export", "--checkpoint", str(run), "--check-images", "0", "--exporter", "legacy", "--out", str(tmp_path)],
+              "is a folder, not a file")
     mine = tmp_path / "mine.onnx"
     assert main(["export", "--checkpoint", str(run), "--check-images", "0", "--exporter", "legacy", "--out", str(mine)]) == 0
     cli_fails(["export", "--checkpoint", str(run), "--check-images", "0", "--exporter", "legacy", "--out", str(mine)],

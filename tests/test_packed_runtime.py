@@ -14,8 +14,7 @@ from micronet.cli import main
 from micronet.compression.fusion import fuse
 from micronet.compression.packing import META_FILE, save_packed
 from micronet.compression.quantization.wbwtab import quantize as wbwtab
-from micronet.deploy.packed import (ISA_ENV, PackedRuntimeWarning, available_isas, compile_packed, kernels,
-                                    resolve_isa)
+from micronet.deploy.packed import ISA_ENV, PackedRuntimeWarning, available_isas, compile_packed, kernels, resolve_isa
 from micronet.deploy.packed.layers import PackedConv2d
 from micronet.engine import save_checkpoint
 from micronet.errors import CheckpointError, DeployError
@@ -272,3 +271,66 @@ def test_pack_and_unpack_agree_with_the_reference_in_both_layouts(channels):
             assert torch.equal(packed.words, expected.words) and packed.channels == channels, (isa, layout)
         for channels_last in (False, True):
             assert torch.equal(ops.unpack(expected, channels_last), torch.where(x >= 0, 1.0, -1.0)), isa
+
+
+def random_packed_conv(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1,
+                       groups: int = 1, bits_out: bool = True, seed: int = 0) -> PackedConv2d:
+    """A packed conv with random ±1 weights and a random epilogue: thresholds around the dot products'
+    range (some never met, some always), some flipped channels; or α on the float16 grid and a bias."""
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups)
+    signs = torch.rand(cout, cin // groups, kernel, kernel, generator=g) < 0.5
+    reach = (cin // groups) * kernel * kernel
+    alpha = (torch.rand(cout, generator=g) + 0.1).half().float()
+    bias = torch.randn(cout, generator=g)
+    threshold = torch.randint(-reach - 2, reach + 3, (cout,), generator=g) if bits_out else None
+    flip = torch.rand(cout, generator=g) < 0.3 if bits_out else None
+    return PackedConv2d(conv, signs, alpha, bias, threshold, flip)
+
+
+CONV_GEOMETRIES = {  # (cin, cout, kernel, stride, padding, dilation, groups, batch, height, width)
+    "1x1 one word": (64, 48, 1, 1, 0, 1, 1, 3, 6, 5),
+    "1x1 odd channels": (37, 19, 1, 1, 0, 1, 1, 2, 7, 3),
+    "5x5 padded, half a word": (32, 64, 5, 1, 2, 1, 1, 2, 9, 9),
+    "3x3 K not a multiple of 512": (130, 72, 3, 1, 1, 1, 1, 2, 7, 7),
+    "3x3 stride 2 odd size": (64, 24, 3, 2, 1, 1, 1, 2, 9, 11),
+    "3x3 wide, many blocks": (200, 128, 3, 1, 1, 1, 1, 1, 6, 9),
+    "3x3 dilated": (40, 16, 3, 1, 2, 2, 1, 2, 8, 8),
+    "grouped 8 per group": (96, 48, 3, 1, 1, 1, 3, 2, 6, 6),
+    "grouped straddling words": (144, 96, 1, 1, 0, 1, 2, 1, 5, 7),
+    "depthwise": (24, 24, 3, 1, 1, 1, 24, 2, 5, 5),
+    "batch 1, output narrower than a tile": (70, 10, 3, 1, 0, 1, 1, 1, 4, 4),
+    "one output pixel": (128, 32, 3, 1, 0, 1, 1, 2, 3, 3),
+}
+
+
+@pytest.mark.parametrize("bits_out", [True, False], ids=["bits out", "float out"])
+@pytest.mark.parametrize("case", list(CONV_GEOMETRIES))
+def test_every_kernel_path_computes_each_conv_geometry_exactly(case, bits_out):
+    cin, cout, k, s, p, d, groups, n, h, w = CONV_GEOMETRIES[case]
+    layer = random_packed_conv(cin, cout, k, s, p, d, groups, bits_out, seed=cin * cout + k)
+    x = torch.randn(n, cin, h, w, generator=torch.Generator().manual_seed(3))
+    reference = kernels.ReferenceKernels()
+    packed = reference.pack_sign(x)
+    expected = reference.conv(packed, layer)
+    dots = torch.nn.functional.conv2d(reference.unpack(packed), layer.reference_weight(), None, s, p, d, groups)
+    if bits_out:  # the reference itself: some channels on each side of their thresholds
+        bits = kernels.bits_from_words(expected.words, cout)
+        assert bits.any() and not bits.all()
+    else:
+        assert torch.equal(expected, dots * layer.alpha.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1))
+    for isa in ISA_PATHS:
+        out = kernels.kernels_for(isa).conv(packed, layer)
+        if bits_out:
+            assert torch.equal(out.words, expected.words) and out.channels == cout, isa
+        else:
+            assert torch.equal(out, expected), isa
+
+
+def test_native_kernels_build_where_a_compiler_exists():
+    """Otherwise every test above would compare the reference with itself."""
+    import shutil
+
+    if shutil.which("c++") is None or shutil.which("ninja") is None:
+        pytest.skip("no C++ compiler or ninja: the reference path is the runtime here")
+    assert "scalar" in ISA_PATHS

@@ -198,7 +198,7 @@ def test_corrupt_and_foreign_files_are_refused(tmp_path):
 def test_missing_tensor_and_shape_mismatch_are_reported(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from micronet.engine.checkpoint import _sha256
+    from micronet.engine.checkpoint import file_sha256
 
     model = trained(iao.prepare(build_model("nin", 10, 1, SMALL_NIN), w_bits=4, a_bits=4))
     path = save_packed(model, tmp_path / "packed")
@@ -206,7 +206,7 @@ def test_missing_tensor_and_shape_mismatch_are_reported(tmp_path):
     del tensors["features.1.conv.weight.scale"]
     save_file(tensors, str(path / TENSOR_FILE))
     meta = json.loads((path / META_FILE).read_text())
-    meta["files"][TENSOR_FILE] = {"bytes": (path / TENSOR_FILE).stat().st_size, "sha256": _sha256(path / TENSOR_FILE)}
+    meta["files"][TENSOR_FILE] = {"bytes": (path / TENSOR_FILE).stat().st_size, "sha256": file_sha256(path / TENSOR_FILE)}
     (path / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="features.1.conv.weight.scale"):
         load_packed(path)

@@ -153,7 +153,7 @@ def test_plan_does_not_modify_the_model_and_matches_prune():
     graph, selection = plan_pruning(model, x, percent=0.3)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     pruned = prune(model, x, percent=0.3)
-    for path, (keep_in, keep_out) in selection.plan().items():
+    for path, (_keep_in, keep_out) in selection.plan().items():
         m = pruned.get_submodule(path)
         width = m.out_channels if hasattr(m, "out_channels") else getattr(m, "out_features", None)
         assert (width or m.num_features) == len(keep_out)

@@ -110,10 +110,42 @@ def test_high_bias_absorption_moves_the_bias_and_keeps_the_function():
     assert bool((dict(equalized.named_modules())["3"].bias > plain["3"].bias).any())
 
 
-def test_relu6_pairs_are_left_alone():
-    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU6(), nn.Conv2d(4, 4, 1)))
+def test_relu6_pairs_are_equalized_without_moving_the_clip():
+    """conv → BN → ReLU6 → depthwise → BN → ReLU6 → 1×1, BatchNorm statistics those of the data; channels 0,
+    1 (β ≥ 7) and 7 (β + 3γ = 7.5) reach the clip, the others' scales spread over two decades."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8, momentum=1.0), nn.ReLU6(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8, momentum=1.0), nn.ReLU6(),
+        nn.Conv2d(8, 6, 1))
+    x = torch.randn(64, 3, 8, 8)
+    with torch.no_grad():
+        model[1].weight.copy_(10 ** torch.linspace(-2, 0.3, 8))
+        model[1].bias.copy_(torch.tensor([7.0, 7.5, 0.5, 1.0, 0.2, 2.0, 0.1, 1.5]))
+        model[3].weight.mul_((10 ** torch.linspace(1, -1.5, 8)).reshape(-1, 1, 1, 1))
+        model.train()(x)  # running statistics = these data's
+    model.eval()
+    equalized, report = equalize(model, absorb_high_bias=False)
+    assert report.pairs == [("0", "3"), ("3", "6")] and report.held_by_clip[0] == ("0", 3)
+    with torch.no_grad():
+        reference, got = model(x), equalized(x)
+    assert float((got - reference).abs().mean()) <= 1e-3 * float(reference.abs().mean())
+    from micronet.compression.fusion import fuse
+
+    folded, layers = dict(fuse(model)[0].named_modules()), dict(equalized.named_modules())
+    clipped = [0, 1, 7]
+    assert torch.equal(layers["0"].weight[clipped], folded["0"].weight[clipped])  # channels at the clip keep their scale
+    spread = lambda w: float(w.detach().abs().flatten(1).amax(1).max() / w.detach().abs().flatten(1).amax(1).min())  # noqa: E731
+    assert spread(layers["3"].weight) < spread(folded["3"].weight) / 4  # measured 14.1 → 2.3
+
+
+def test_relu6_pairs_without_batchnorm_are_left_alone():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU6(), nn.Conv2d(4, 4, 1))
     equalized, report = equalize(model)
-    assert report.pairs == [] and "ReLU6" in report.skipped[0][1]
+    assert report.pairs == [] and any(name == "0" and "ReLU6" in why for name, why in report.skipped)
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(equalized(x), model(x))
 
 
 # ------------------------------------------------------------------------------------------ bias correction
@@ -255,7 +287,8 @@ def test_cli_refuses_recipes_it_cannot_apply(tmp_path, cli_fails):
     base = ["quantize", "iao", "--checkpoint", str(tmp_path / "lenet"), "--data", "synthetic", "--out", str(tmp_path / "q")]
     cli_fails(base + ["--adaround"], "post-training recipes (--adaround) calibrate instead of training: add --ptq")
     cli_fails(base + ["--ptq", "--adaround", "--qaft"], "drop --qaft and pass the float checkpoint")
-    cli_fails(["quantize", "dorefa", *base[2:], "--ptq", "--adaround"], "post-training recipes (--adaround) work on IAO's integer weights, not dorefa")
+    cli_fails(["quantize", "dorefa", *base[2:], "--ptq", "--adaround"], "post-training recipes (--adaround) work "
+                                                                        "on IAO's integer weights, not dorefa")
     cli_fails(base + ["--ptq", "--adaround", "--adaround-iters", "0"], "--adaround-iters must be at least 1")
     cli_fails(base + ["--ptq", "--adaround-iters", "5"], "add --adaround")
     cli_fails(base + ["--ptq", "--adaround", "--lsq"], "drop one")

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from micronet.compression.quantization.core import (
-
     FROZEN,
     AffineQuantizer,
     HistogramObserver,

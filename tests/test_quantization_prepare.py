@@ -228,7 +228,8 @@ def test_cli_ptq_equals_the_python_flow(tmp_path, capsys):
     from micronet.engine import load_checkpoint
 
     run = tmp_path / "lenet"
-    assert main(["train", "--model", "lenet", "--data", "synthetic", "--epochs", "3", "--batch-size", "32", "--out", str(run), "--no-progress"]) == 0
+    assert main(["train", "--model", "lenet", "--data", "synthetic", "--epochs", "3", "--batch-size", "32",
+                 "--out", str(run), "--no-progress"]) == 0
     assert main(["quantize", "iao", "--checkpoint", str(run), "--ptq", "--ptq_batch", "5", "--batch-size", "32",
                  "--percentile", "0.999", "--out", str(tmp_path / "ptq")]) == 0
     assert "PTQ iao-w7a8-sym-per-channel-ptq: 5 calibration batches"  # the portable target's 7-bit weights in capsys.readouterr().out
@@ -247,7 +248,8 @@ def test_qat_run_resumes_as_a_quantized_model(tmp_path, capsys):
     from micronet.cli import main
 
     run = tmp_path / "lenet"
-    assert main(["train", "--model", "lenet", "--data", "synthetic", "--epochs", "3", "--batch-size", "32", "--out", str(run), "--no-progress"]) == 0
+    assert main(["train", "--model", "lenet", "--data", "synthetic", "--epochs", "3", "--batch-size", "32",
+                 "--out", str(run), "--no-progress"]) == 0
     qat = tmp_path / "qat"
     assert main(["quantize", "iao", "--checkpoint", str(run), "--bn_fuse", "--w_bits", "6", "--epochs", "1", "--batch-size", "32",
                  "--out", str(qat), "--no-progress"]) == 0
@@ -264,7 +266,8 @@ def test_resumed_qat_keeps_its_freeze_bn_epoch(tmp_path, capsys, cli_fails):
 
     run = tmp_path / "nin"
     assert main(["train", "--model", "nin", "--cfg", "8,8,8,8,8,8,8,8", "--data", "synthetic", "--epochs", "1",
-                 "--batch-size", "32", "--out", str(run), "--no-progress"]) == 0
+                 "--batch-size", "32",
+                 "--out", str(run), "--no-progress"]) == 0
     qat = tmp_path / "qat"
     assert main(["quantize", "iao", "--checkpoint", str(run), "--bn_fuse", "--freeze-bn-after", "1", "--epochs", "1",
                  "--batch-size", "32", "--out", str(qat), "--no-progress"]) == 0

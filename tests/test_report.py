@@ -211,3 +211,18 @@ def test_openvino_columns_appear_when_openvino_measured():
     report["machine"].update(cpu_class="AVX-512 VNNI", openvino="2026.4.1")
     assert "AMD EPYC 7B13, AVX-512 VNNI, 2 cores" in render_markdown(report, None)
     assert "openvino 2026.4.1" in render_markdown(report, None)
+
+
+def test_report_lists_each_steps_time_and_their_total():
+    report = make_report()
+    report["step_seconds"] = [{"step": "fp32", "run": "train", "seconds": 254.4},
+                              {"step": "binary", "run": "quantize", "seconds": 61.0},
+                              {"step": "fp32", "run": "measure", "seconds": 9.5}]
+    report["wall_time_s"] = 324.9
+    text = render_markdown(report, None)
+    section = text[text.index("## Time per step"):]
+    assert "| fp32 | train | 4 min 14 s |" in section
+    assert "| binary | quantize | 1 min 01 s |" in section
+    assert "| fp32 | measure | 9.5 s |" in section
+    assert "| **total** | | **5 min" in section
+    assert "## Time per step" not in render_markdown(make_report(), None)  # older reports: no section

@@ -15,13 +15,21 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import tensorrt_standin as standin
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-import tensorrt_standin as standin
 from micronet.data import ArrayDataset, DatasetInfo
-from micronet.deploy.tensorrt import (CalibrationFeeder, TensorRTRunner, benchmark, build_engine, check_tensorrt_qdq,
-                                      evaluate, load_engine, make_entropy_calibrator)
+from micronet.deploy.tensorrt import (
+    CalibrationFeeder,
+    TensorRTRunner,
+    benchmark,
+    build_engine,
+    check_tensorrt_qdq,
+    evaluate,
+    load_engine,
+    make_entropy_calibrator,
+)
 from micronet.errors import DeployError
 
 # --------------------------------------------------------------------------- hand-built ONNX graphs
@@ -187,7 +195,8 @@ def test_matmul_and_gemm_weights_are_scaled_per_output_column(op, attrs, axis, o
     g = Graph()
     flat = g.qdq(g.op("Flatten", ["x"], "flat"), "flat")  # N×256
     shape = (6, 256) if attrs.get("transB") else (256, 6)
-    out = g.op(op, [flat, g.weight("fc", shape, axis=axis), g.const("fc.bias", np.zeros(6, np.float32))][: 3 if op == "Gemm" else 2], "fc", **attrs)
+    inputs = [flat, g.weight("fc", shape, axis=axis), g.const("fc.bias", np.zeros(6, np.float32))]
+    out = g.op(op, inputs[: 3 if op == "Gemm" else 2], "fc", **attrs)
     bias_add = g.op("Add", [out, g.weight("fc_bias", (6,), axis=0)], "bias_add")  # constant-derived: not a residual
     assert _rules(g.model(bias_add)) == (set() if ok else {"weight-axis"})
 

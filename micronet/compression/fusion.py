@@ -26,7 +26,7 @@ its quantization grid —, a conv with other consumers, a BN without running sta
 listed in the :class:`FusionReport` with the reason.
 
 The fused model records what changed in ``model.fusion_record``; checkpoints store it (``extra.fusion``)
-and :meth:`micronet.engine.Checkpoint.build_model` replays the structural change before loading weights.
+and :func:`micronet.compression.restore.restore_model` replays the structural change before loading weights.
 
 Dataflow comes from a torch.fx trace (quantized modules, quantizers and micronet leaf modules are not
 traced into), so "the BN is the conv's only consumer" is checked on the real graph; an untraceable model
@@ -194,11 +194,6 @@ def _candidates(model: nn.Module) -> tuple[list[tuple[str | None, str, bool, str
 
 
 # ------------------------------------------------------------------------------------------ structure
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def _out_axis(conv: nn.Module) -> int:
     return 1 if isinstance(conv, nn.ConvTranspose2d) else 0
 
@@ -252,13 +247,13 @@ def apply_fusion_record(model: nn.Module, record: dict[str, Any], stage: str) ->
                     if not isinstance(module, QuantBNFuseConv2d):
                         raise CheckpointError(f"the fusion record folds {layer.conv}, but the rebuilt model has a "
                                               f"{type(module).__name__} there: the checkpoint does not fit this micronet")
-                    _set_module(model, layer.conv, _plain_quant_conv(module))
+                    model.set_submodule(layer.conv, _plain_quant_conv(module))
                 else:
                     if layer.bias_added:
                         _add_bias(model.get_submodule(layer.conv))
                     if layer.bn:
                         model.get_submodule(layer.bn)
-                        _set_module(model, layer.bn, nn.Identity())
+                        model.set_submodule(layer.bn, nn.Identity())
             except AttributeError as exc:
                 raise CheckpointError(f"the fusion record names a layer the rebuilt model lacks ({exc}): "
                                       "the checkpoint does not fit this architecture") from exc
@@ -344,7 +339,7 @@ def _fold_qat_conv(model: nn.Module, name: str, module: nn.Module) -> FusedLayer
     conv = _plain_quant_conv(module)
     conv.weight.copy_(weight)
     conv.bias.copy_(bias)
-    _set_module(model, name, conv)
+    model.set_submodule(name, conv)
     return FusedLayer(name, None, "bn_fold_conv", "QuantBNFuseConv2d → QuantConv2d (running-statistics fold, "
                       "quantizers kept)", bias_added=module.bias is None)
 
@@ -357,7 +352,7 @@ def fuse(model: nn.Module) -> tuple[nn.Module, FusionReport]:
     """
     from micronet.compression.quantization.core.bn_fold import QuantBNFuseConv2d
     from micronet.compression.quantization.core.modules import WeightedQuantizedModule
-    from micronet.compression.quantization.core.workflow import is_prepared
+    from micronet.compression.quantization.core.quantizers import is_prepared
 
     fused = copy.deepcopy(model).eval()
     report = FusionReport(stage="quantized" if is_prepared(fused) else "float")
@@ -378,7 +373,7 @@ def fuse(model: nn.Module) -> tuple[nn.Module, FusionReport]:
             if not layer.detail:
                 done = _sign_fold(conv, bn) if sign else _standard_fold(conv, bn)
                 done.conv, done.bn = conv_name, bn_name
-                _set_module(fused, bn_name, nn.Identity())
+                fused.set_submodule(bn_name, nn.Identity())
                 layer = done
         report.layers.append(layer)
 

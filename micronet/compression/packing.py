@@ -252,7 +252,7 @@ def save_packed(model: nn.Module, path: str | Path, *, data_info: Any = None,
     Returns the path. Layers whose codes cannot reproduce the weight exactly stay float and are listed in
     ``packed.json`` with the reason, so the artifact always computes what the model computes.
     """
-    from micronet.engine.checkpoint import _sha256, _versions, structure_meta
+    from micronet.engine.checkpoint import file_sha256, structure_meta, versions_record
 
     arch = getattr(model, "arch", None)
     if arch is None:
@@ -267,13 +267,13 @@ def save_packed(model: nn.Module, path: str | Path, *, data_info: Any = None,
         "metrics": metrics or {},
         "bit_order": "1-8 bits: little-endian bit stream (LSB of code 0 = bit 0 of byte 0); 9-16 bits: uint16 little-endian",
         "layers": [layer.to_json() for layer in layers],
-        "versions": _versions(),
+        "versions": versions_record(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     with atomic_directory(path, PACKED_OUTPUT) as staging:
         save_file(state, str(staging / TENSOR_FILE), metadata={"format": FORMAT})
         meta["files"] = {TENSOR_FILE: {"bytes": (staging / TENSOR_FILE).stat().st_size,
-                                       "sha256": _sha256(staging / TENSOR_FILE)}}
+                                       "sha256": file_sha256(staging / TENSOR_FILE)}}
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return Path(path)
 
@@ -294,11 +294,12 @@ def read_packed_meta(path: str | Path) -> dict[str, Any]:
 def load_packed(path: str | Path) -> nn.Module:
     """Rebuild the model of a packed artifact; packed layers hold exactly their dequantized codes and
     their weight quantizers are off, so the forward equals the saved fake-quant model's eval forward."""
-    from micronet.engine.checkpoint import Checkpoint, _load_tensor_file
+    from micronet.compression.restore import restore_model
+    from micronet.engine.checkpoint import Checkpoint, load_tensor_file
 
     path = resolve_directory(path)
     meta = read_packed_meta(path)
-    tensors = _load_tensor_file(path / TENSOR_FILE, (meta.get("files") or {}).get(TENSOR_FILE))
+    tensors = load_tensor_file(path / TENSOR_FILE, (meta.get("files") or {}).get(TENSOR_FILE))
     layers = [PackedLayer.from_json(entry) for entry in meta.get("layers", [])]
     state = dict(tensors)
     packed = [layer for layer in layers if layer.stored == "packed"]
@@ -317,7 +318,7 @@ def load_packed(path: str | Path) -> nn.Module:
             raise CheckpointError(f"scale or zero point of {layer.name} does not fit its weight ({exc}): "
                                   "the artifact is corrupted") from exc
         state[f"{layer.name}.weight"] = weight.expand(layer.shape).contiguous()
-    model = Checkpoint(path, meta, state).build_model()
+    model = restore_model(Checkpoint(path, meta, state))
     modules = dict(model.named_modules())
     for layer in packed:
         modules[layer.name].weight_quantizer.enabled.fill_(0)

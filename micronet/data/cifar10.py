@@ -64,12 +64,14 @@ def _read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DatasetError(f"{bad} (b'data' is {got}, expected uint8 N×{_PIXELS}): re-extract the python version of CIFAR-10.")
     if not isinstance(labels, (list, np.ndarray)):
-        raise DatasetError(f"{bad} (b'labels' is a {type(labels).__name__}, expected a list of ints): re-extract the python version of CIFAR-10.")
+        raise DatasetError(f"{bad} (b'labels' is a {type(labels).__name__}, expected a list of ints): re-extract "
+                           f"the python version of CIFAR-10.")
     if isinstance(labels, list) and not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
         raise DatasetError(f"{bad} (b'labels' holds non-integers): re-extract the python version of CIFAR-10.")
     labels = np.asarray(labels)
     if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
-        raise DatasetError(f"{bad} (b'labels' has dtype {labels.dtype} and shape {labels.shape}): re-extract the python version of CIFAR-10.")
+        raise DatasetError(f"{bad} (b'labels' has dtype {labels.dtype} and shape {labels.shape}): re-extract the "
+                           f"python version of CIFAR-10.")
     return data, labels.astype(np.int64)
 
 
@@ -77,7 +79,8 @@ def _read_binary_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % (_PIXELS + 1):
         raise DatasetError(
-            f"{path} holds {raw.size} bytes, not a whole number of {_PIXELS + 1}-byte CIFAR-10 records: the file is truncated, re-extract it."
+            f"{path} holds {raw.size} bytes, not a whole number of {_PIXELS + 1}-byte CIFAR-10 records: the file "
+            f"is truncated, re-extract it."
         )
     records = raw.reshape(-1, _PIXELS + 1)
     return np.ascontiguousarray(records[:, 1:]), records[:, 0].astype(np.int64)
@@ -87,7 +90,8 @@ def _checked(path: Path, data: np.ndarray, labels: np.ndarray) -> tuple[np.ndarr
     if data.shape[0] != labels.shape[0]:
         raise DatasetError(f"{path} holds {data.shape[0]} images but {labels.shape[0]} labels: the file is corrupt, re-extract it.")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise DatasetError(f"{path} holds labels in {labels.min()}..{labels.max()}, outside 0..9: it is not CIFAR-10 (CIFAR-100?), use a CIFAR-10 folder.")
+        raise DatasetError(f"{path} holds labels in {labels.min()}..{labels.max()}, outside 0..9: it is not "
+                           f"CIFAR-10 (CIFAR-100?), use a CIFAR-10 folder.")
     return data, labels
 
 
@@ -97,7 +101,8 @@ def _class_names(folder: Path, layout: str) -> tuple[str, ...]:
         names = meta.get(b"label_names") if isinstance(meta, dict) else None
         if names is not None:
             if not (isinstance(names, list) and len(names) == 10 and all(isinstance(n, (bytes, str)) for n in names)):
-                raise DatasetError(f"{folder / 'batches.meta'} has no list of ten b'label_names': the file is corrupt, re-extract it or delete it.")
+                raise DatasetError(f"{folder / 'batches.meta'} has no list of ten b'label_names': the file is "
+                                   f"corrupt, re-extract it or delete it.")
             return tuple(n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names)
     if layout == "binary" and (folder / "batches.meta.txt").is_file():
         names = [line.strip() for line in (folder / "batches.meta.txt").read_text(errors="replace").splitlines() if line.strip()]

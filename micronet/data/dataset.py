@@ -20,11 +20,14 @@ class ArrayDataset:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo) -> None:
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-            raise DatasetError(f"dataset {info.name!r} images must be a uint8 N×C×H×W tensor, got {_describe(images)}: convert them before wrapping.")
+            raise DatasetError(f"dataset {info.name!r} images must be a uint8 N×C×H×W tensor, got "
+                               f"{_describe(images)}: convert them before wrapping.")
         if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
-            raise DatasetError(f"dataset {info.name!r} labels must be a 1-D integer tensor, got {_describe(labels)}: convert them before wrapping.")
+            raise DatasetError(f"dataset {info.name!r} labels must be a 1-D integer tensor, got "
+                               f"{_describe(labels)}: convert them before wrapping.")
         if images.shape[0] != labels.shape[0]:
-            raise DatasetError(f"dataset {info.name!r} has {images.shape[0]} images but {labels.shape[0]} labels: give one label per image.")
+            raise DatasetError(f"dataset {info.name!r} has {images.shape[0]} images but {labels.shape[0]} labels: "
+                               f"give one label per image.")
         if images.shape[1] != info.in_channels or tuple(images.shape[2:]) != info.image_size:
             raise DatasetError(
                 f"dataset {info.name!r} images are {tuple(images.shape[1:])} but its info says "

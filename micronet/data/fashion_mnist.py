@@ -62,7 +62,8 @@ def load_fashion_mnist(root: str | os.PathLike | None = None) -> tuple[ArrayData
     test_x, test_y = _read_pair(folder, "t10k")
     if train_x.shape[1:] != test_x.shape[1:]:
         raise DatasetError(
-            f"Fashion-MNIST in {folder} has train images of {train_x.shape[1:]} but test images of {test_x.shape[1:]}: the files are mixed up, reinstall them."
+            f"Fashion-MNIST in {folder} has train images of {train_x.shape[1:]} but test images of "
+            f"{test_x.shape[1:]}: the files are mixed up, reinstall them."
         )
     h, w = train_x.shape[1:]
     info = DatasetInfo("fashion-mnist", len(CLASS_NAMES), 1, (h, w), MEAN, STD, CLASS_NAMES)

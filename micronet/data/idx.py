@@ -29,7 +29,8 @@ def read_idx(path: str | Path, expected_ndim: int | None = None) -> np.ndarray:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:
-            raise DatasetError(f"IDX file {path} is not a valid gzip file ({exc}): the download is corrupt, reinstall or re-download it.") from exc
+            raise DatasetError(f"IDX file {path} is not a valid gzip file ({exc}): the download is corrupt, "
+                               f"reinstall or re-download it.") from exc
     return parse_idx(raw, path, expected_ndim)
 
 

@@ -62,7 +62,8 @@ class DatasetInfo:
         keys = ("name", "num_classes", "in_channels", "image_size", "mean", "std", "class_names")
         missing = [k for k in keys if k not in d]
         if missing:
-            raise DatasetError(f"dataset info is missing {', '.join(missing)}: the checkpoint's dataset record is incomplete or from another tool.")
+            raise DatasetError(f"dataset info is missing {', '.join(missing)}: the checkpoint's dataset record is "
+                               f"incomplete or from another tool.")
         return cls(
             name=str(d["name"]),
             num_classes=int(d["num_classes"]),

@@ -95,7 +95,8 @@ def load_dataset(
         test = balanced_subset(test, test_subset, seed, "test-subset")
     train, val = split_train_val(train, val_fraction, seed)
     if len(train) == 0:
-        raise ConfigError(f"dataset {name!r} leaves no training samples with val_fraction {val_fraction}: lower val_fraction or use more samples.")
+        raise ConfigError(f"dataset {name!r} leaves no training samples with val_fraction {val_fraction}: lower "
+                          f"val_fraction or use more samples.")
     return DatasetSplits(train=train, val=val, test=test, info=train.info)
 
 

@@ -9,7 +9,9 @@ Layout of a checkpoint directory::
                            metrics, training progress, optimizer scalars, versions, and the size and
                            SHA-256 of every tensor file, so a truncated or mixed-up file is caught.
 
-The directory is written to a staging folder and swapped into place as a whole.
+The directory is written to a staging folder and swapped into place as a whole. This module stores and
+verifies; rebuilding a model whose structure compression changed is :mod:`micronet.compression.restore`'s job
+(``Checkpoint.build_model`` hands over to it).
 """
 
 from __future__ import annotations
@@ -79,45 +81,16 @@ class Checkpoint:
     def metrics(self) -> dict[str, Any]:
         return self.meta.get("metrics", {})
 
+    @property
+    def meta_path(self) -> Path:
+        return self.path / META_FILE
+
     def build_model(self) -> nn.Module:
-        """Rebuild the model from its recorded architecture, then replay its structural changes in the
-        workflow's order (pruned channels, quantization ``prepare``, BatchNorm fusion) and load the weights."""
-        from micronet.models import build_model
+        """Rebuild the model: architecture, then its pruning, fusion and quantization replayed, then the weights
+        (see :func:`micronet.compression.restore.restore_model`, where the replay lives)."""
+        from micronet.compression.restore import restore_model
 
-        arch = self.arch
-        if arch is None:
-            raise CheckpointError(
-                f"{self.path} was saved from a model outside micronet's registry: build the model "
-                "yourself and call load_weights(model, checkpoint)"
-            )
-        model = build_model(arch.name, arch.num_classes, arch.in_channels, list(arch.cfg))
-        pruning = self.pruning_record
-        if pruning is not None:  # channels removed first: the workflow prunes, then quantizes, then fuses
-            from micronet.compression.pruning import apply_channel_record
-
-            try:
-                model = apply_channel_record(model, pruning)
-            except MicronetError as exc:
-                raise CheckpointError(f"{self.path / META_FILE} has a pruning record that does not fit "
-                                      f"{arch.name} with cfg {list(arch.cfg)}: {exc}") from exc
-            model.channel_record = pruning
-        fusion = self.fusion_record
-        if fusion is not None:  # BatchNorms folded before quantizing
-            from micronet.compression.fusion import apply_fusion_record
-
-            apply_fusion_record(model, fusion, "float")
-        scheme = self.quant_scheme
-        if scheme is not None:  # re-create the quantized structure, then load its statistics
-            from micronet.compression.quantization.core import prepare
-
-            model = prepare(model, scheme, inplace=True)
-        if fusion is not None:  # BatchNorms folded after quantizing (QAT folding convs, sign folds)
-            from micronet.compression.fusion import apply_fusion_record
-
-            apply_fusion_record(model, fusion, "quantized")
-            model.fusion_record = fusion
-        self.load_into(model)
-        return model
+        return restore_model(self)
 
     @property
     def pruning_record(self) -> dict[str, Any] | None:
@@ -132,15 +105,9 @@ class Checkpoint:
     @property
     def quant_scheme(self):
         """The quantization scheme the model was prepared with, or None for a float model."""
-        held = (self.meta.get("extra") or {}).get("quantization")
-        if not held:
-            return None
-        from micronet.compression.quantization.core import QuantScheme
+        from micronet.compression.restore import quant_scheme
 
-        try:
-            return QuantScheme.from_json(held["scheme"])
-        except (KeyError, TypeError, MicronetError) as exc:
-            raise CheckpointError(f"{self.path / META_FILE} has an invalid quantization entry: {exc}") from exc
+        return quant_scheme(self)
 
     def load_into(self, model: nn.Module) -> nn.Module:
         """Copy the weights into ``model`` after checking every name and shape."""
@@ -180,7 +147,8 @@ def _preview(names: list[str], limit: int = 3) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (what a description records for each tensor file)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -188,7 +156,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _versions() -> dict[str, str]:
+def versions_record() -> dict[str, str]:
+    """The ``versions`` entry of a description: micronet, torch and Python versions that wrote it."""
     import micronet
 
     return {"micronet": micronet.__version__, "torch": torch.__version__, "python": platform.python_version()}
@@ -237,7 +206,7 @@ def save_checkpoint(
         "metrics": metrics or {},
         "training": training,
         "extra": structure["extra"],
-        "versions": _versions(),
+        "versions": versions_record(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     with atomic_directory(path, CHECKPOINT_OUTPUT) as staging:
@@ -247,7 +216,7 @@ def save_checkpoint(
         meta["files"] = {}
         for name, tensors in files.items():
             save_file(tensors, str(staging / name))
-            meta["files"][name] = {"bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
+            meta["files"][name] = {"bytes": (staging / name).stat().st_size, "sha256": file_sha256(staging / name)}
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return Path(path)
 
@@ -273,7 +242,7 @@ def load_checkpoint(path: str | Path, *, with_train_state: bool = False) -> Chec
     wanted = [MODEL_FILE] + ([TRAIN_STATE_FILE] if with_train_state and TRAIN_STATE_FILE in _file_records(meta) else [])
     loaded: dict[str, dict[str, torch.Tensor]] = {}
     for name in wanted:
-        loaded[name] = _load_tensor_file(path / name, _file_records(meta).get(name))
+        loaded[name] = load_tensor_file(path / name, _file_records(meta).get(name))
     return Checkpoint(path, meta, loaded[MODEL_FILE], loaded.get(TRAIN_STATE_FILE, {}))
 
 
@@ -316,11 +285,12 @@ def check_tensor_file(file: Path, record: dict[str, Any] | None) -> None:
             f"{file} has {file.stat().st_size} bytes but {record.get('bytes')} were written: "
             "the file is truncated or was replaced, re-save the checkpoint"
         )
-    if _sha256(file) != record.get("sha256"):
+    if file_sha256(file) != record.get("sha256"):
         raise CheckpointError(f"{file} does not match the checksum recorded in its description: the file is corrupted")
 
 
-def _load_tensor_file(file: Path, record: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+def load_tensor_file(file: Path, record: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors after checking its recorded size and SHA-256 (see :func:`check_tensor_file`)."""
     check_tensor_file(file, record)
     try:
         return load_file(str(file))
@@ -331,7 +301,8 @@ def _load_tensor_file(file: Path, record: dict[str, Any] | None) -> dict[str, to
 
 
 def load_model(path: str | Path) -> nn.Module:
-    """Rebuild a registry model from a checkpoint directory (or a training run directory)."""
+    """Rebuild a model from a checkpoint directory (or a training run directory); see
+    :func:`micronet.compression.restore.load_model`."""
     return load_checkpoint(resolve_checkpoint(path)).build_model()
 
 

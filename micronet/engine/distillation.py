@@ -64,7 +64,7 @@ class Distillation(Hook):
         self.temperature = float(temperature)
         self.source = source
         self._teacher_logits: torch.Tensor | None = None
-        self._term_sum = 0.0
+        self._term_sum: float | torch.Tensor = 0.0
         self._batches = 0
 
     def on_fit_start(self, trainer: Any) -> None:
@@ -76,9 +76,13 @@ class Distillation(Hook):
         self._term_sum, self._batches = 0.0, 0
 
     def on_batch(self, trainer: Any, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """The teacher's logits for this batch. Computed on every batch, not cached per epoch: training
+        batches are augmented afresh each epoch (random crop and flip), so last epoch's logits would
+        describe other images. Inference mode skips autograd's bookkeeping (version counters, views)."""
         self.teacher.eval()
-        with torch.no_grad():
-            self._teacher_logits = self.teacher(inputs).float()
+        with torch.inference_mode():
+            logits = self.teacher(inputs).float()
+        self._teacher_logits = logits.clone()  # a normal tensor: inference tensors cannot enter autograd graphs
 
     def extra_loss(self, trainer: Any, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         teacher = self._teacher_logits
@@ -88,14 +92,14 @@ class Distillation(Hook):
             raise ConfigError(f"the teacher's outputs have shape {tuple(teacher.shape)} but the student's "
                               f"{tuple(outputs.shape)}: distill from a model with the same classes")
         term = self.weight * distillation_loss(outputs, teacher, self.temperature)
-        self._term_sum += float(term.detach())
+        self._term_sum = self._term_sum + term.detach()  # a tensor: no host sync per batch
         self._batches += 1
         self._teacher_logits = None
         return term
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float]) -> None:
         if self._batches:
-            metrics["distill_loss"] = self._term_sum / self._batches
+            metrics["distill_loss"] = float(self._term_sum) / self._batches
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "distillation", "teacher": self.source, "weight": self.weight, "temperature": self.temperature}

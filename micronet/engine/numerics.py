@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from micronet.errors import NumericalError
 
@@ -46,3 +47,25 @@ def require_finite_weights(model: torch.nn.Module, source: str) -> None:
     if bad is not None:
         raise NumericalError(f"{source} holds NaN or infinite values in {bad} (a diverged training run?): "
                              "retrain it with a lower learning rate")
+
+
+class ClassificationScore:
+    """Mean cross-entropy and top-1 accuracy accumulated over batches of logits: the one scoring shared by
+    :func:`micronet.engine.evaluate` and the ONNX Runtime / OpenVINO / TensorRT evaluators, so their numbers
+    compare. Each batch is checked finite first (``source`` names the model in the error)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        require_finite(logits, self.source)
+        self.loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        self.correct += (logits.argmax(1) == labels).sum().item()
+        self.seen += labels.numel()
+
+    def result(self) -> dict[str, float]:
+        """``{"loss", "acc", "samples"}``; loss and accuracy are NaN when no sample was seen."""
+        if self.seen == 0:
+            return {"loss": float("nan"), "acc": float("nan"), "samples": 0}
+        return {"loss": self.loss_sum / self.seen, "acc": self.correct / self.seen, "samples": self.seen}

@@ -21,7 +21,7 @@ from micronet.errors import ConfigError
 #: where it writes (a run folder that was moved is resumed from its new place).
 FREE_ON_RESUME = frozenset({"epochs", "progress", "cpu", "gpu_id", "resume", "out", "overwrite"})
 #: Options holding paths: recorded absolute, so a run resumed from another folder compares them right.
-PATH_OPTIONS = frozenset({"data_root", "out", "checkpoint", "init", "prune_refine", "distill"})
+PATH_OPTIONS = frozenset({"data_root", "out", "checkpoint", "init", "prune_refine", "distill", "weights"})
 #: Training options a run started before options were recorded still holds (in its TrainConfig).
 _CONFIG_OPTIONS = ("batch_size", "eval_batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
                    "milestones", "step_size", "gamma", "warmup_epochs", "label_smoothing", "amp", "compile",

@@ -25,7 +25,7 @@ from micronet.engine.checkpoint import CHECKPOINT_OUTPUT, load_checkpoint, resol
 from micronet.engine.config import TrainConfig, lr_factor
 from micronet.engine.distributed import DistContext, broadcast_object
 from micronet.engine.hooks import Hook
-from micronet.engine.numerics import nonfinite_tensor, require_finite
+from micronet.engine.numerics import ClassificationScore, nonfinite_tensor
 from micronet.engine.state import optimizer_state_join, optimizer_state_split, restore_rng_state, rng_state
 from micronet.errors import CheckpointError, NumericalError
 from micronet.io import atomic_write_text
@@ -101,21 +101,16 @@ def evaluate(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
+    score = ClassificationScore(source)
     try:
         for inputs, targets in loader:
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with _autocast(device, amp):
                 outputs = model(inputs)
-            require_finite(outputs, source)
-            loss_sum += F.cross_entropy(outputs.float(), targets, reduction="sum").item()
-            correct += (outputs.argmax(1) == targets).sum().item()
-            seen += targets.numel()
+            score.add(outputs, targets)
     finally:
         model.train(was_training)
-    if seen == 0:
-        return {"loss": float("nan"), "acc": float("nan"), "samples": 0}
-    return {"loss": loss_sum / seen, "acc": correct / seen, "samples": seen}
+    return score.result()
 
 
 class Trainer:
@@ -353,7 +348,8 @@ class Trainer:
         return False
 
     def _summary(self, m: dict[str, Any]) -> str:
-        parts = [f"epoch {m['epoch']}/{self.config.epochs}", f"lr {m['lr']:.4g}", f"train loss {m['train_loss']:.4f}", f"train acc {m['train_acc']:.4f}"]
+        parts = [f"epoch {m['epoch']}/{self.config.epochs}", f"lr {m['lr']:.4g}", f"train loss {m['train_loss']:.4f}",
+                 f"train acc {m['train_acc']:.4f}"]
         if "val_acc" in m:
             parts += [f"val loss {m['val_loss']:.4f}", f"val acc {m['val_acc']:.4f}"]
         parts += [f"{m['seconds']:.1f} s", f"{m['img_per_s']:.0f} img/s"]
@@ -402,6 +398,7 @@ class Trainer:
         atomic_write_text(self.out_dir / LOG_FILE, "".join(json.dumps(row) + "\n" for row in self.history))
 
 
-def fit(model: nn.Module, config: TrainConfig, train_loader: Any, val_loader: Any = None, *, resume: str | Path | None = None, **options: Any) -> FitResult:
+def fit(model: nn.Module, config: TrainConfig, train_loader: Any, val_loader: Any = None, *,
+        resume: str | Path | None = None, **options: Any) -> FitResult:
     """Train ``model``; see :class:`Trainer` for the options."""
     return Trainer(model, config, train_loader, val_loader, **options).fit(resume)

@@ -834,6 +834,48 @@ def _left_functional(graph: fx.Graph, analysis: _Analysis, reasons: dict[str, st
 # --------------------------------------------------------------------------------------------- the pass
 
 
+def _working_copy(model: nn.Module, inplace: bool, leaf_modules: tuple[type, ...]) -> nn.Module:
+    """``model`` itself (``inplace``) or its deep copy, after checking the arguments."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"modularize needs an nn.Module, got {type(model).__name__}")
+    bad = [t for t in leaf_modules if not (isinstance(t, type) and issubclass(t, nn.Module))]
+    if bad:
+        raise TypeError(f"leaf_modules must be nn.Module subclasses, got {bad!r}")
+    if inplace:
+        return model
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:
+        raise TypeError(f"modularize could not deep-copy the model ({type(exc).__name__}: {exc}); make it "
+                        "deep-copyable or pass inplace=True") from exc
+
+
+def _apply_plans(gm: fx.GraphModule, plans: list[_Plan]) -> list[tuple[str, str]]:
+    """Replace each planned functional call by a call of its new submodule; returns (name, replaced op)."""
+    taken: set[str] = set()
+    converted: list[tuple[str, str]] = []
+    g = gm.graph
+    replacement: dict[fx.Node, fx.Node] = {}  # planned args may name nodes replaced by an earlier plan
+    for plan in plans:
+        name = _unique_name(gm, plan.base, taken)
+        plan.module.train(gm.training)
+        gm.add_submodule(name, plan.module)
+        args = fx.node.map_arg(plan.args, lambda n: replacement.get(n, n))
+        with g.inserting_before(plan.node):
+            new = g.call_module(name, args)
+        replacement[plan.node] = new
+        new.meta.update({k: v for k, v in plan.node.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        plan.node.replace_all_uses_with(new)
+        g.erase_node(plan.node)
+        for dead in plan.dead:  # the x.size(0) that only the replaced view used
+            if not dead.users:
+                g.erase_node(dead)
+        converted.append((name, plan.replaced))
+    g.lint()
+    gm.recompile()
+    return converted
+
+
 def modularize(model: nn.Module, *, inplace: bool = False,
                leaf_modules: tuple[type, ...] = ()) -> tuple[nn.Module, ModularizeReport]:
     """Trace ``model`` with torch.fx and turn functional tensor ops into submodule calls.
@@ -850,21 +892,8 @@ def modularize(model: nn.Module, *, inplace: bool = False,
     micronet's own modules). A model torch.fx cannot trace (data-dependent control flow, …) is returned
     unchanged with ``report.traced = False`` and the reason in ``report.trace_error``; nothing is raised.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"modularize needs an nn.Module, got {type(model).__name__}")
     leaf_modules = tuple(leaf_modules)
-    bad = [t for t in leaf_modules if not (isinstance(t, type) and issubclass(t, nn.Module))]
-    if bad:
-        raise TypeError(f"leaf_modules must be nn.Module subclasses, got {bad!r}")
-    if inplace:
-        root = model
-    else:
-        try:
-            root = copy.deepcopy(model)
-        except Exception as exc:
-            raise TypeError(f"modularize could not deep-copy the model ({type(exc).__name__}: {exc}); make it "
-                            "deep-copyable or pass inplace=True") from exc
-
+    root = _working_copy(model, inplace, leaf_modules)
     before = _attr_keys(root)
     tracer = MicronetTracer(leaf_modules)
     try:
@@ -891,28 +920,8 @@ def modularize(model: nn.Module, *, inplace: bool = False,
     _restore_structure(gm, root, set(constants["__dict__"]))
 
     analysis.root = gm  # resolves the new submodules too
-    taken: set[str] = set()
-    converted: list[tuple[str, str]] = []
-    g = gm.graph
-    replacement: dict[fx.Node, fx.Node] = {}  # planned args may name nodes replaced by an earlier plan
-    for plan in plans:
-        name = _unique_name(gm, plan.base, taken)
-        plan.module.train(gm.training)
-        gm.add_submodule(name, plan.module)
-        args = fx.node.map_arg(plan.args, lambda n: replacement.get(n, n))
-        with g.inserting_before(plan.node):
-            new = g.call_module(name, args)
-        replacement[plan.node] = new
-        new.meta.update({k: v for k, v in plan.node.meta.items() if k in ("stack_trace", "nn_module_stack")})
-        plan.node.replace_all_uses_with(new)
-        g.erase_node(plan.node)
-        for dead in plan.dead:  # the x.size(0) that only the replaced view used
-            if not dead.users:
-                g.erase_node(dead)
-        converted.append((name, plan.replaced))
-    g.lint()
-    gm.recompile()
+    converted = _apply_plans(gm, plans)
     _preserve_attributes(gm, root)
 
-    left, why = _left_functional(g, analysis, reasons)
+    left, why = _left_functional(gm.graph, analysis, reasons)
     return gm, ModularizeReport(converted=converted, left_functional=left, reasons=why)

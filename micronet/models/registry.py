@@ -2,7 +2,10 @@
 
 Every model built here carries ``model.arch``, a :class:`ModelArch` holding the name, the number of
 classes, the input channels and the resolved channel config. A checkpoint stores ``arch.to_json()``;
-``build_model(**ModelArch.from_json(d).kwargs())`` rebuilds the same (possibly pruned) network.
+``ModelArch.from_json(d).build()`` rebuilds the same (possibly pruned) network.
+
+``build_model`` also takes the user's own network as ``MODULE:CALLABLE`` (see :mod:`micronet.models.external`):
+its ``arch`` then has no channel config and records the import in ``source``, so checkpoints rebuild it too.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from micronet.errors import ModelConfigError
+from micronet.models.external import ModelImport, build_from_spec, is_model_spec
 
 __all__ = ["ModelArch", "build_model", "default_cfg", "list_models", "model_arch", "register_model"]
 
@@ -36,17 +40,23 @@ def _is_int(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class ModelArch:
-    """What is needed to rebuild a model: registry name, classes, input channels and channel config."""
+    """What is needed to rebuild a model: registry name, classes, input channels and channel config; for the
+    user's own model (``source`` set) the name is its ``MODULE:CALLABLE`` spec and the cfg is empty."""
 
     name: str
     num_classes: int
     in_channels: int
     cfg: tuple[int, ...]
+    source: ModelImport | None = None
 
     def to_json(self) -> dict:
-        """A JSON-ready dict: ``{"name", "num_classes", "in_channels", "cfg": [ints]}``."""
-        return {"name": self.name, "num_classes": self.num_classes, "in_channels": self.in_channels,
-                "cfg": list(self.cfg)}
+        """A JSON-ready dict: ``{"name", "num_classes", "in_channels", "cfg": [ints]}``, plus ``"source"`` for the
+        user's own model."""
+        d = {"name": self.name, "num_classes": self.num_classes, "in_channels": self.in_channels,
+             "cfg": list(self.cfg)}
+        if self.source is not None:
+            d["source"] = self.source.to_json()
+        return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ModelArch:
@@ -57,7 +67,7 @@ class ModelArch:
                 "pass the dict written by ModelArch.to_json()")
         expected = {"name", "num_classes", "in_channels", "cfg"}
         missing = sorted(expected - set(d))
-        extra = sorted(set(d) - expected)
+        extra = sorted(set(d) - expected - {"source"})
         if missing or extra:
             problem = f"missing {missing}" if missing else f"unknown {extra}"
             raise ModelConfigError(
@@ -71,10 +81,13 @@ class ModelArch:
                 raise ModelConfigError(f"model architecture {key} must be a positive integer (got {value!r}): fix the saved JSON")
         if not isinstance(cfg, (list, tuple)) or not all(_is_int(c) for c in cfg):
             raise ModelConfigError(f"model architecture cfg must be a list of integers (got {cfg!r}): fix the saved JSON")
-        return cls(name, num_classes, in_channels, tuple(cfg))
+        source = ModelImport.from_json(d["source"]) if "source" in d else None
+        return cls(name, num_classes, in_channels, tuple(cfg), source)
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`build_model` that rebuild this architecture."""
+        if self.source is not None:
+            return {"name": self.source, "num_classes": self.num_classes, "in_channels": self.in_channels, "cfg": None}
         return {"name": self.name, "num_classes": self.num_classes, "in_channels": self.in_channels,
                 "cfg": list(self.cfg)}
 
@@ -137,19 +150,30 @@ def _check_cfg(name: str, cfg: Any, default: tuple[int, ...]) -> list[int]:
     return list(cfg)
 
 
-def build_model(name: str, num_classes: int = 10, in_channels: int = 3, cfg: Sequence[int] | None = None) -> nn.Module:
+def build_model(name: str | ModelImport, num_classes: int = 10, in_channels: int = 3,
+                cfg: Sequence[int] | None = None) -> nn.Module:
     """Build a freshly initialised model and attach ``model.arch`` (a :class:`ModelArch`).
 
+    ``name`` is a registry name or the user's ``MODULE:CALLABLE`` (or a :class:`ModelImport`).
     ``cfg=None`` selects the model's default channel config; otherwise ``cfg`` must have the same
     length as :func:`default_cfg` and satisfy the model's constraints (see each model's docstring).
     Raises :class:`ModelConfigError` for an unknown name or a config that does not fit.
     """
-    key, entry = _entry(name)
+    external = isinstance(name, ModelImport) or is_model_spec(name)
+    key = (name.spec if isinstance(name, ModelImport) else name) if external else _entry(name)[0]
     for arg, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if not _is_int(value) or value < 1:
             example = 10 if arg == "num_classes" else 3
             raise ModelConfigError(
                 f"{arg} for {key} must be a positive integer (got {value!r}): pass e.g. {arg}={example}")
+    if external:
+        if cfg:
+            raise ModelConfigError(f"cfg applies to registry models only, not to {key}: build your model at the "
+                                   "size you want (pruning records its own channel sizes)")
+        model, source = build_from_spec(name, num_classes, in_channels)
+        model.arch = ModelArch(source.spec, num_classes, in_channels, (), source)
+        return model
+    entry = _entry(name)[1]
     resolved = list(entry.default_cfg) if cfg is None else _check_cfg(key, cfg, entry.default_cfg)
     model = entry.factory(num_classes, in_channels, list(resolved))
     model.arch = ModelArch(key, num_classes, in_channels, tuple(resolved))

@@ -1,7 +1,8 @@
-"""Pipeline configuration: a YAML file of steps, each one micronet command, checked before anything runs.
+"""Pipeline configuration: a YAML file of steps, each one workflow call, checked before anything runs.
 
 A step names the command it runs (``run``), the step whose artifact it starts from (``from``), the command's
-options (``args``, the same names as on the command line, ``w_bits`` or ``w-bits`` alike) and, when it
+options (``args``, the same names as on the command line, ``w_bits`` or ``w-bits`` alike, checked against the
+workflow's options dataclass) and, when it
 produces a model worth a row in the results table, ``row``. Every error names the file and line.
 
 Relative paths in a config (``out``, ``data.data_root``, a checkpoint folder in ``from`` or ``distill_from``)
@@ -10,9 +11,6 @@ are relative to the config file's folder, so a config means the same wherever it
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +28,12 @@ STEP_KINDS: dict[str, tuple[str, str | None, bool]] = {
     "sensitivity": ("sensitivity", "--checkpoint", True),
 }
 # options the pipeline sets itself: a step may not override them (compared as _option_key spells them)
-_OWNED = {"out", "resume", "checkpoint", "init", "prune_refine", "data", "data_root", "overwrite"}
+_OWNED = {"out", "resume", "checkpoint", "init", "prune_refine", "data", "data_root", "overwrite", "weights"}
 DATA_KEYS = ("data", "data_root", "train_subset", "test_subset", "val_fraction", "data_seed")
 MEASURE_DEFAULTS: dict[str, Any] = {"onnx": True, "threads": 1, "batch_sizes": [1, 64], "warmup": 3, "repeats": 20,
                                     "exporter": "dynamo", "openvino": True}
 _TOP_KEYS = {"name", "out", "data", "measure", "baseline", "steps"}
-_STEP_KEYS = {"name", "run", "from", "args", "row", "skip_from", "distill_from"}
+_STEP_KEYS = {"name", "run", "from", "args", "row", "skip_from", "distill_from", "model", "weights"}
 _ROW_KEYS = {"type", "w_bits", "a_bits", "pack"}
 
 
@@ -80,6 +78,8 @@ class Step:
     line: int
     skip_from: str | None = None  # a sensitivity step whose skip list this quantize step keeps in float
     distill_from: str | None = None  # an earlier step (or checkpoint folder) this training step distills from
+    model: str | None = None  # the user's own MODULE:CALLABLE (a .py path made absolute), in place of `from`
+    weights: str | None = None  # its state dict file (absolute)
 
     @property
     def command(self) -> str:
@@ -175,7 +175,7 @@ def load_config(path: str | Path, *, out: str | Path | None = None) -> PipelineC
         raise _fail(path, line, f"baseline {config.baseline!r} is not a step with a `row`")
     _check_data(config)
     for step in steps:
-        step_argv(config, step)  # every command line parses before anything runs
+        step_options(config, step)  # every step's options check out before anything runs
     return config
 
 
@@ -198,7 +198,8 @@ def _parse_steps(items: Any, path: Path, line: int) -> list[Step]:
         if kind not in STEP_KINDS:
             raise _fail(path, item_line, f"step {name!r}: unknown step kind {kind!r}: choose one of {', '.join(STEP_KINDS)}")
         source = item.get("from")
-        needs_source = STEP_KINDS[kind][2]
+        model, weights = _user_model(item, kind, name, path, item_line)
+        needs_source = STEP_KINDS[kind][2] and model is None
         if needs_source and source is None:
             raise _fail(path, item_line, f"step {name!r} ({kind}) needs `from: <an earlier step>`")
         earlier = {s.name: s for s in steps}
@@ -240,9 +241,39 @@ def _parse_steps(items: Any, path: Path, line: int) -> list[Step]:
             if distill_from not in earlier and not _is_checkpoint_folder(distill_from):
                 raise _fail(path, item_line, f"step {name!r}: `distill_from: {written}` is neither an earlier step "
                                              "nor an existing checkpoint folder")
-        steps.append(Step(name=name, run=kind, source=source, args=args, row=dict(row) if row else None,
+        steps.append(Step(name=name, run=kind, source=source, args=args, row=dict(row) if row else None, model=model,
+                          weights=weights,
                           line=item_line, skip_from=skip_from, distill_from=distill_from))
     return steps
+
+
+def _user_model(item: dict, kind: str, name: str, path: Path, line: int) -> tuple[str | None, str | None]:
+    """A step's ``model: MODULE:CALLABLE`` and ``weights: FILE`` (the user's own network in place of ``from``),
+    with a ``.py`` module and the weights file relative to the config file's folder."""
+    model, weights = item.get("model"), item.get("weights")
+    if model is None and weights is None:
+        if ":" in str((item.get("args") or {}).get("model", "")):
+            raise _fail(path, line, f"step {name!r}: put your own model in the step's `model:` key (a .py path there "
+                                    "is relative to the config file), not in args")
+        return None, None
+    if not isinstance(model, str) or ":" not in model:
+        raise _fail(path, line, f"step {name!r}: `model` is your own network as MODULE:CALLABLE (e.g. nets.py:Net), "
+                                f"with `weights: FILE` (got model {model!r})")
+    if item.get("from") is not None or kind == "finetune":
+        raise _fail(path, line, f"step {name!r}: `model` names the model a {kind} step starts from, and so does "
+                                "`from`: keep one (a finetune step always starts from its prune step)")
+    if "model" in map(_option_key, item.get("args") or {}):
+        raise _fail(path, line, f"step {name!r}: the model is named twice (`model` and args.model): keep the step's `model`")
+    if weights is None and kind != "train":
+        raise _fail(path, line, f"step {name!r}: a {kind} step reads a trained model: add `weights: FILE` beside `model`")
+    module, _, builder = model.rpartition(":")
+    if module.endswith(".py") or "/" in module:
+        model = f"{_relative_to_config(path, module)}:{builder}"
+    if weights is not None:
+        weights = _relative_to_config(path, weights)
+        if not Path(weights).is_file():
+            raise _fail(path, line, f"step {name!r}: weights file {weights} does not exist")
+    return model, weights
 
 
 def _check_data(config: PipelineConfig) -> None:
@@ -269,49 +300,66 @@ def _option_words(key: str, value: Any) -> list[str]:
     return [_flag(key), str(value)]
 
 
-def _accepted_options(command: str) -> set[str]:
-    from micronet.cli import build_parser
+def _options_class(step: Step) -> type:
+    from micronet.workflows import VERBS
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
-    return set(sub.choices[command]._option_string_actions)  # noqa: SLF001
+    return VERBS[step.command][0]
+
+
+def _step_values(config: PipelineConfig, step: Step) -> dict[str, Any]:
+    """The options of ``step`` as named in the config: its output folder, input step and data options filled in."""
+    from micronet.workflows.options import key_name, spellings
+
+    command, source_option, _ = STEP_KINDS[step.run]
+    values: dict[str, Any] = {}
+    if command in ("quantize", "sensitivity") and step.args.get("method") is None:
+        raise _fail(config.path, step.line, f"step {step.name!r}: {step.run} needs args.method (iao, dorefa or wbwtab)")
+    if step.source is not None and source_option:
+        values[source_option] = str(config.step_dir(step.source))
+    if step.model is not None:
+        values["--model"] = step.model
+    if step.weights is not None:
+        values["--weights"] = step.weights
+    values["--out"] = str(config.step_dir(step.name))
+    accepted = spellings(_options_class(step))
+    data = {"data": config.data.get("data", "fashion-mnist"), **config.data}
+    values.update({key: value for key, value in data.items() if key_name(key) in accepted})
+    if step.skip_from is not None:
+        values["--skip"] = [str(config.step_dir(step.skip_from) / "skip.txt")]
+    if step.distill_from is not None:
+        values["--distill"] = str(config.step_dir(step.distill_from))
+    values.update(step.args)
+    return values
+
+
+def step_options(config: PipelineConfig, step: Step, *, resume: Path | None = None) -> tuple[Any, set[str]]:
+    """(the workflow options of ``step``, the names of those it sets), checked by the options' own types: an
+    unknown option or a value the command line would refuse fails here, naming the step and its line.
+    ``resume``: continue the interrupted run in that folder."""
+    from micronet.engine.distributed import parse_gpu_ids
+    from micronet.errors import ConfigError
+    from micronet.workflows.options import options_from_mapping
+
+    values = _step_values(config, step)
+    if resume is not None:
+        values["--resume"] = str(resume)
+    try:
+        options, given = options_from_mapping(_options_class(step), values, command=step.command)
+        if len(parse_gpu_ids(getattr(options, "gpu_id", None))) > 1:
+            raise ConfigError("a pipeline runs its steps in one process: give gpu_id one GPU")
+    except ConfigError as error:
+        raise _fail(config.path, step.line, f"step {step.name!r}: {error}") from None
+    return options, given
 
 
 def step_argv(config: PipelineConfig, step: Step) -> list[str]:
-    """The micronet command line of ``step`` (its output folder, input step and data options filled in),
-    checked by the command's own parser: a wrong option fails here, naming the step and its line."""
-    command, source_option, _ = STEP_KINDS[step.run]
-    accepted = _accepted_options(command)
+    """The ``micronet`` command line that does what ``step`` does: shown in the log and the step's record, and
+    hashed into its fingerprint. (The step itself calls the workflow with :func:`step_options`.)"""
+    command = STEP_KINDS[step.run][0]
     argv = [command]
-    positional = step.args.get("method")
     if command in ("quantize", "sensitivity"):
-        if positional is None:
-            raise _fail(config.path, step.line, f"step {step.name!r}: {step.run} needs args.method (iao, dorefa or wbwtab)")
-        argv.append(str(positional))
-    if step.source is not None and source_option:
-        argv += [source_option, str(config.step_dir(step.source))]
-    argv += ["--out", str(config.step_dir(step.name))]
-    data = {"data": config.data.get("data", "fashion-mnist"), **config.data}
-    for key, value in data.items():
-        if _flag(key) in accepted or _flag(key.replace("_", "-")) in accepted:
-            argv += _option_words(key, value)
-    if step.skip_from is not None:
-        argv += ["--skip", str(config.step_dir(step.skip_from) / "skip.txt")]
-    if step.distill_from is not None:
-        argv += ["--distill", str(config.step_dir(step.distill_from))]
-    for key, value in step.args.items():
-        if key == "method":
-            continue
-        if _flag(str(key)) not in accepted:
-            raise _fail(config.path, step.line, f"step {step.name!r}: `micronet {command}` has no option --{key}")
-        argv += _option_words(str(key), value)
-    from micronet.cli import build_parser
-
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr):
-            build_parser().parse_args(argv)
-    except SystemExit:
-        message = stderr.getvalue().strip().splitlines()[-1:] or ["invalid options"]
-        raise _fail(config.path, step.line, f"step {step.name!r}: {message[0]}") from None
+        argv.append(str(step.args.get("method")))
+    for key, value in _step_values(config, step).items():
+        if key != "method":
+            argv += _option_words(str(key), value)
     return argv

@@ -218,6 +218,14 @@ def _sensitivity_section(sensitivity: dict[str, Any], plotted: bool) -> list[str
     return lines
 
 
+def _step_times_section(step_seconds: Sequence[dict[str, Any]], total: float | None) -> list[str]:
+    """Seconds of each step's last run (after an interruption: since it resumed) and of measuring each row:
+    where the budget goes."""
+    lines = ["## Time per step", "", "| Step | Runs | Time |", "|------|------|-----:|"]
+    lines += [f"| {entry['step']} | {entry['run']} | {_duration(entry['seconds'])} |" for entry in step_seconds]
+    return lines + [f"| **total** | | **{_duration(total)}** |", ""]
+
+
 def _errors_section(rows: Sequence[dict[str, Any]]) -> list[str]:
     errors = [f"- {_row_name(row)}: {error}" for row in rows for error in row.get("errors") or []]
     return ["## Step errors", "", *errors, ""] if errors else []
@@ -252,6 +260,8 @@ def render_markdown(report: dict[str, Any], sensitivity: dict[str, Any] | None) 
     lines += [""] if any(name in drawn for name in alt) else []
     if sensitivity is not None:
         lines += _sensitivity_section(sensitivity, SENSITIVITY_PNG in drawn)
+    if report.get("step_seconds"):
+        lines += _step_times_section(report["step_seconds"], report.get("wall_time_s"))
     lines += _errors_section(rows)
     problems = consistency_problems(report)
     lines += ["## Consistency", ""]

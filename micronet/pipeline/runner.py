@@ -24,7 +24,7 @@ from typing import Any
 from micronet.errors import MicronetError, PipelineError
 from micronet.io import atomic_write_text
 from micronet.outputs import MEASURE_RECORD, STEP_RECORD, check_writable, foreign_entries, holds_nothing, remove_path
-from micronet.pipeline.config import PipelineConfig, Step, load_config, step_argv
+from micronet.pipeline.config import PipelineConfig, Step, load_config, step_argv, step_options
 
 REPORT_FILE = "report.json"
 SENSITIVITY_FILE = "sensitivity.json"
@@ -53,9 +53,18 @@ def fingerprints(config: PipelineConfig) -> dict[str, str]:
             teacher = out[step.distill_from] if config.is_step(step.distill_from) else _checkpoint_fingerprint(step.distill_from)
             argv = [arg.replace(str(config.step_dir(step.distill_from)), f"<{teacher}>") for arg in argv]
         argv = [arg.replace(str(config.step_dir(step.name)), "<out>") for arg in argv]
+        user = _user_model_fingerprint(step)  # an edited model file or new weights re-run the step
         out[step.name] = _hash({"argv": argv, "source": source, **({"skip": skip} if skip else {}),
-                                **({"teacher": teacher} if teacher else {})})
+                                **({"teacher": teacher} if teacher else {}), **({"user_model": user} if user else {})})
     return out
+
+
+def _user_model_fingerprint(step: Step) -> str | None:
+    """The contents of a step's own model: its .py file (an importable module is named only) and weights file."""
+    if step.model is None:
+        return None
+    files = [Path(step.model.rpartition(":")[0]), *([Path(step.weights)] if step.weights else [])]
+    return _hash([hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else str(file) for file in files])
 
 
 def _checkpoint_fingerprint(folder: str) -> str:
@@ -134,14 +143,16 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
-def _run_command(argv: list[str]) -> None:
-    """Run one micronet command in this process; its errors propagate as exceptions."""
-    from micronet.cli import build_parser
+def _run_workflow(config: PipelineConfig, step: Step, resume: Path | None) -> None:
+    """Run the workflow of ``step`` in this process; its errors propagate as exceptions."""
+    from micronet.workflows import VERBS
 
-    args = build_parser().parse_args(argv)
-    code = args.run(args, argv)
-    if code:
-        raise PipelineError(f"`micronet {' '.join(argv)}` exited with status {code}")
+    options, given = step_options(config, step, resume=resume)
+    workflow = VERBS[step.command][1]
+    if step.command in ("train", "quantize"):  # the workflows that resume: they check the options given again
+        workflow(options, given=given)
+    else:
+        workflow(options)
 
 
 def _run_step(config: PipelineConfig, step: Step, fingerprint: str, echo: Callable[[str], None]) -> str:
@@ -168,7 +179,7 @@ def _run_step(config: PipelineConfig, step: Step, fingerprint: str, echo: Callab
     spent = float(record.get("seconds", 0.0)) if resume else 0.0
     _write_json(folder / STEP_RECORD, {"status": "running", "fingerprint": fingerprint, "argv": argv, "seconds": spent})
     start = time.perf_counter()
-    _run_command(argv)
+    _run_workflow(config, step, folder if resume else None)
     seconds = spent + time.perf_counter() - start
     _write_json(folder / STEP_RECORD, {"status": "done", "fingerprint": fingerprint, "argv": argv, "seconds": seconds,
                                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -262,13 +273,16 @@ def run_pipeline(config: PipelineConfig | str | Path, *, out: str | Path | None 
     _publish_sensitivity(config)
     rows = _measure_rows(config, prints, echo)
     baseline = _with_baseline(rows, config.baseline)
-    compute = sum(float((_read_json(config.step_dir(s.name) / STEP_RECORD) or {}).get("seconds", 0)) for s in config.steps)
-    compute += sum(float(row.get("seconds", 0)) for row in rows)
+    step_seconds = [{"step": s.name, "run": s.run,
+                      "seconds": float((_read_json(config.step_dir(s.name) / STEP_RECORD) or {}).get("seconds", 0))}
+                     for s in config.steps]
+    step_seconds += [{"step": row["name"], "run": "measure", "seconds": float(row.get("seconds", 0))} for row in rows]
+    compute = sum(entry["seconds"] for entry in step_seconds)
     report = {
         "name": config.name, "config": str(config.path), "data": config.data.get("data", "fashion-mnist"),
         "test_images": rows[0].get("test_images") if rows else None,
         "machine": _machine(int(config.measure.get("threads", 1))), "baseline": baseline,
-        "wall_time_s": compute, "this_run_s": time.perf_counter() - start, "rows": rows,
+        "wall_time_s": compute, "this_run_s": time.perf_counter() - start, "rows": rows, "step_seconds": step_seconds,
     }
     _write_json(config.out / REPORT_FILE, report)
     from micronet.pipeline.report import render_report

@@ -4,8 +4,14 @@
 channel record; ``apply_channel_record(fresh_model, record)`` rebuilds the pruned shapes on load.
 """
 
-from micronet.compression.pruning.api import (LayerRow, PruneReport, UnprunableGroup, plan_pruning, prunable_batchnorms,
-                                             prune)
+from micronet.compression.pruning.api import (
+    LayerRow,
+    PruneReport,
+    UnprunableGroup,
+    plan_pruning,
+    prunable_batchnorms,
+    prune,
+)
 from micronet.compression.pruning.graph import ChannelGraph, build_channel_graph
 from micronet.compression.pruning.record import RECORD_VERSION, apply_channel_record, channel_record, derive_cfg
 from micronet.compression.pruning.selection import Selection, select_channels

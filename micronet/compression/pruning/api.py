@@ -25,7 +25,7 @@ from micronet.analysis import count_flops, count_parameters, format_table
 from micronet.compression.pruning.graph import ChannelGraph, build_channel_graph, check_not_quantized
 from micronet.compression.pruning.record import channel_record
 from micronet.compression.pruning.selection import Selection, check_options, select_channels
-from micronet.compression.pruning.surgery import replace_module, shrink_module
+from micronet.compression.pruning.surgery import shrink_module
 from micronet.errors import PruningError
 
 __all__ = ["LayerRow", "PruneReport", "UnprunableGroup", "plan_pruning", "prune"]
@@ -212,7 +212,7 @@ def prune(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor]
             raise PruningError(f"module '{path}' is reached under two names; channel pruning needs each layer once")
         n_in, n_out = len(use.in_elems), len(use.out_elems())
         if len(keep_in) != n_in or len(keep_out) != n_out:
-            replace_module(work, path, shrink_module(m, keep_in, keep_out, use.kind))
+            work.set_submodule(path, shrink_module(m, keep_in, keep_out, use.kind))
         report.layers.append(LayerRow(path, type(m).__name__, n_in, len(keep_in), n_out, len(keep_out)))
     report.unprunable = _unprunable(graph, selection)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from micronet.compression.pruning.surgery import module_sizes, replace_module, resize_module
+from micronet.compression.pruning.surgery import module_sizes, resize_module
 from micronet.errors import ModelConfigError, PruningError
 
 __all__ = ["RECORD_VERSION", "apply_channel_record", "channel_record", "derive_cfg"]
@@ -125,7 +125,7 @@ def apply_channel_record(model: nn.Module, record: Mapping[str, Any]) -> nn.Modu
                 raise PruningError(f"the channel record gives '{path}' {key}={value!r}: it must be a positive integer")
             sizes[key] = value
         if sizes != current:
-            replace_module(model, path, resize_module(m, sizes))
+            model.set_submodule(path, resize_module(m, sizes))
     cfg = record.get("cfg")
     arch = model.__dict__.get("arch")
     if cfg is not None and arch is not None and dataclasses.is_dataclass(arch):

@@ -100,25 +100,9 @@ def _allowed_counts(size: int, step: int) -> list[int]:
     return counts
 
 
-def select_channels(graph: ChannelGraph, percent: float, normal_regular: int | None = None,
-                    importance: str = "bn_gamma", min_channels: int = 1) -> Selection:
-    """Choose the units to remove (see the module docstring for the rules)."""
-    check_options(percent, normal_regular, importance, min_channels)
-    g = graph
-    unprunable = g.component_reasons()
-    members: dict[int, list[int]] = {}
-    for e in range(len(g.elem_space)):
-        members.setdefault(g.units.find(e), []).append(e)
-    comp_of = {r: g.component(g.elem_space[r]) for r in members}
-
-    imp = _importance(g, importance)
-    for root, comp in comp_of.items():
-        if root not in imp and comp not in unprunable:
-            why = ("no BatchNorm reads these channels (importance='bn_gamma'): pass importance='l1' to prune them"
-                   if importance == "bn_gamma" else "no conv or linear layer writes these channels")
-            _block(unprunable, comp, why)
-
-    # Group constraints: each unit is either spread evenly over the groups (free) or inside one group.
+def _group_labels(g: ChannelGraph, comp_of: dict[int, int], unprunable: dict[int, list[str]]) -> dict[int, list[tuple[int, int]]]:
+    """Group constraints: each unit is either spread evenly over a grouped conv's groups (free) or inside one
+    group (labelled with it); anything else blocks the unit's component."""
     labels: dict[int, list[tuple[int, int]]] = {}
     for ci, c in enumerate(g.constraints):
         hist: dict[int, Counter] = {}
@@ -138,8 +122,13 @@ def select_channels(graph: ChannelGraph, percent: float, normal_regular: int | N
             for root in hist:
                 _block(unprunable, comp_of[root], f"grouped conv '{c.path}' (groups={c.groups}, {c.side}) gets "
                                                   "channels in unequal bundles")
+    return labels
 
-    # Families and cells.
+
+def _families(g: ChannelGraph, members: dict[int, list[int]], comp_of: dict[int, int], unprunable: dict[int, list[str]],
+              labels: dict[int, list[tuple[int, int]]]) -> dict[tuple, dict[tuple, list[int]]]:
+    """Families (units of one component over the same layers and groups) split into cells (one per group
+    label); a family whose cells cannot shrink equally blocks its component."""
     families: dict[tuple, dict[tuple, list[int]]] = {}
     for root, elems in members.items():
         if comp_of[root] in unprunable:
@@ -165,32 +154,62 @@ def select_channels(graph: ChannelGraph, percent: float, normal_regular: int | N
                        "channel cannot go without emptying its group")
         if problem:
             _block(unprunable, fam[0], problem)
+    return families
+
+
+def _family_removals(g: ChannelGraph, fam: tuple, cells: dict[tuple, list[int]], doomed: set[int],
+                     imp: dict[int, float], n_reg: int, min_channels: int) -> set[int]:
+    """The units one family loses: every cell keeps the same allowed count k nearest to the survivors of the
+    global threshold, and loses its least important units."""
+    n_cells = len(cells)
+    size = len(next(iter(cells.values())))
+    survivors = sum(1 for roots in cells.values() for r in roots if r not in doomed)
+    k_raw = survivors / n_cells
+    widths = [n_cells * cnt for _, cnt in fam[1]]  # channels one k adds to each layer
+    for sid, _ in fam[1]:
+        space = g.spaces[sid]
+        if n_reg > space.size:
+            raise PruningError(f"normal_regular={n_reg} is larger than layer '{space.name}' ({space.size} "
+                               f"channels): choose normal_regular <= {space.size} or add '{space.name}' to "
+                               "ignored_layers (`micronet prune --ignore`)")
+    step = math.lcm(*(n_reg // math.gcd(n_reg, w) for w in widths))
+    k_min = min(size, max(1, math.ceil(min_channels / min(widths))))
+    counts = [k for k in _allowed_counts(size, step) if k >= k_min] or [size]
+    k = min(counts, key=lambda v: (abs(v - k_raw), -v))
+    removed: set[int] = set()
+    for roots in cells.values():
+        ranked = sorted(roots, key=lambda r: (-imp[r], -r))  # the reverse of the removal order
+        removed.update(ranked[k:])
+    return removed
+
+
+def select_channels(graph: ChannelGraph, percent: float, normal_regular: int | None = None,
+                    importance: str = "bn_gamma", min_channels: int = 1) -> Selection:
+    """Choose the units to remove (see the module docstring for the rules)."""
+    check_options(percent, normal_regular, importance, min_channels)
+    g = graph
+    unprunable = g.component_reasons()
+    members: dict[int, list[int]] = {}
+    for e in range(len(g.elem_space)):
+        members.setdefault(g.units.find(e), []).append(e)
+    comp_of = {r: g.component(g.elem_space[r]) for r in members}
+
+    imp = _importance(g, importance)
+    for root, comp in comp_of.items():
+        if root not in imp and comp not in unprunable:
+            why = ("no BatchNorm reads these channels (importance='bn_gamma'): pass importance='l1' to prune them"
+                   if importance == "bn_gamma" else "no conv or linear layer writes these channels")
+            _block(unprunable, comp, why)
+
+    labels = _group_labels(g, comp_of, unprunable)
+    families = _families(g, members, comp_of, unprunable, labels)
 
     # Global threshold over prunable units.
     prunable = sorted((r for r in members if comp_of[r] not in unprunable), key=lambda r: (imp[r], r))
     doomed = set(prunable[:int(len(prunable) * percent)])
 
     removed: set[int] = set()
-    n_reg = normal_regular or 1
     for fam, cells in families.items():
-        if fam[0] in unprunable:
-            continue
-        n_cells = len(cells)
-        size = len(next(iter(cells.values())))
-        survivors = sum(1 for roots in cells.values() for r in roots if r not in doomed)
-        k_raw = survivors / n_cells
-        widths = [n_cells * cnt for _, cnt in fam[1]]  # channels one k adds to each layer
-        for sid, _ in fam[1]:
-            space = g.spaces[sid]
-            if n_reg > space.size:
-                raise PruningError(f"normal_regular={n_reg} is larger than layer '{space.name}' ({space.size} "
-                                   f"channels): choose normal_regular <= {space.size} or add '{space.name}' to "
-                                   "ignored_layers (`micronet prune --ignore`)")
-        step = math.lcm(*(n_reg // math.gcd(n_reg, w) for w in widths))
-        k_min = min(size, max(1, math.ceil(min_channels / min(widths))))
-        counts = [k for k in _allowed_counts(size, step) if k >= k_min] or [size]
-        k = min(counts, key=lambda v: (abs(v - k_raw), -v))
-        for roots in cells.values():
-            ranked = sorted(roots, key=lambda r: (-imp[r], -r))  # the reverse of the removal order
-            removed.update(ranked[k:])
+        if fam[0] not in unprunable:
+            removed |= _family_removals(g, fam, cells, doomed, imp, normal_regular or 1, min_channels)
     return Selection(g, removed, unprunable)

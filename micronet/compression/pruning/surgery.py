@@ -115,7 +115,6 @@ def shrink_module(m: nn.Module, keep_in: list[int], keep_out: list[int], kind: s
 
 
 def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
-    """Put ``new`` at ``path`` (dotted) inside ``root``."""
-    parent_path, _, leaf = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, leaf, new)
+    """Put ``new`` at ``path`` (dotted) inside ``root``: torch's ``root.set_submodule(path, new)``, kept for
+    callers of this name."""
+    root.set_submodule(path, new)

@@ -12,8 +12,22 @@ import onnx
 from micronet.deploy.integer.fixed_point import ADD_LEFT_SHIFT, INT32_MAX, ROUNDINGS, quantize_multiplier
 from micronet.deploy.integer.float32 import float32_multiplier, qlinear_add_parameters
 from micronet.deploy.integer.steps import (
-    _INDEX_OPS, Add, Clamp, Concat, Conv, Dequantize, IndexOp, MatMul, MaxPool, Mul, PoolSum, QLinearAdd, QuantizeInput,
-    Requantize, Shape, Step,
+    _INDEX_OPS,
+    Add,
+    Clamp,
+    Concat,
+    Conv,
+    Dequantize,
+    IndexOp,
+    MatMul,
+    MaxPool,
+    Mul,
+    PoolSum,
+    QLinearAdd,
+    QuantizeInput,
+    Requantize,
+    Shape,
+    Step,
 )
 from micronet.deploy.onnx.graph import GraphView, attribute
 from micronet.errors import DeployError

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from micronet.deploy.integer.float32 import multiply_float32

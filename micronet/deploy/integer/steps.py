@@ -11,8 +11,13 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from micronet.deploy.integer.fixed_point import (
+    ADD_LEFT_SHIFT,
+    _saturate_int32,
+    divide_by_count,
+    multiply_by_quantized_multiplier,
+)
 from micronet.deploy.integer.float32 import qlinear_add
-from micronet.deploy.integer.fixed_point import ADD_LEFT_SHIFT, _saturate_int32, divide_by_count, multiply_by_quantized_multiplier
 
 
 # ------------------------------------------------------------------------------------------ window helpers

@@ -85,8 +85,8 @@ class ExportFormReport:
     value_moving_ops_quantized: int = 0  # max pools and shuffles given their readers' quantizer (no value changes)
 
     def rows(self) -> list[dict[str, str]]:
-        return [{"layer": l.name, "op": l.op, "input": l.input, "weight": l.weight, "bias": l.bias, "kernel": l.kernel,
-                 "note": l.note} for l in self.layers]
+        return [{"layer": row.name, "op": row.op, "input": row.input, "weight": row.weight, "bias": row.bias,
+                 "kernel": row.kernel, "note": row.note} for row in self.layers]
 
     @property
     def integer_layers(self) -> int:
@@ -545,7 +545,7 @@ def quantize_before_value_moving_ops(form: nn.Module) -> int:
         readers = _consumer_quantizers(node, modules)
         copies = [q.value_copy() for q in readers or []]
         if copies and all(_same(copies[0], q) for q in copies[1:]):
-            _set_module(form, node.target, nn.Sequential(copies[0], modules[node.target]))
+            form.set_submodule(node.target, nn.Sequential(copies[0], modules[node.target]))
             done += 1
     return done
 
@@ -615,11 +615,11 @@ def integer_signs(form: nn.Module) -> int:
             reader, users = RequantizeCodes.sign(), list(node.users)
             pool = _module(users[0], modules) if len(users) == 1 else None
             if isinstance(pool, (nn.MaxPool1d, nn.MaxPool2d)) and not isinstance(pool, QuantizedModule):
-                _set_module(form, node.target, nn.Identity())
-                _set_module(form, users[0].target, nn.Sequential(pool, reader))
+                form.set_submodule(node.target, nn.Identity())
+                form.set_submodule(users[0].target, nn.Sequential(pool, reader))
                 node = users[0]
             else:
-                _set_module(form, node.target, reader)
+                form.set_submodule(node.target, reader)
             for reading in _layers_reading(node, modules):
                 reading.read_sign_codes()
             done += 1
@@ -657,11 +657,6 @@ def classify_kernels(form: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the model
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 @torch.no_grad()
 def export_form(model: nn.Module, activation_dtype: str = "uint8", weight_dtype: str = "auto",
                 target: str = DEFAULT_TARGET) -> tuple[nn.Module, ExportFormReport]:
@@ -688,9 +683,9 @@ def export_form(model: nn.Module, activation_dtype: str = "uint8", weight_dtype:
             bn_name = bn_into_scales.get(name)
             bn = form.get_submodule(bn_name) if bn_name else None
             exported = WeightedExport(module, name, activation_dtype, bn, weight_dtype, target)
-            _set_module(form, name, exported)
+            form.set_submodule(name, exported)
             if bn_name:
-                _set_module(form, bn_name, nn.Identity())
+                form.set_submodule(bn_name, nn.Identity())
             report.layers.append(exported.record)
             report.activation_quantizers += isinstance(exported.input_quantizer, (*_READERS, SignExport))
     report.bn_folded = len(fusion.fused) + len(bn_into_scales)
@@ -702,7 +697,7 @@ def export_form(model: nn.Module, activation_dtype: str = "uint8", weight_dtype:
             report.activation_quantizers += isinstance(module.input_quantizer, (*_READERS, SignExport))
         elif isinstance(module, Quantizer) and name not in owned:
             exported = activation_export(module, name, activation_dtype)
-            _set_module(form, name, exported)
+            form.set_submodule(name, exported)
             report.activation_quantizers += isinstance(exported, (*_READERS, SignExport))
     if activation_dtype == "uint8":  # TensorRT's form keeps float signs (its parser dequantizes int8 only)
         integer_signs(form)

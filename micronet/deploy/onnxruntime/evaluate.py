@@ -10,11 +10,10 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 
 from micronet.data import ArrayDataset, BatchLoader
 from micronet.deploy.onnxruntime.session import ModelSource, as_session, check_image_shape, fixed_batch, run
-from micronet.engine.numerics import require_finite
+from micronet.engine.numerics import ClassificationScore, require_finite
 from micronet.errors import DeployError
 
 
@@ -31,7 +30,7 @@ def evaluate(model: ModelSource | ort.InferenceSession, split: ArrayDataset, bat
                       "evaluate on the dataset the model was exported for")
     fixed = fixed_batch(session)
     batch_size = fixed or batch_size
-    loss_sum, correct, seen = 0.0, 0, 0
+    score = ClassificationScore("the ONNX model")
     for images, labels in BatchLoader(split, batch_size):
         n = len(labels)
         x = images.numpy()
@@ -41,14 +40,8 @@ def evaluate(model: ModelSource | ort.InferenceSession, split: ArrayDataset, bat
         if logits.ndim != 2 or logits.shape[1] != info.num_classes:
             raise DeployError(f"the model outputs shape {list(logits.shape)} but {info.name} has "
                               f"{info.num_classes} classes: evaluate on the dataset the model was trained on")
-        out = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
-        require_finite(out, "the ONNX model")
-        loss_sum += F.cross_entropy(out, labels, reduction="sum").item()
-        correct += (out.argmax(1) == labels).sum().item()
-        seen += n
-    if seen == 0:
-        return {"loss": float("nan"), "acc": float("nan"), "samples": 0}
-    return {"loss": loss_sum / seen, "acc": correct / seen, "samples": seen}
+        score.add(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), labels)
+    return score.result()
 
 
 def top1_agreement(a_logits: np.ndarray | torch.Tensor, b_logits: np.ndarray | torch.Tensor) -> float:

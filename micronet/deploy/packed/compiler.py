@@ -29,8 +29,14 @@ import torch.fx as fx
 from torch import nn
 
 from micronet.deploy.packed.kernels import kernels_for, resolve_isa
-from micronet.deploy.packed.layers import (PackedChannelShuffle, PackedConv2d, PackedMaxPool2d, PackSign, Unpack,
-                                          _PackedModule)
+from micronet.deploy.packed.layers import (
+    PackedChannelShuffle,
+    PackedConv2d,
+    PackedMaxPool2d,
+    PackSign,
+    Unpack,
+    _PackedModule,
+)
 from micronet.errors import DeployError
 
 __all__ = ["PackedModel", "PackedReport", "compile_packed", "set_isa"]
@@ -175,11 +181,6 @@ def _threshold(chain: list[nn.Module], alpha: torch.Tensor, bias: torch.Tensor,
     return (index - reach).to(torch.int32), flip
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
 # ------------------------------------------------------------------------------------------ rewrite
 class _Rewriter:
     def __init__(self, root: nn.Module, graph: fx.Graph, report: PackedReport, channels_last: bool) -> None:
@@ -232,7 +233,7 @@ class _Rewriter:
     def replace(self, node: fx.Node, module: nn.Module) -> str:
         """Put ``module`` in place of the one ``node`` calls (its own name when called once)."""
         if self.calls[node.target] == 1:
-            _set_module(self.root, node.target, module)
+            self.root.set_submodule(node.target, module)
             return node.target
         return self.helper(module, node.target.replace(".", "_"))
 

@@ -17,11 +17,10 @@ from types import ModuleType
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from micronet.data import ArrayDataset, BatchLoader
 from micronet.deploy.tensorrt._support import make_logger, require_device, require_tensorrt
-from micronet.engine.numerics import require_finite
+from micronet.engine.numerics import ClassificationScore
 from micronet.errors import DeployError
 
 EngineSource = str | os.PathLike | bytes
@@ -137,7 +136,7 @@ def evaluate(runner: TensorRTRunner, split: ArrayDataset, batch_size: int = 256)
         raise DeployError(f"the engine takes images of shape {list(runner.image_shape)} but {info.name} has "
                           f"{[info.in_channels, *info.image_size]}: evaluate on the dataset the model was exported for")
     batch_size = runner.fixed_batch or min(batch_size, runner.max_batch)
-    loss_sum, correct, seen = 0.0, 0, 0
+    score = ClassificationScore("the TensorRT engine")
     for images, labels in BatchLoader(split, batch_size):
         n = len(labels)
         if n < runner.min_batch:
@@ -146,13 +145,8 @@ def evaluate(runner: TensorRTRunner, split: ArrayDataset, batch_size: int = 256)
         if logits.ndim != 2 or logits.shape[1] != info.num_classes:
             raise DeployError(f"the engine outputs shape {list(logits.shape)} but {info.name} has {info.num_classes} "
                               "classes: evaluate on the dataset the model was trained on")
-        require_finite(logits, "the TensorRT engine")
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += n
-    if seen == 0:
-        return {"loss": float("nan"), "acc": float("nan"), "samples": 0}
-    return {"loss": loss_sum / seen, "acc": correct / seen, "samples": seen}
+        score.add(logits, labels)
+    return score.result()
 
 
 def benchmark(runner: TensorRTRunner, input_shape: tuple[int, ...] | None = None,

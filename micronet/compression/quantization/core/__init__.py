@@ -31,6 +31,8 @@ from micronet.compression.quantization.core.observers import (
     PercentileObserver,
     build_observer,
 )
+from micronet.compression.quantization.core.quantizers import CALIBRATE, FROZEN, QAT, AffineQuantizer, Quantizer
+from micronet.compression.quantization.core.scheme import QuantizerSpec, QuantScheme, register_quantizer_family
 from micronet.compression.quantization.core.workflow import (
     QuantizationReport,
     calibrate,
@@ -42,8 +44,6 @@ from micronet.compression.quantization.core.workflow import (
     quantizers,
     set_fake_quant,
 )
-from micronet.compression.quantization.core.quantizers import CALIBRATE, FROZEN, QAT, AffineQuantizer, Quantizer
-from micronet.compression.quantization.core.scheme import QuantizerSpec, QuantScheme, register_quantizer_family
 
 __all__ = [
     "register_quantizer_family",

@@ -53,17 +53,34 @@ TERNARY_THRESHOLD = 0.7  # Δ = 0.7 · mean|W| (Li & Liu, Ternary Weight Network
 
 # ------------------------------------------------------------------------------------------ STEs
 class _SignSTE(torch.autograd.Function):
-    """sign(x) with sign(0) = +1; gradient passed where |x| < 1 and zeroed outside (hardtanh STE)."""
+    """sign(x) with sign(0) = +1; gradient passed where |x| < 1 and zeroed outside (hardtanh STE).
+
+    Saves the 1-byte mask |x| < 1 rather than x: backward is one ``where`` and x's float storage can be freed."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x.abs() < 1)
         return _sign(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return grad * (x.abs() < 1).to(grad.dtype)
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad, 0.0)
+
+
+class _ApproxSignSTE(torch.autograd.Function):
+    """sign(x) with sign(0) = +1; gradient × max(0, 2 − 2|x|), the derivative of Bi-Real Net's piecewise
+    quadratic approximation of sign (ApproxSign): closer to sign's impulse than hardtanh's box."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(torch.clamp(2 - 2 * x.abs(), min=0.0))
+        return _sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (slope,) = ctx.saved_tensors
+        return grad * slope
 
 
 class _IdentitySTE(torch.autograd.Function):
@@ -78,13 +95,44 @@ class _IdentitySTE(torch.autograd.Function):
         return grad, None
 
 
+class _ClampRoundSTE(torch.autograd.Function):
+    """DoReFa's activation in one node: round(clamp(x·pre_scale, 0, 1)·n) / n.
+
+    Forward works in place on one fresh tensor (one allocation instead of five) and saves the 1-byte mask
+    of the clamp's linear range; backward repeats autograd's chain of the unfused expression operation by
+    operation (÷n, ×n, mask, ×pre_scale), so the gradients are bit-identical to it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pre_scale: float, levels: int, rounding: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        scaled = x * pre_scale
+        clipped = torch.clamp(scaled, 0.0, 1.0)
+        ctx.save_for_backward(clipped == scaled)  # inside [0, 1] (NaN: outside, as clamp's own backward)
+        ctx.pre_scale, ctx.levels = pre_scale, levels
+        return rounding(clipped.mul_(levels)).div_(levels)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        (inside,) = ctx.saved_tensors
+        through = (grad / ctx.levels).mul_(ctx.levels)
+        return torch.where(inside, through, 0.0).mul_(ctx.pre_scale), None, None, None
+
+
 def _sign(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
 def sign_ste(x: torch.Tensor) -> torch.Tensor:
     """Binary activation: values exactly {−1, +1} (0 → +1), hardtanh straight-through gradient."""
     return _SignSTE.apply(x)
+
+
+def approx_sign_ste(x: torch.Tensor) -> torch.Tensor:
+    """Binary activation: values exactly {−1, +1} (0 → +1), ApproxSign gradient max(0, 2 − 2|x|)."""
+    return _ApproxSignSTE.apply(x)
+
+
+SIGN_GRADIENTS = ("hardtanh", "approx")
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -267,23 +315,31 @@ class DoReFaActivationQuantizer(Quantizer):
         self._round = _rounding(rounding)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        levels = 2 ** int(self.bits) - 1
-        clipped = torch.clamp(x * self.pre_scale, 0.0, 1.0)
-        return _IdentitySTE.apply(clipped * levels, self._round) / levels
+        return _ClampRoundSTE.apply(x, self.pre_scale, 2 ** int(self.bits) - 1, self._round)
 
     def extra_repr(self) -> str:
         return f"bits={int(self.bits)}, pre_scale={self.pre_scale}, rounding={self.rounding}"
 
 
 class SignActivation(Quantizer):
-    """Binary activation ±1 (sign(0) = +1, hardtanh STE). ``prepare`` puts it in place of the ReLUs
-    in front of binarized layers: a ReLU followed by a sign would make every activation +1."""
+    """Binary activation ±1 (sign(0) = +1). ``prepare`` puts it in place of the ReLUs in front of
+    binarized layers: a ReLU followed by a sign would make every activation +1.
 
-    def __init__(self) -> None:
+    ``gradient``: ``"hardtanh"`` (default) passes the gradient where |x| < 1; ``"approx"`` scales it by
+    max(0, 2 − 2|x|) (Bi-Real Net's ApproxSign). Only training differs: the forward values are the same.
+    """
+
+    def __init__(self, gradient: str = "hardtanh") -> None:
         super().__init__(1)
+        if gradient not in SIGN_GRADIENTS:
+            raise QuantizationError(f"unknown sign gradient {gradient!r}: choose one of {', '.join(SIGN_GRADIENTS)}")
+        self.gradient = gradient
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return sign_ste(x)
+        return sign_ste(x) if self.gradient == "hardtanh" else approx_sign_ste(x)
+
+    def extra_repr(self) -> str:
+        return "" if self.gradient == "hardtanh" else f"gradient={self.gradient}"
 
 
 class FloatQuantizer(Quantizer):
@@ -328,8 +384,7 @@ def _build_dorefa_activation(spec: Any, ch_axis: int | None, num_channels: int |
 
 def _build_sign(spec: Any, ch_axis: int | None, num_channels: int | None) -> Quantizer:
     _check_bits("sign", spec.bits, (1,), "1 bit (values ±1): set bits=1")
-    _options(spec, ())
-    return SignActivation()
+    return SignActivation(**_options(spec, ("gradient",)))
 
 
 def _build_float(spec: Any, ch_axis: int | None, num_channels: int | None) -> Quantizer:

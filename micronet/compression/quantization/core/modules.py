@@ -19,7 +19,7 @@ from torch import nn
 from micronet.base_module.op import Add, Concat
 from micronet.compression.quantization.core.integer_bias import integer_bias_grid, round_bias
 from micronet.compression.quantization.core.quantizers import Quantizer
-from micronet.compression.quantization.core.scheme import QuantScheme, QuantizerSpec
+from micronet.compression.quantization.core.scheme import QuantizerSpec, QuantScheme
 
 
 def default_scheme() -> QuantScheme:

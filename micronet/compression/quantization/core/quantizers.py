@@ -49,6 +49,12 @@ MODE_NAMES = {QAT: "qat", CALIBRATE: "calibrate", FROZEN: "frozen"}
 class Quantizer(nn.Module):
     """Base class. Subclasses implement :meth:`observe` and :meth:`quantize`."""
 
+    observes = False  # whether the class overrides observe(): quantizers without statistics skip the mode check
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.observes = cls.observe is not Quantizer.observe
+
     def __init__(self, bits: int) -> None:
         super().__init__()
         self.register_buffer("bits", torch.tensor(int(bits), dtype=torch.int32))
@@ -69,7 +75,7 @@ class Quantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled.item():
             return x
-        if self.observing:
+        if self.observes and self.observing:
             self._observe_checked(x)
         return self.quantize(x)
 
@@ -77,7 +83,7 @@ class Quantizer(nn.Module):
         """Quantize several tensors with one set of parameters (inputs of an add or a concat)."""
         if not self.enabled.item():
             return list(tensors)
-        if self.observing:
+        if self.observes and self.observing:
             self._observe_checked(tensors)  # observers take several tensors as one
         return [self.quantize(t) for t in tensors]
 
@@ -214,3 +220,13 @@ class AffineQuantizer(Quantizer):
         kind = "symmetric" if self.symmetric else "asymmetric"
         sign = "auto-signed" if self.signed_policy is None else ("signed" if self.signed_policy else "unsigned")
         return f"bits={int(self.bits)}, {kind}, {sign}" + (", narrow" if self.narrow_range else "")
+
+
+def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
+    """Every quantizer of ``model`` with its module path."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Quantizer)]
+
+
+def is_prepared(model: nn.Module) -> bool:
+    """Whether ``model`` holds quantizers (went through ``prepare``)."""
+    return any(True for _ in quantizers(model))

@@ -72,3 +72,49 @@ class ClampBinaryWeights(Hook):
     def after_step(self, trainer) -> None:
         for weight in self.weights:
             weight.clamp_(-1.0, 1.0)
+
+
+class FloatWeightsFirst(Hook):
+    """Two-stage training of binary networks: binary (or ternary) weights are switched off for the first
+    ``epochs`` epochs, so the network first learns with binary activations and float weights, then with
+    both binarized (Real-to-Binary, ReActNet). The switch is each weight quantizer's ``enabled`` buffer,
+    so a resumed run is in the right stage. Epochs with float weights report their validation accuracy as
+    ``val_acc_float_weights``, not ``val_acc``: the best checkpoint is always one with binarized weights.
+    """
+
+    def __init__(self, epochs: int) -> None:
+        if epochs < 1:
+            raise QuantizationError(f"float-weight epochs must be at least 1 (got {epochs})")
+        self.epochs = int(epochs)
+        self.quantizers: list[nn.Module] = []
+
+    def state_dict(self) -> dict:
+        """Saved with the run, so that ``micronet quantize --resume`` switches at the same epoch."""
+        return {"kind": "float_weights_first", "epochs": self.epochs}
+
+    @classmethod
+    def from_state(cls, state: dict) -> FloatWeightsFirst:
+        return cls(int(state["epochs"]))
+
+    def on_fit_start(self, trainer) -> None:
+        from micronet.compression.quantization.core.lowbit import LowBitWeightQuantizer
+
+        if trainer.config.epochs <= self.epochs:
+            raise QuantizationError(f"{self.epochs} float-weight epochs leave none of the {trainer.config.epochs} to train "
+                                    "the binarized weights: train more epochs than float-weight epochs")
+        model = getattr(trainer.model, "module", trainer.model)
+        self.quantizers = [m for m in model.modules() if isinstance(m, LowBitWeightQuantizer)]
+        if not self.quantizers:
+            raise QuantizationError("float weights first applies to binary or ternary weights, and the model has none: "
+                                    "prepare it with wbwtab W=2 or W=3, or drop --float-weight-epochs")
+
+    def on_epoch_start(self, trainer, epoch: int) -> None:
+        binarized = epoch >= self.epochs
+        for quantizer in self.quantizers:
+            quantizer.enabled.fill_(int(binarized))
+        if epoch == self.epochs:
+            trainer.log(f"epoch {epoch + 1}: weights binarized (float weights for the first {self.epochs})")
+
+    def on_epoch_end(self, trainer, epoch: int, metrics: dict) -> None:
+        if epoch < self.epochs and "val_acc" in metrics:
+            metrics["val_acc_float_weights"] = metrics.pop("val_acc")

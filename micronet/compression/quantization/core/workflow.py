@@ -26,7 +26,7 @@ from micronet.compression.quantization.core.modules import (
     QuantizedModule,
     WeightedQuantizedModule,
 )
-from micronet.compression.quantization.core.quantizers import CALIBRATE, FROZEN, QAT, Quantizer
+from micronet.compression.quantization.core.quantizers import CALIBRATE, FROZEN, QAT, Quantizer, is_prepared, quantizers
 from micronet.compression.quantization.core.scheme import QuantScheme
 from micronet.errors import ConfigError, QuantizationError
 
@@ -67,14 +67,6 @@ class QuantizationReport:
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(map(list, v)) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
-
-
-def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, Quantizer)]
-
-
-def is_prepared(model: nn.Module) -> bool:
-    return any(True for _ in quantizers(model))
 
 
 def _mapping(scheme: QuantScheme) -> dict[type[nn.Module], type[QuantizedModule]]:
@@ -155,11 +147,6 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def _call_order(model: nn.Module) -> list[str]:
     """Names of the modules in the order ``forward`` calls them (a module called twice appears twice).
 
@@ -199,7 +186,7 @@ def _replace_activations(model: nn.Module, scheme: QuantScheme, order: list[str]
                 report.kept_float.append((name, "activation also used outside the quantized region"))
             continue
         replacement = spec.build()
-        _set_module(model, name, replacement)
+        model.set_submodule(name, replacement)
         report.quantized.append((name, type(replacement).__name__))
 
 
@@ -292,8 +279,8 @@ def prepare(
             if _skipped(conv_name, skip_names):
                 continue
             fused = QuantBNFuseConv2d.from_conv_bn(model.get_submodule(conv_name), model.get_submodule(bn_name), scheme)
-            _set_module(model, conv_name, fused)
-            _set_module(model, bn_name, nn.Identity())
+            model.set_submodule(conv_name, fused)
+            model.set_submodule(bn_name, nn.Identity())
             report.folded_bn.append((conv_name, bn_name))
             report.quantized.append((conv_name, type(fused).__name__))
 

@@ -16,8 +16,12 @@ below it, so ReLU(x − c) = ReLU(x) − c; the first layer's bias gives up c_i 
 Done only where the second layer has no zero padding (padded zeros would be compensated too) and the
 path between them is exactly one ReLU.
 
-ReLU6 clips at 6, which scaling would move: pairs joined by ReLU6 (MobileNetV2) are left as they are and
-listed in the report.
+ReLU6 (and any Hardtanh clipping at 0 and c): after scaling, channel i is clipped at c in the new units, at
+c·S_i in the old ones (S_i the total scale of the channel). The function is unchanged where the channel never
+reaches c·min(1, S_i): with the folded BatchNorm's bound m_i = β_i + 3γ_i on the pre-activation (the one
+high-bias absorption uses), a channel with m_i < c may be scaled with S_i ≥ m_i/c, and a channel that
+reaches the clip (m_i ≥ c) keeps S_i = 1. Pairs joined by a clip with no folded BatchNorm to bound the
+first layer's output are left as they are and listed in the report.
 """
 
 from __future__ import annotations
@@ -42,15 +46,18 @@ class EqualizationReport:
     absorbed: list[tuple[str, str]] = field(default_factory=list)
     folded_bn: int = 0
     iterations: int = 0
+    held_by_clip: list[tuple[str, int]] = field(default_factory=list)  # (layer, channels that reach a ReLU6 clip)
 
     def summary(self) -> str:
         line = (f"cross-layer equalization: {len(self.pairs)} layer pairs equalized in {self.iterations} sweeps, "
                 f"{self.folded_bn} BatchNorms folded first, high bias absorbed into {len(self.absorbed)} layers")
-        return "\n".join([line] + [f"  not equalized: {name} ({reason})" for name, reason in self.skipped])
+        held = [f"  {name}: {count} channels reach the ReLU6 clip and keep their scale" for name, count in self.held_by_clip]
+        return "\n".join([line] + held + [f"  not equalized: {name} ({reason})" for name, reason in self.skipped])
 
     def to_json(self) -> dict:
         return {"pairs": [list(p) for p in self.pairs], "absorbed": [list(p) for p in self.absorbed],
-                "skipped": [list(p) for p in self.skipped], "folded_bn": self.folded_bn, "iterations": self.iterations}
+                "skipped": [list(p) for p in self.skipped], "folded_bn": self.folded_bn, "iterations": self.iterations,
+                "held_by_clip": [list(p) for p in self.held_by_clip]}
 
 
 def _bn_statistics(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -84,8 +91,12 @@ def _follow(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node | Non
             if user.args[0] is not node:
                 return None, passed, "feeds a layer other than as its input"
             return user, passed, ""
-        if isinstance(module, nn.ReLU6):
-            return None, passed, "ReLU6 clips at 6, which rescaling would move"
+        if isinstance(module, nn.Hardtanh) and module.min_val != 0:
+            return None, passed, f"followed by {type(module).__name__} clipping below at {module.min_val}, not 0"
+        if isinstance(module, nn.Hardtanh):  # ReLU6 included: handled by limiting the scales (module docstring)
+            passed.append(module)
+            node = user
+            continue
         if not isinstance(module, _HOMOGENEOUS):
             return None, passed, f"followed by {type(module).__name__}, which does not commute with scaling"
         passed.append(module)
@@ -181,6 +192,38 @@ def _absorb(first: nn.Module, second: nn.Module, mean: torch.Tensor, std: torch.
     return True
 
 
+def _clips(passed: list[nn.Module]) -> list[float]:
+    return [float(m.max_val) for m in passed if isinstance(m, nn.Hardtanh)]
+
+
+def _clip_limits(pairs, stats, report: EqualizationReport) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per first layer of a pair joined by a clip: (channels that reach the clip, lowest total scale of the
+    others), from its folded BatchNorm's bound β + 3γ (module docstring); pairs without one are reported."""
+    limits = {}
+    for first_name, _, passed in pairs:
+        clips = _clips(passed)
+        if not clips:
+            continue
+        if first_name not in stats:
+            report.skipped.append((first_name, "ReLU6 clips at a fixed value and no folded BatchNorm bounds this "
+                                               "layer's output, so rescaling could move the clip"))
+            continue
+        mean, std = stats[first_name]
+        clip = min(clips)
+        bound = mean + 3 * std
+        reaches = bound >= clip
+        limits[first_name] = (reaches, torch.clamp(bound / clip, min=0.0))
+        if bool(reaches.any()):
+            report.held_by_clip.append((first_name, int(reaches.sum())))
+    return limits
+
+
+def _within_clip(s: torch.Tensor, total: torch.Tensor, reaches: torch.Tensor, lowest: torch.Tensor) -> torch.Tensor:
+    """``s`` changed so that the channel's total scale stays 1 where it reaches the clip and ≥ ``lowest`` elsewhere."""
+    wanted = torch.where(reaches, torch.ones_like(total), torch.maximum(total * s, lowest))
+    return wanted / total
+
+
 @torch.no_grad()
 def equalize(model: nn.Module, *, max_sweeps: int = 100, tolerance: float = 1e-6,
              absorb_high_bias: bool = True) -> tuple[nn.Module, EqualizationReport]:
@@ -197,6 +240,8 @@ def equalize(model: nn.Module, *, max_sweeps: int = 100, tolerance: float = 1e-6
     folded = {layer.conv for layer in fusion.fused}
     stats = {name: value for name, value in stats.items() if name in folded}
     pairs = _pairs(fused, report)
+    limits = _clip_limits(pairs, stats, report)
+    pairs = [pair for pair in pairs if pair[0] in limits or not _clips(pair[2])]
     layers = dict(fused.named_modules())
     scales = {name: torch.ones(_out_channels(layers[name]), dtype=torch.float64) for name, _, _ in pairs}
     for sweep in range(1, max_sweeps + 1):
@@ -204,6 +249,8 @@ def equalize(model: nn.Module, *, max_sweeps: int = 100, tolerance: float = 1e-6
         largest = 0.0
         for first_name, second_name, _ in pairs:
             s = _equalization_scale(layers[first_name], layers[second_name])
+            if first_name in limits:
+                s = _within_clip(s, scales[first_name], *limits[first_name])
             _scale_pair(layers[first_name], layers[second_name], s)
             scales[first_name] *= s
             largest = max(largest, float(s.log().abs().max()))

@@ -14,8 +14,10 @@ from typing import Any
 
 from torch import nn
 
+from micronet.compression.quantization.core.scheme import QuantScheme
 from micronet.compression.quantization.core.workflow import calibrate, is_prepared, prepare
-from micronet.compression.quantization.ptq.adaround import AdaRoundOptions, adaround as learn_rounding
+from micronet.compression.quantization.ptq.adaround import AdaRoundOptions
+from micronet.compression.quantization.ptq.adaround import adaround as learn_rounding
 from micronet.compression.quantization.ptq.bias_correction import correct_bias
 from micronet.compression.quantization.ptq.equalize import equalize as equalize_layers
 from micronet.compression.quantization.ptq.layers import layer_units
@@ -26,6 +28,28 @@ def _check_data(data: Iterable[Any]) -> None:
     if isinstance(data, Iterator):
         raise QuantizationError("post_training_quantize reads the calibration data several times: pass a loader or "
                                 "a list of batches, not a one-shot iterator or generator")
+
+
+def _scheme_and_adaround_options(w_bits: int | None, a_bits: int, adaround: bool, adaround_iterations: int | None,
+                                 adaround_options: AdaRoundOptions | None,
+                                 preset_options: dict[str, Any]) -> tuple[QuantScheme, AdaRoundOptions]:
+    """The IAO PTQ scheme and AdaRound's options, after refusing options that do not go together."""
+    from micronet.compression.quantization.wqaq.iao.quantize import iao_scheme
+
+    if adaround_iterations is not None:
+        adaround_options = AdaRoundOptions(**{**(adaround_options or AdaRoundOptions()).__dict__,
+                                              "iterations": adaround_iterations})
+    options = adaround_options or AdaRoundOptions()
+    if adaround:
+        options.check()
+    for unknown in ("ptq", "qaft", "inplace"):
+        if unknown in preset_options:
+            raise QuantizationError(f"post_training_quantize sets {unknown} itself: drop that option")
+    scheme = iao_scheme(a_bits=a_bits, w_bits=w_bits, ptq=True, **preset_options)
+    if adaround and scheme.weight.family != "affine":
+        raise QuantizationError("AdaRound learns the rounding of affine integer weights: drop learned scales (--lsq) "
+                                "or AdaRound")
+    return scheme, options
 
 
 def post_training_quantize(
@@ -53,28 +77,14 @@ def post_training_quantize(
     model; ``model`` is not modified. The result records what was done in ``ptq_recipe`` (checkpoints store
     it) and evaluates, saves and exports like any PTQ model: AdaRound's codes are in its weights.
     """
-    from micronet.compression.quantization.wqaq.iao.quantize import iao_scheme
-
     if is_prepared(model):
         raise QuantizationError("post_training_quantize takes a float model, but this one is already quantized: "
                                 "pass the float model it came from")
     _check_data(data)
     if num_batches is not None and num_batches < 1:
         raise QuantizationError(f"num_batches must be at least 1 (got {num_batches})")
-    if adaround_iterations is not None:
-        adaround_options = AdaRoundOptions(**{**(adaround_options or AdaRoundOptions()).__dict__,
-                                              "iterations": adaround_iterations})
-    options = adaround_options or AdaRoundOptions()
-    if adaround:
-        options.check()
-    for unknown in ("ptq", "qaft", "inplace"):
-        if unknown in preset_options:
-            raise QuantizationError(f"post_training_quantize sets {unknown} itself: drop that option")
-    scheme = iao_scheme(a_bits=a_bits, w_bits=w_bits, ptq=True, **preset_options)
-    if adaround and scheme.weight.family != "affine":
-        raise QuantizationError("AdaRound learns the rounding of affine integer weights: drop learned scales (--lsq) "
-                                "or AdaRound")
-
+    scheme, options = _scheme_and_adaround_options(w_bits, a_bits, adaround, adaround_iterations, adaround_options,
+                                                   preset_options)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     recipe: dict[str, Any] = {"equalize": equalize, "bias_correction": bias_correction, "adaround": adaround}

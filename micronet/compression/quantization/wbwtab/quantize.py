@@ -14,8 +14,8 @@
   quantized; layer inputs are not quantized separately (the sign activations binarize them).
 
 Differences from the original, on purpose: clipping (and the opt-in centring) act on a copy of the weight
-(the original overwrote the float weights in place on every forward call), centring is off by default, linear layers between the first and last
-weighted layer are quantized too, first/last are found in call order (not by counting convs),
+(the original overwrote the float weights in place on every forward call), centring is off by default, linear
+layers between the first and last weighted layer are quantized too, first/last are found in call order (not by counting convs),
 ConvTranspose2d works, and ``quant_inference=True`` switches the weight quantizers off so stored,
 already-quantized weights are used as they are.
 """
@@ -47,9 +47,10 @@ def _weight_spec(W: int, center: bool, clip: bool) -> QuantizerSpec:  # noqa: N8
     raise QuantizationError(f"W must be 2 (binary), 3 (ternary) or 32 (float weights) (got {W})")
 
 
-def _activation_spec(A: int) -> QuantizerSpec | None:  # noqa: N803
+def _activation_spec(A: int, sign_gradient: str = "hardtanh") -> QuantizerSpec | None:  # noqa: N803
     if A == 2:
-        return QuantizerSpec("sign", 1, observer="none")
+        options = {} if sign_gradient == "hardtanh" else {"gradient": sign_gradient}
+        return QuantizerSpec("sign", 1, observer="none", options=options)
     if A == 32:
         return None
     raise QuantizationError(f"A must be 2 (binary activations) or 32 (float activations, ReLU kept) (got {A})")
@@ -63,6 +64,7 @@ def wbwtab_scheme(
     clip: bool = True,
     keep_first_float: bool = True,
     keep_last_float: bool = True,
+    sign_gradient: str = "hardtanh",
 ) -> QuantScheme:
     """The :class:`QuantScheme` of ``W`` (2/3/32) weights and ``A`` (2/32) activations.
 
@@ -71,6 +73,8 @@ def wbwtab_scheme(
     after one epoch of binary W / binary A on the demo NIN (69.42% vs 75.82% test accuracy on
     Fashion-MNIST). Clipping only masks the gradient of latent weights beyond ±1; train with the
     :class:`ClampBinaryWeights` hook (``--clamp-weights``) to keep them within reach of their gradient.
+    ``sign_gradient`` is the sign activations' straight-through gradient: ``"hardtanh"`` or ``"approx"``
+    (Bi-Real Net's ApproxSign, :class:`SignActivation`).
     """
     return QuantScheme(
         name=f"wbwtab-W{W}A{A}",
@@ -81,7 +85,7 @@ def wbwtab_scheme(
         quantize_joins=False,
         keep_first_float=keep_first_float,
         keep_last_float=keep_last_float,
-        activation_replacement=_activation_spec(A),
+        activation_replacement=_activation_spec(A, sign_gradient),
         replaced_activations=("ReLU", "ReLU6"),
     )
 

@@ -102,6 +102,113 @@ __attribute__((always_inline)) inline void block_scalar(const ConvGeometry& g, c
   }
 }
 
+// ---------------------------------------------------------------------------------- tiled kernels
+// The fast path, taken when every block of kLanes output channels lies inside one group: one call counts
+// the mismatches of P output pixels of a row against B blocks, so each weight vector loaded serves P
+// pixels and each input word B blocks (a register tile). The input is zero-padded beforehand, so the
+// loops have no bounds checks: a padded (zero) word against a weight counts popcount(weight) mismatches,
+// which the epilogue takes back out (see Corrections).
+constexpr int kTilePixels = 4;
+
+struct TilePlan {
+  int64_t taps, nwg;
+  const int64_t* tap_offset;  // words from a pixel's window corner to each tap's first word
+  const uint64_t* weight;     // (blocks, taps, nwg, kLanes)
+  int64_t block_stride;       // taps * nwg * kLanes
+  int64_t mm_stride;          // int64 counters per pixel in the output buffer (blocks * kLanes)
+};
+
+// px[p]: pixel p's window corner (group start included); mask: the group's word masks; the counts of
+// block blk0 + b, lane l, pixel p go to mm[p * mm_stride + (blk0 + b) * kLanes + l].
+using TileFn = void (*)(const TilePlan&, const uint64_t* const*, const uint64_t*, int64_t, int64_t*);
+
+template <int P, int B>
+__attribute__((target("avx512f,avx512bw,avx512vpopcntdq")))
+void tile_avx512_vpopcnt(const TilePlan& t, const uint64_t* const* px, const uint64_t* mask, int64_t blk0,
+                         int64_t* mm) {
+  __m512i acc[P][B];
+#pragma GCC unroll 16
+  for (int i = 0; i < P * B; ++i) acc[i / B][i % B] = _mm512_setzero_si512();
+  const uint64_t* w0 = t.weight + blk0 * t.block_stride;
+  for (int64_t k = 0; k < t.taps; ++k) {
+    const int64_t off = t.tap_offset[k];
+    for (int64_t j = 0; j < t.nwg; ++j) {
+      const uint64_t* w = w0 + (k * t.nwg + j) * kLanes;
+      __m512i wv[B];
+#pragma GCC unroll 4
+      for (int b = 0; b < B; ++b) wv[b] = _mm512_loadu_si512(w + b * t.block_stride);
+      const uint64_t m = mask[j];
+#pragma GCC unroll 4
+      for (int p = 0; p < P; ++p) {
+        const __m512i xv = _mm512_set1_epi64(static_cast<long long>(px[p][off + j] & m));
+#pragma GCC unroll 4
+        for (int b = 0; b < B; ++b) acc[p][b] = _mm512_add_epi64(acc[p][b], _mm512_popcnt_epi64(_mm512_xor_si512(xv, wv[b])));
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < P * B; ++i)
+    _mm512_storeu_si512(mm + (i / B) * t.mm_stride + (blk0 + i % B) * kLanes, acc[i / B][i % B]);
+}
+
+// Byte counters (a byte's popcount is ≤ 8, so 31 words fit) are summed into the int64 lanes by vpsadbw.
+constexpr int kByteSteps = 31;
+
+template <int N>
+__attribute__((target("avx512f,avx512bw"), always_inline))
+inline void flush_bytes_avx512(__m512i* bytes, int64_t* const* out) {
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) {
+    _mm512_storeu_si512(out[i], _mm512_add_epi64(_mm512_loadu_si512(out[i]), _mm512_sad_epu8(bytes[i], _mm512_setzero_si512())));
+    bytes[i] = _mm512_setzero_si512();
+  }
+}
+
+template <int P, int B>
+__attribute__((target("avx512f,avx512bw")))
+void tile_avx512(const TilePlan& t, const uint64_t* const* px, const uint64_t* mask, int64_t blk0, int64_t* mm) {
+  // No 64-bit popcount in AVX-512BW: nibble lookup (vpshufb) into byte counters.
+  const __m512i lut = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i bytes[P][B];
+  int64_t* out[P][B];
+#pragma GCC unroll 16
+  for (int i = 0; i < P * B; ++i) {
+    bytes[i / B][i % B] = zero;
+    out[i / B][i % B] = mm + (i / B) * t.mm_stride + (blk0 + i % B) * kLanes;
+    _mm512_storeu_si512(out[i / B][i % B], zero);
+  }
+  const uint64_t* w0 = t.weight + blk0 * t.block_stride;
+  int pending = 0;
+  for (int64_t k = 0; k < t.taps; ++k) {
+    const int64_t off = t.tap_offset[k];
+    for (int64_t j = 0; j < t.nwg; ++j) {
+      const uint64_t* w = w0 + (k * t.nwg + j) * kLanes;
+      __m512i wv[B];
+#pragma GCC unroll 4
+      for (int b = 0; b < B; ++b) wv[b] = _mm512_loadu_si512(w + b * t.block_stride);
+      const uint64_t m = mask[j];
+#pragma GCC unroll 4
+      for (int p = 0; p < P; ++p) {
+        const __m512i xv = _mm512_set1_epi64(static_cast<long long>(px[p][off + j] & m));
+#pragma GCC unroll 4
+        for (int b = 0; b < B; ++b) {
+          const __m512i v = _mm512_xor_si512(xv, wv[b]);
+          const __m512i counts = _mm512_add_epi8(_mm512_shuffle_epi8(lut, _mm512_and_si512(v, low)),
+                                                 _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(v, 4), low)));
+          bytes[p][b] = _mm512_add_epi8(bytes[p][b], counts);
+        }
+      }
+      if (++pending == kByteSteps) {
+        flush_bytes_avx512<P * B>(&bytes[0][0], &out[0][0]);
+        pending = 0;
+      }
+    }
+  }
+  flush_bytes_avx512<P * B>(&bytes[0][0], &out[0][0]);
+}
+
 __attribute__((target("avx2"), always_inline))
 inline __m256i popcount_bytes_avx2(__m256i v) {
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
@@ -112,132 +219,170 @@ inline __m256i popcount_bytes_avx2(__m256i v) {
   return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
 }
 
+template <int P>
 __attribute__((target("avx2"), always_inline))
-inline void block_avx2(const ConvGeometry& g, const Taps& taps, const uint64_t* xbuf, int64_t block, int64_t* mismatches) {
-  // Byte counters hold at most 8 per word: flush them into 64-bit lanes every 31 words.
+inline void flush_bytes_avx2(__m256i* lo, __m256i* hi, int64_t* const* out) {
   const __m256i zero = _mm256_setzero_si256();
-  __m256i acc_lo = zero, acc_hi = zero, bytes_lo = zero, bytes_hi = zero;
+#pragma GCC unroll 8
+  for (int p = 0; p < P; ++p) {
+    __m256i* o = reinterpret_cast<__m256i*>(out[p]);
+    _mm256_storeu_si256(o, _mm256_add_epi64(_mm256_loadu_si256(o), _mm256_sad_epu8(lo[p], zero)));
+    _mm256_storeu_si256(o + 1, _mm256_add_epi64(_mm256_loadu_si256(o + 1), _mm256_sad_epu8(hi[p], zero)));
+    lo[p] = hi[p] = zero;
+  }
+}
+
+// AVX2: one block is two 256-bit halves; 16 registers allow P pixels × one block.
+template <int P, int B>
+__attribute__((target("avx2")))
+void tile_avx2(const TilePlan& t, const uint64_t* const* px, const uint64_t* mask, int64_t blk0, int64_t* mm) {
+  static_assert(B == 1, "the AVX2 tile holds one block");
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i lo[P], hi[P];
+  int64_t* out[P];
+#pragma GCC unroll 8
+  for (int p = 0; p < P; ++p) {
+    lo[p] = hi[p] = zero;
+    out[p] = mm + p * t.mm_stride + blk0 * kLanes;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[p]), zero);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[p] + 4), zero);
+  }
   int pending = 0;
-  for (size_t t = 0; t < taps.tap.size(); ++t) {
-    const uint64_t* w = g.weight + ((block * g.KH * g.KW + taps.tap[t]) * g.nwg) * kLanes;
-    for (int64_t j = 0; j < g.nwg; ++j) {
-      const __m256i xv = _mm256_set1_epi64x(static_cast<long long>(xbuf[t * g.nwg + j]));
-      const __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * kLanes));
-      const __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * kLanes + 4));
-      bytes_lo = _mm256_add_epi8(bytes_lo, popcount_bytes_avx2(_mm256_xor_si256(xv, w_lo)));
-      bytes_hi = _mm256_add_epi8(bytes_hi, popcount_bytes_avx2(_mm256_xor_si256(xv, w_hi)));
-      if (++pending == 31) {
-        acc_lo = _mm256_add_epi64(acc_lo, _mm256_sad_epu8(bytes_lo, zero));
-        acc_hi = _mm256_add_epi64(acc_hi, _mm256_sad_epu8(bytes_hi, zero));
-        bytes_lo = bytes_hi = zero;
+  const uint64_t* w0 = t.weight + blk0 * t.block_stride;
+  for (int64_t k = 0; k < t.taps; ++k) {
+    const int64_t off = t.tap_offset[k];
+    for (int64_t j = 0; j < t.nwg; ++j) {
+      const uint64_t* w = w0 + (k * t.nwg + j) * kLanes;
+      const __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+      const __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 4));
+      const uint64_t m = mask[j];
+#pragma GCC unroll 8
+      for (int p = 0; p < P; ++p) {
+        const __m256i xv = _mm256_set1_epi64x(static_cast<long long>(px[p][off + j] & m));
+        lo[p] = _mm256_add_epi8(lo[p], popcount_bytes_avx2(_mm256_xor_si256(xv, w_lo)));
+        hi[p] = _mm256_add_epi8(hi[p], popcount_bytes_avx2(_mm256_xor_si256(xv, w_hi)));
+      }
+      if (++pending == kByteSteps) {
+        flush_bytes_avx2<P>(lo, hi, out);
         pending = 0;
       }
     }
   }
-  acc_lo = _mm256_add_epi64(acc_lo, _mm256_sad_epu8(bytes_lo, zero));
-  acc_hi = _mm256_add_epi64(acc_hi, _mm256_sad_epu8(bytes_hi, zero));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(mismatches), acc_lo);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(mismatches + 4), acc_hi);
+  flush_bytes_avx2<P>(lo, hi, out);
 }
 
-__attribute__((target("avx512f,avx512bw"), always_inline))
-inline void block_avx512(const ConvGeometry& g, const Taps& taps, const uint64_t* xbuf, int64_t block, int64_t* mismatches) {
-  // AVX-512BW has no 64-bit popcount: nibble lookup (vpshufb) into byte counters, summed by vpsadbw.
-  const __m512i lut = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);
-  const __m512i low = _mm512_set1_epi8(0x0F);
-  const __m512i zero = _mm512_setzero_si512();
-  __m512i acc = zero, bytes = zero;
-  int pending = 0;
-  for (size_t t = 0; t < taps.tap.size(); ++t) {
-    const uint64_t* w = g.weight + ((block * g.KH * g.KW + taps.tap[t]) * g.nwg) * kLanes;
-    for (int64_t j = 0; j < g.nwg; ++j) {
-      const __m512i v = _mm512_xor_si512(_mm512_set1_epi64(static_cast<long long>(xbuf[t * g.nwg + j])),
-                                         _mm512_loadu_si512(w + j * kLanes));
-      const __m512i lo = _mm512_and_si512(v, low);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-      bytes = _mm512_add_epi8(bytes, _mm512_add_epi8(_mm512_shuffle_epi8(lut, lo), _mm512_shuffle_epi8(lut, hi)));
-      if (++pending == 31) {
-        acc = _mm512_add_epi64(acc, _mm512_sad_epu8(bytes, zero));
-        bytes = zero;
-        pending = 0;
+template <int P, int B>
+void tile_scalar(const TilePlan& t, const uint64_t* const* px, const uint64_t* mask, int64_t blk0, int64_t* mm) {
+  static_assert(B == 1, "the scalar tile holds one block");
+  int64_t acc[P][kLanes] = {};
+  const uint64_t* w0 = t.weight + blk0 * t.block_stride;
+  for (int64_t k = 0; k < t.taps; ++k) {
+    const int64_t off = t.tap_offset[k];
+    for (int64_t j = 0; j < t.nwg; ++j) {
+      const uint64_t* w = w0 + (k * t.nwg + j) * kLanes;
+      for (int p = 0; p < P; ++p) {
+        const uint64_t xv = px[p][off + j] & mask[j];
+        for (int l = 0; l < kLanes; ++l) acc[p][l] += popcount64(xv ^ w[l]);
       }
     }
   }
-  acc = _mm512_add_epi64(acc, _mm512_sad_epu8(bytes, zero));
-  _mm512_storeu_si512(mismatches, acc);
+  for (int p = 0; p < P; ++p)
+    for (int l = 0; l < kLanes; ++l) mm[p * t.mm_stride + blk0 * kLanes + l] = acc[p][l];
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vpopcntdq"), always_inline))
-inline void block_avx512_vpopcnt(const ConvGeometry& g, const Taps& taps, const uint64_t* xbuf, int64_t block,
-                          int64_t* mismatches) {
-  __m512i acc = _mm512_setzero_si512();
-  for (size_t t = 0; t < taps.tap.size(); ++t) {
-    const uint64_t* w = g.weight + ((block * g.KH * g.KW + taps.tap[t]) * g.nwg) * kLanes;
-    for (int64_t j = 0; j < g.nwg; ++j) {
-      const __m512i v = _mm512_xor_si512(_mm512_set1_epi64(static_cast<long long>(xbuf[t * g.nwg + j])),
-                                         _mm512_loadu_si512(w + j * kLanes));
-      acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(v));
-    }
-  }
-  _mm512_storeu_si512(mismatches, acc);
-}
+// The widest block count first; a kernel family without a B-block variant lists nullptr.
+struct TileFamily {
+  TileFn pixels[2][3];  // [P == kTilePixels][B = 4, 2, 1]
+};
 
-// One output pixel, every block of output channels: dot[o] = valid − 2·mismatches (each ISA its own
-// copy, so the block kernel inlines and no call is made per block).
-#define DEFINE_PIXEL(NAME, ATTRIBUTES, BLOCK)                                                               \
-  ATTRIBUTES void NAME(const ConvGeometry& g, const Taps& taps,                        \
-                                            std::vector<uint64_t>& xbuf, int32_t valid, int32_t* dot) {     \
-    alignas(64) int64_t mismatches[kLanes];                                                                 \
-    int64_t gathered = -1;                                                                                  \
-    for (int64_t blk = 0; blk < g.blocks; ++blk) {                                                          \
-      const int64_t grp = std::min(blk * kLanes, g.cout - 1) / g.cout_per_group;                            \
-      if (grp != gathered) { gather_words(g, taps, grp, xbuf); gathered = grp; }                            \
-      BLOCK(g, taps, xbuf.data(), blk, mismatches);                                                         \
-      for (int l = 0; l < kLanes; ++l) dot[blk * kLanes + l] = valid - 2 * static_cast<int32_t>(mismatches[l]); \
-    }                                                                                                       \
-  }
+#define TILE_FAMILY_WIDE(KERNEL)                                                                    \
+  TileFamily{{{KERNEL<1, 4>, KERNEL<1, 2>, KERNEL<1, 1>},                                           \
+              {KERNEL<kTilePixels, 4>, KERNEL<kTilePixels, 2>, KERNEL<kTilePixels, 1>}}}
+#define TILE_FAMILY_NARROW(KERNEL) \
+  TileFamily{{{nullptr, nullptr, KERNEL<1, 1>}, {nullptr, nullptr, KERNEL<kTilePixels, 1>}}}
 
-DEFINE_PIXEL(pixel_scalar, , block_scalar)
-DEFINE_PIXEL(pixel_avx2, __attribute__((target("avx2"))), block_avx2)
-DEFINE_PIXEL(pixel_avx512, __attribute__((target("avx512f,avx512bw"))), block_avx512)
-DEFINE_PIXEL(pixel_avx512_vpopcnt, __attribute__((target("avx512f,avx512bw,avx512vpopcntdq"))), block_avx512_vpopcnt)
-
-using PixelFn = void (*)(const ConvGeometry&, const Taps&, std::vector<uint64_t>&, int32_t, int32_t*);
-
-PixelFn pixel_function(int64_t isa) {
+const TileFamily& tile_family(int64_t isa) {
+  static const TileFamily vpopcnt = TILE_FAMILY_WIDE(tile_avx512_vpopcnt);
+  static const TileFamily avx512 = TILE_FAMILY_WIDE(tile_avx512);
+  static const TileFamily avx2 = TILE_FAMILY_NARROW(tile_avx2);
+  static const TileFamily scalar = TILE_FAMILY_NARROW(tile_scalar);
   switch (isa) {
-    case kAvx2: return pixel_avx2;
-    case kAvx512: return pixel_avx512;
-    case kAvx512Vpopcnt: return pixel_avx512_vpopcnt;
-    default: return pixel_scalar;
+    case kAvx512Vpopcnt: return vpopcnt;
+    case kAvx512: return avx512;
+    case kAvx2: return avx2;
+    default: return scalar;
   }
 }
 
 // ---------------------------------------------------------------------------------- epilogues
-// D = (valid taps · cin_per_group) − 2 · mismatches: the exact ±1 dot product over the real inputs.
-// Bits: bit o = (D_o >= threshold_o) XOR flip_o (threshold and flip padded to CWo·64 channels, the
-// padding never set). Floats: y = float(D)·α + bias, written to (N, C, OH, OW).
-void epilogue_bits_scalar(const int32_t* dot, const int32_t* threshold, const uint8_t* flip, int64_t cwo,
-                          uint64_t* out) {
-  for (int64_t w = 0; w < cwo; ++w) {
-    uint64_t word = 0;
-    for (int b = 0; b < 64; ++b) {
-      const int64_t o = w * 64 + b;
-      const uint64_t bit = static_cast<uint64_t>((dot[o] >= threshold[o]) ^ flip[o]);
-      word |= bit << b;
+// D = valid − 2·(mismatches − correction): the exact ±1 dot product over the taps inside the image
+// (valid = their count × input channels per group; correction = the mismatches the zero padding added).
+// Bits: bit o = (D_o ≥ T_o) XOR flip_o, one byte per block (channel o is bit o % 8 of byte o / 8 of the
+// pixel's little-endian words; padding lanes have T = INT32_MAX, never met).
+void epilogue_bits_scalar(const int64_t* mm, const int64_t* corr, int64_t valid, const int64_t* thr,
+                          const uint8_t* flip, int64_t blocks, uint8_t* out) {
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    uint8_t byte = 0;
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t o = blk * kLanes + l;
+      const int64_t d = valid - 2 * (mm[o] - (corr ? corr[o] : 0));
+      byte |= static_cast<uint8_t>(d >= thr[o]) << l;
     }
-    out[w] = word;
+    out[blk] = byte ^ flip[blk];
+  }
+}
+
+__attribute__((target("avx2")))
+void epilogue_bits_avx2(const int64_t* mm, const int64_t* corr, int64_t valid, const int64_t* thr,
+                        const uint8_t* flip, int64_t blocks, uint8_t* out) {
+  const __m256i v = _mm256_set1_epi64x(valid);
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    int byte = 0;
+    for (int h = 0; h < 2; ++h) {
+      const int64_t o = blk * kLanes + h * 4;
+      __m256i m = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mm + o));
+      if (corr) m = _mm256_sub_epi64(m, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + o)));
+      const __m256i d = _mm256_sub_epi64(v, _mm256_slli_epi64(m, 1));
+      const __m256i below = _mm256_cmpgt_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(thr + o)), d);
+      byte |= (~_mm256_movemask_pd(_mm256_castsi256_pd(below)) & 0xF) << (4 * h);
+    }
+    out[blk] = static_cast<uint8_t>(byte) ^ flip[blk];
   }
 }
 
 __attribute__((target("avx512f")))
-void epilogue_bits_avx512(const int32_t* dot, const int32_t* threshold, const uint16_t* flip16, int64_t cwo,
-                          uint64_t* out) {
-  uint16_t* dst = reinterpret_cast<uint16_t*>(out);
-  for (int64_t i = 0; i < cwo * 4; ++i) {
-    const __m512i d = _mm512_loadu_si512(dot + i * 16);
-    const __m512i t = _mm512_loadu_si512(threshold + i * 16);
-    dst[i] = static_cast<uint16_t>(_mm512_cmpge_epi32_mask(d, t) ^ flip16[i]);
+void epilogue_bits_avx512(const int64_t* mm, const int64_t* corr, int64_t valid, const int64_t* thr,
+                          const uint8_t* flip, int64_t blocks, uint8_t* out) {
+  const __m512i v = _mm512_set1_epi64(valid);
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    __m512i m = _mm512_loadu_si512(mm + blk * kLanes);
+    if (corr) m = _mm512_sub_epi64(m, _mm512_loadu_si512(corr + blk * kLanes));
+    const __m512i d = _mm512_sub_epi64(v, _mm512_slli_epi64(m, 1));
+    out[blk] = static_cast<uint8_t>(_mm512_cmpge_epi64_mask(d, _mm512_loadu_si512(thr + blk * kLanes))) ^ flip[blk];
+  }
+}
+
+using EpilogueFn = void (*)(const int64_t*, const int64_t*, int64_t, const int64_t*, const uint8_t*, int64_t, uint8_t*);
+
+EpilogueFn epilogue_function(int64_t isa) {
+  switch (isa) {
+    case kAvx512Vpopcnt:
+    case kAvx512: return epilogue_bits_avx512;
+    case kAvx2: return epilogue_bits_avx2;
+    default: return epilogue_bits_scalar;
+  }
+}
+
+// The general path's epilogue (any grouping, one int32 dot product per channel).
+void epilogue_dot_bits(const int32_t* dot, const int32_t* threshold, const uint8_t* flip, int64_t cwo,
+                       uint64_t* out) {
+  for (int64_t w = 0; w < cwo; ++w) {
+    uint64_t word = 0;
+    for (int b = 0; b < 64; ++b) {
+      const int64_t o = w * 64 + b;
+      word |= static_cast<uint64_t>((dot[o] >= threshold[o]) ^ flip[o]) << b;
+    }
+    out[w] = word;
   }
 }
 
@@ -397,7 +542,59 @@ torch::Tensor permute_channels(torch::Tensor bits, torch::Tensor source) {
   return out;
 }
 
-// Direct (im2col-free) binary convolution over packed channels, two or more threads over output rows.
+namespace {
+
+// Packed bits with `ph` zero rows and `pw` zero columns on each side.
+torch::Tensor pad_bits(const torch::Tensor& bits, int64_t ph, int64_t pw) {
+  const int64_t N = bits.size(0), H = bits.size(1), W = bits.size(2), CW = bits.size(3);
+  auto out = torch::zeros({N, H + 2 * ph, W + 2 * pw, CW}, torch::kInt64);
+  const int64_t* src = bits.data_ptr<int64_t>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  at::parallel_for(0, N * H, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / H, h = r % H;
+      std::memcpy(dst + ((n * (H + 2 * ph) + h + ph) * (W + 2 * pw) + pw) * CW, src + r * W * CW,
+                  W * CW * sizeof(int64_t));
+    }
+  });
+  return out;
+}
+
+// Channels of several groups share a block (e.g. depthwise): one channel at a time, on the unpadded input.
+void conv_mixed_groups(const ConvGeometry& g, const int32_t* thr, const uint8_t* flp, const float* a, const float* b,
+                       uint64_t* out_bits, float* out_float) {
+  const int64_t plane = g.OH * g.OW;
+  at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
+    Taps taps;
+    std::vector<uint64_t> xbuf;
+    std::vector<int32_t> dot(g.CWo * 64, 0);
+    alignas(64) int64_t mismatches[kLanes];
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.OH, oh = row % g.OH;
+      for (int64_t ow = 0; ow < g.OW; ++ow) {
+        collect_taps(g, n, oh, ow, taps);
+        const int32_t valid = static_cast<int32_t>(taps.tap.size() * g.cin_per_group);
+        int64_t gathered = -1;
+        for (int64_t o = 0; o < g.cout; ++o) {
+          const int64_t grp = o / g.cout_per_group;
+          if (grp != gathered) { gather_words(g, taps, grp, xbuf); gathered = grp; }
+          block_scalar(g, taps, xbuf.data(), o / kLanes, mismatches);
+          dot[o] = valid - 2 * static_cast<int32_t>(mismatches[o % kLanes]);
+        }
+        if (out_bits) {
+          epilogue_dot_bits(dot.data(), thr, flp, g.CWo, out_bits + ((n * g.OH + oh) * g.OW + ow) * g.CWo);
+        } else {
+          float* dst = out_float + n * g.cout * plane + oh * g.OW + ow;
+          for (int64_t o = 0; o < g.cout; ++o) dst[o * plane] = static_cast<float>(dot[o]) * a[o] + b[o];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// Direct (im2col-free) binary convolution over packed channels, threads over output rows.
 torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_start, torch::Tensor mask,
                    std::vector<int64_t> geometry, torch::Tensor threshold, torch::Tensor flip, torch::Tensor alpha,
                    torch::Tensor bias, bool bits_out, int64_t isa) {
@@ -419,17 +616,14 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
   TORCH_CHECK(weight.size(1) == g.KH * g.KW && weight.size(2) == g.nwg && weight.size(3) == kLanes,
               "packed weight layout does not match the geometry");
   TORCH_CHECK(g.blocks * kLanes >= g.cout && word_start.size(0) == g.groups, "packed weight does not cover the channels");
+  TORCH_CHECK(g.OH > 0 && g.OW > 0 && (g.OH - 1) * g.sh + (g.KH - 1) * g.dh < g.H + 2 * g.ph &&
+              (g.OW - 1) * g.sw + (g.KW - 1) * g.dw < g.W + 2 * g.pw, "conv output size does not fit the input");
   g.x = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
   g.weight = reinterpret_cast<const uint64_t*>(weight.data_ptr<int64_t>());
   g.word_start = word_start.data_ptr<int64_t>();
   g.mask = reinterpret_cast<const uint64_t*>(mask.data_ptr<int64_t>());
   for (int64_t grp = 0; grp < g.groups; ++grp)
     TORCH_CHECK(g.word_start[grp] >= 0 && g.word_start[grp] + g.nwg <= g.CW, "group words outside the input");
-
-  // A vector block must not straddle two groups (each group reads its own input words).
-  const bool uniform_blocks = g.groups == 1 || g.cout_per_group % kLanes == 0;
-  const PixelFn pixel_fn = uniform_blocks ? pixel_function(isa) : nullptr;
-  const bool avx512_epilogue = isa == kAvx512 || isa == kAvx512Vpopcnt;
 
   const int64_t padded = g.CWo * 64;
   TORCH_CHECK(threshold.scalar_type() == torch::kInt32 && threshold.numel() == padded, "threshold layout");
@@ -438,47 +632,119 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
   TORCH_CHECK(bias.scalar_type() == torch::kFloat32 && bias.numel() == g.cout, "bias layout");
   const int32_t* thr = threshold.data_ptr<int32_t>();
   const uint8_t* flp = flip.data_ptr<uint8_t>();
-  std::vector<uint16_t> flip16(padded / 16, 0);
-  for (int64_t o = 0; o < padded; ++o) flip16[o / 16] |= static_cast<uint16_t>(flp[o] & 1) << (o % 16);
   const float* a = alpha.data_ptr<float>();
   const float* b = bias.data_ptr<float>();
 
-  torch::Tensor out = bits_out ? torch::empty({g.N, g.OH, g.OW, g.CWo}, torch::kInt64)
-                               : torch::empty({g.N, g.cout, g.OH, g.OW}, torch::kFloat32);
+  // Bytes past the last block (channels never computed) must read 0.
+  torch::Tensor out = !bits_out ? torch::empty({g.N, g.cout, g.OH, g.OW}, torch::kFloat32)
+                      : g.blocks == g.CWo * 8 ? torch::empty({g.N, g.OH, g.OW, g.CWo}, torch::kInt64)
+                                              : torch::zeros({g.N, g.OH, g.OW, g.CWo}, torch::kInt64);
   uint64_t* out_bits = bits_out ? reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()) : nullptr;
   float* out_float = bits_out ? nullptr : out.data_ptr<float>();
+
+  if (g.groups > 1 && g.cout_per_group % kLanes != 0) {  // a block would straddle two groups
+    conv_mixed_groups(g, thr, flp, a, b, out_bits, out_float);
+    return out;
+  }
+
+  // The tiled path on a zero-padded input.
+  const torch::Tensor source = g.ph || g.pw ? pad_bits(bits, g.ph, g.pw) : bits;
+  const uint64_t* x = reinterpret_cast<const uint64_t*>(source.data_ptr<int64_t>());
+  const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw, taps = g.KH * g.KW, lanes = g.blocks * kLanes;
+  std::vector<int64_t> tap_offset(taps);
+  for (int64_t k = 0; k < taps; ++k) tap_offset[k] = ((k / g.KW) * g.dh * Wp + (k % g.KW) * g.dw) * g.CW;
+  std::vector<int64_t> thr64(lanes);
+  std::vector<uint8_t> flip_bytes(g.blocks, 0);
+  for (int64_t o = 0; o < lanes; ++o) {
+    thr64[o] = thr[o];
+    flip_bytes[o / kLanes] |= static_cast<uint8_t>(flp[o] & 1) << (o % kLanes);
+  }
+  // Mismatches a zero (padded) input word adds at tap k: the popcount of the weight's bits there.
+  std::vector<int64_t> pad_mismatches(taps * lanes, 0);
+  for (int64_t blk = 0; blk < g.blocks; ++blk)
+    for (int64_t k = 0; k < taps; ++k)
+      for (int64_t j = 0; j < g.nwg; ++j)
+        for (int l = 0; l < kLanes; ++l)
+          pad_mismatches[k * lanes + blk * kLanes + l] += popcount64(g.weight[((blk * taps + k) * g.nwg + j) * kLanes + l]);
+  // The taps inside the image form a rectangle [first, last] of kernel rows × columns; output rows (and
+  // columns) with the same range share one class, and each (row class, column class) its correction.
+  auto classes = [](int64_t count, int64_t stride, int64_t pad, int64_t size, int64_t kernel, int64_t dilation,
+                    std::vector<int64_t>& class_of, std::vector<std::pair<int64_t, int64_t>>& ranges) {
+    class_of.resize(count);
+    for (int64_t o = 0; o < count; ++o) {
+      int64_t first = 0, last = kernel - 1;
+      while (first < kernel && o * stride + first * dilation < pad) ++first;
+      while (last >= 0 && o * stride + last * dilation >= pad + size) --last;
+      const std::pair<int64_t, int64_t> range{first, last};
+      const auto found = std::find(ranges.begin(), ranges.end(), range);
+      class_of[o] = found - ranges.begin();
+      if (found == ranges.end()) ranges.push_back(range);
+    }
+  };
+  std::vector<int64_t> row_class, col_class;
+  std::vector<std::pair<int64_t, int64_t>> row_ranges, col_ranges;
+  classes(g.OH, g.sh, g.ph, g.H, g.KH, g.dh, row_class, row_ranges);
+  classes(g.OW, g.sw, g.pw, g.W, g.KW, g.dw, col_class, col_ranges);
+  const int64_t n_cols = col_ranges.size();
+  std::vector<int64_t> corrections(row_ranges.size() * n_cols * lanes, 0), class_valid(row_ranges.size() * n_cols);
+  std::vector<char> class_full(row_ranges.size() * n_cols);
+  for (size_t rc = 0; rc < row_ranges.size(); ++rc)
+    for (int64_t cc = 0; cc < n_cols; ++cc) {
+      const int64_t id = rc * n_cols + cc;
+      int64_t inside = 0;
+      for (int64_t k = 0; k < taps; ++k) {
+        const int64_t kh = k / g.KW, kw = k % g.KW;
+        if (kh >= row_ranges[rc].first && kh <= row_ranges[rc].second && kw >= col_ranges[cc].first &&
+            kw <= col_ranges[cc].second) {
+          ++inside;
+        } else {
+          for (int64_t o = 0; o < lanes; ++o) corrections[id * lanes + o] += pad_mismatches[k * lanes + o];
+        }
+      }
+      class_valid[id] = inside * g.cin_per_group;
+      class_full[id] = inside == taps;
+    }
+
+  const TilePlan plan{taps, g.nwg, tap_offset.data(), g.weight, taps * g.nwg * kLanes, lanes};
+  const TileFamily& family = tile_family(isa);
+  const EpilogueFn epilogue = epilogue_function(isa);
+  const int P = g.OW >= kTilePixels ? kTilePixels : 1;
+  const TileFn* tiles = family.pixels[P == kTilePixels ? 1 : 0];
+  const int64_t group_blocks = g.groups == 1 ? g.blocks : g.cout_per_group / kLanes;
   const int64_t plane = g.OH * g.OW;
 
   at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
-    Taps taps;
-    std::vector<uint64_t> xbuf;
-    std::vector<int32_t> dot(std::max(padded, g.blocks * kLanes), 0);
-    alignas(64) int64_t mismatches[kLanes];
+    std::vector<int64_t> mm(kTilePixels * lanes);
+    const uint64_t* px[kTilePixels];
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / g.OH, oh = row % g.OH;
-      for (int64_t ow = 0; ow < g.OW; ++ow) {
-        collect_taps(g, n, oh, ow, taps);
-        const int32_t valid = static_cast<int32_t>(taps.tap.size() * g.cin_per_group);
-        int64_t gathered = -1;
-        if (uniform_blocks) {
-          pixel_fn(g, taps, xbuf, valid, dot.data());  // padding lanes: their threshold is never met
-        } else {  // channels of several groups share a block: one channel at a time
-          for (int64_t o = 0; o < g.cout; ++o) {
-            const int64_t grp = o / g.cout_per_group;
-            if (grp != gathered) { gather_words(g, taps, grp, xbuf); gathered = grp; }
-            block_scalar(g, taps, xbuf.data(), o / kLanes, mismatches);
-            dot[o] = valid - 2 * static_cast<int32_t>(mismatches[o % kLanes]);
+      const int64_t n = row / g.OH, oh = row % g.OH, top = oh * g.sh;
+      for (int64_t ow0 = 0; ow0 < g.OW; ow0 += P) {
+        const int64_t first = std::min(ow0, g.OW - P);  // the last tile overlaps the one before
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          for (int p = 0; p < P; ++p) px[p] = x + ((n * Hp + top) * Wp + (first + p) * g.sw) * g.CW + g.word_start[grp];
+          const uint64_t* group_mask = g.mask + grp * g.nwg;
+          for (int64_t blk = grp * group_blocks, last = blk + group_blocks; blk < last;) {
+            const int64_t left = last - blk;
+            const int width = left >= 4 && tiles[0] ? 0 : left >= 2 && tiles[1] ? 1 : 2;
+            tiles[width](plan, px, group_mask, blk, mm.data());
+            blk += 4 >> width;
           }
         }
-        if (bits_out) {
-          uint64_t* dst = out_bits + ((n * g.OH + oh) * g.OW + ow) * g.CWo;
-          if (avx512_epilogue) epilogue_bits_avx512(dot.data(), thr, flip16.data(), g.CWo, dst);
-          else epilogue_bits_scalar(dot.data(), thr, flp, g.CWo, dst);
-        } else {
-          float* dst = out_float + n * g.cout * plane + oh * g.OW + ow;
-          for (int64_t o = 0; o < g.cout; ++o) {
-            const float product = static_cast<float>(dot[o]) * a[o];  // exact: α on the float16 grid, |D| < 2^13
-            dst[o * plane] = product + b[o];
+        for (int p = 0; p < P; ++p) {
+          const int64_t ow = first + p, id = row_class[oh] * n_cols + col_class[ow];
+          const int64_t valid = class_valid[id];
+          const int64_t* correction = class_full[id] ? nullptr : corrections.data() + id * lanes;
+          const int64_t* counts = mm.data() + p * lanes;
+          if (bits_out) {
+            epilogue(counts, correction, valid, thr64.data(), flip_bytes.data(), g.blocks,
+                     reinterpret_cast<uint8_t*>(out_bits + ((n * g.OH + oh) * g.OW + ow) * g.CWo));
+          } else {
+            float* dst = out_float + n * g.cout * plane + oh * g.OW + ow;
+            for (int64_t o = 0; o < g.cout; ++o) {
+              const int64_t dot = valid - 2 * (counts[o] - (correction ? correction[o] : 0));
+              const float product = static_cast<float>(dot) * a[o];  // exact: α on the float16 grid, |D| < 2^13
+              dst[o * plane] = product + b[o];
+            }
           }
         }
       }

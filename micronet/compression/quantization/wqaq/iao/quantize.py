@@ -25,9 +25,9 @@ from micronet.base_module.op import Add, Concat  # noqa: F401 - re-exported for 
 from micronet.compression.quantization.core import bn_fold as _bn_fold
 from micronet.compression.quantization.core import modules as _core
 from micronet.compression.quantization.core.presets import use_stored_weights
+from micronet.compression.quantization.core.scheme import QuantizerSpec, QuantScheme
 from micronet.compression.quantization.core.workflow import calibrate, freeze
 from micronet.compression.quantization.core.workflow import prepare as _prepare
-from micronet.compression.quantization.core.scheme import QuantizerSpec, QuantScheme
 from micronet.deploy.targets import DEFAULT_TARGET, get_target
 from micronet.errors import QuantizationError
 
@@ -189,7 +189,8 @@ QuantConcat = _with_iao_options(_core.QuantConcat)
 QuantBNFuseConv2d = _with_iao_options(_bn_fold.QuantBNFuseConv2d)
 
 __all__ = [
-    "Add", "Concat", "QuantAdaptiveAvgPool2d", "QuantAdd", "QuantAvgPool2d", "QuantBNFuseConv2d", "QuantConcat", "QuantConv1d", "QuantConv2d",
+    "Add", "Concat", "QuantAdaptiveAvgPool2d", "QuantAdd", "QuantAvgPool2d", "QuantBNFuseConv2d", "QuantConcat",
+    "QuantConv1d", "QuantConv2d",
     "QuantConvTranspose2d", "QuantHardswish", "QuantLeakyReLU", "QuantLinear", "QuantMaxPool2d", "QuantReLU",
     "QuantReLU6", "QuantSigmoid", "calibrate", "freeze", "iao_scheme", "prepare",
 ]

@@ -1,0 +1,149 @@
+"""The fused straight-through activations (one autograd node each) against the unfused autograd
+expressions they replace: forward values and gradients must be bit-identical, and so must the weights
+after a few training steps of each preset."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from micronet.compression.quantization.core import lowbit
+from micronet.compression.quantization.core.lowbit import DoReFaActivationQuantizer, SignActivation, round_half_away
+from micronet.compression.quantization.wbwtab import quantize as wbwtab
+from micronet.compression.quantization.wqaq.dorefa import quantize as dorefa
+from micronet.models import build_model
+
+
+class _Straight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, fn):
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _reference_sign(x):
+    """The unfused hardtanh STE: sign with 0 → +1, gradient × (|x| < 1)."""
+    hard = torch.clamp(x, -1.0, 1.0)
+    sign = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+    return torch.where(x.abs() < 1, hard, hard.detach()) + (sign - hard).detach()
+
+
+def _reference_dorefa(x, pre_scale, bits, rounding):
+    levels = 2**bits - 1
+    clipped = torch.clamp(x * pre_scale, 0.0, 1.0)
+    return _Straight.apply(clipped * levels, rounding) / levels
+
+
+def _probe(seed=0):
+    """Random values plus the edges: exact 0, ±1, the clip points, ties of the rounding, ±inf, large."""
+    g = torch.Generator().manual_seed(seed)
+    edges = torch.tensor([0.0, -0.0, 1.0, -1.0, 3.0, 1 / 3, 0.5, 1.5, 2.5, -2.5, 1e6, -1e6, float("inf"), float("-inf")])
+    return torch.cat([torch.randn(4000, generator=g) * 3, edges])
+
+
+def test_sign_activation_matches_the_unfused_expression_bit_for_bit():
+    x = _probe().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    out, ref = SignActivation()(x), _reference_sign(x_ref)
+    (out * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    assert torch.equal(out, ref)
+    assert torch.equal(x.grad, x_ref.grad)
+    assert set(out.unique().tolist()) == {-1.0, 1.0}
+
+
+@pytest.mark.parametrize("bits,pre_scale,rounding", [(4, 0.33, "half_even"), (2, 0.1, "half_away"), (8, 1.0, "half_even")])
+def test_dorefa_activation_matches_the_unfused_expression_bit_for_bit(bits, pre_scale, rounding):
+    x = _probe(bits).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    quantizer = DoReFaActivationQuantizer(bits, pre_scale=pre_scale, rounding=rounding)
+    out = quantizer(x)
+    ref = _reference_dorefa(x_ref, pre_scale, bits, torch.round if rounding == "half_even" else round_half_away)
+    (out * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    assert torch.equal(out, ref)
+    assert torch.equal(x.grad, x_ref.grad)
+
+
+def test_nan_inputs_get_no_gradient_in_either_activation():
+    x = torch.tensor([float("nan"), 0.5], requires_grad=True)
+    DoReFaActivationQuantizer(4)(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0]
+
+
+def _train(model, steps=3):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        x, y = torch.randn(8, 3, 32, 32, generator=g) * 2, torch.randint(0, 10, (8,), generator=g)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("preset", ["binary", "dorefa"])
+def test_training_steps_match_the_unfused_expressions(preset, monkeypatch):
+    def prepared():
+        torch.manual_seed(0)
+        model = build_model("nin", 10, 3, [16, 16, 8, 16, 16, 16, 16, 16])
+        if preset == "binary":
+            return wbwtab.prepare(model, W=2, A=2)
+        return dorefa.prepare(model, a_bits=4, w_bits=4, pre_scale=0.33)
+
+    fused = _train(prepared())
+    monkeypatch.setattr(lowbit, "sign_ste", _reference_sign)
+    monkeypatch.setattr(DoReFaActivationQuantizer, "quantize",
+                        lambda self, x: _reference_dorefa(x, self.pre_scale, int(self.bits), self._round))
+    reference = _train(prepared())
+    assert fused.keys() == reference.keys()
+    differing = [k for k in fused if not torch.equal(fused[k], reference[k])]
+    assert differing == []
+    assert any(not torch.equal(fused[k], prepared().state_dict()[k]) for k in fused if k.endswith("weight"))
+
+
+def test_approx_sign_has_the_same_values_and_the_bireal_gradient():
+    x = torch.tensor([-2.0, -1.0, -0.75, -0.25, 0.0, 0.25, 0.5, 1.0, 1.5], requires_grad=True)
+    approx = SignActivation(gradient="approx")
+    out = approx(x)
+    out.sum().backward()
+    assert torch.equal(out, SignActivation()(x.detach()))
+    assert x.grad.tolist() == [0.0, 0.0, 0.5, 1.5, 2.0, 1.5, 1.0, 0.0, 0.0]
+
+
+def test_unknown_sign_gradient_is_refused():
+    from micronet.errors import QuantizationError
+
+    with pytest.raises(QuantizationError, match="unknown sign gradient 'box'"):
+        SignActivation(gradient="box")
+
+
+def test_a_model_trained_with_the_approx_gradient_exports_to_onnx_like_the_default(tmp_path):
+    """The gradient option changes training only: after a few steps the model exports, and ONNX Runtime's
+    outputs match PyTorch's (sign values are exact, the float layers agree to float32 rounding)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from micronet.deploy.onnx import export
+
+    torch.manual_seed(0)
+    model = wbwtab.prepare(build_model("nin", 10, 3, [16, 16, 8, 16, 16, 16, 16, 16]), W=2, A=2)
+    from micronet.compression.quantization.core.workflow import prepare
+
+    torch.manual_seed(0)
+    approx = prepare(build_model("nin", 10, 3, [16, 16, 8, 16, 16, 16, 16, 16]), wbwtab.wbwtab_scheme(sign_gradient="approx"))
+    assert all(m.gradient == "approx" for m in approx.modules() if isinstance(m, SignActivation))
+    trained_default, trained_approx = _train(model), _train(approx)
+    assert any(not torch.equal(trained_default[k], trained_approx[k]) for k in trained_default)  # training differs
+    approx.eval()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    export(approx, tmp_path / "approx.onnx", x[:1], exporter="legacy")
+    session = ort.InferenceSession(str(tmp_path / "approx.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        reference = approx(x).numpy()
+    assert np.abs(got - reference).max() <= 1e-4 * max(np.abs(reference).max(), 1.0)
