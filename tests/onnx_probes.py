@@ -51,3 +51,25 @@ def sign_activations(model: onnx.ModelProto) -> list[tuple[str, str]]:
 def with_sign_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
     pairs = sign_activations(model)
     return with_outputs(model, {name: TensorProto.FLOAT for pair in pairs for name in pair}), pairs
+
+
+def module_path(node_name: str) -> str:
+    """The dotted module path of the torch module that wrote ``node_name``: the legacy exporter names
+    nodes ``/layer1/layer1.0/conv1/input_quantizer/Clip`` (containers' children by full path, others by
+    attribute) → ``layer1.0.conv1.input_quantizer``."""
+    path = ""
+    for part in node_name.strip("/").split("/")[:-1]:
+        path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
+    return path
+
+
+def with_clipped_code_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """Every ``Clip`` on integer codes (the export's narrow activation grids, e.g. DoReFa's) becomes a graph
+    output; returns the model and {module path of the quantizer → its codes' tensor name}."""
+    view = GraphView(model)
+    codes = {}
+    for node in view.nodes("Clip"):
+        source = view.producer.get(node.input[0])
+        if source is not None and source.op_type == "QuantizeLinear":
+            codes[module_path(node.name)] = (node.output[0], view.initializers[source.input[2]].data_type)
+    return with_outputs(model, dict(codes.values())), {path: name for path, (name, _) in codes.items()}

@@ -7,7 +7,9 @@ quantizer by the QuantizeLinear/DequantizeLinear it stands for (:mod:`.qdq_ops`)
   8-bit type) → ``QuantizeLinear`` → ``DequantizeLinear``. Signed symmetric int8 codes are written as
   uint8 with zero point 128 — the same values, and ONNX Runtime's fast u8s8 kernels — unless
   ``activation_dtype="int8"`` (TensorRT wants signed int8 with zero point 0);
-* sign activations → ``Sign(Sign(x) + 0.5)`` (sign(0) = +1, as in training);
+* sign activations → ``QuantizeLinear`` → ``Clip`` on the codes → ``DequantizeLinear`` giving ±1
+  (:class:`RequantizeCodes`), so that the layers before and after a sign run on integer kernels; with int8
+  activations (the TensorRT form) ``Sign(Sign(x) + 0.5)`` (sign(0) = +1, as in training);
 * weight quantizers → ``DequantizeLinear`` of a constant int8 tensor (per output channel, zero point 0)
   holding exactly the trained codes: binary ±1 and ternary {−1, 0, 1} with α as scale, DoReFa k ≤ 7 bits
   as odd integers with scale 1/(2^k − 1). Values that no int8 tensor holds exactly (DoReFa 8-bit weights:
@@ -36,6 +38,7 @@ from micronet.compression.quantization.core.integer_bias import (
     batchnorm_factor_and_bias,
     bias_codes,
     folded_channel_scale,
+    input_step,
     int8_weight_codes,
 )
 from micronet.compression.quantization.core.learned import LearnedScaleQuantizer
@@ -125,7 +128,8 @@ class ActivationQDQ(nn.Module):
         return copy.deepcopy(self)
 
 
-SIGN_SCALE = 2.0**-100  # the QuantizeLinear step of a sign: every accumulator step ≥ 2^-92 saturates (see below)
+SIGN_SCALE = 2.0**-100  # the QuantizeLinear step of a sign (see RequantizeCodes.sign)
+SIGN_ZERO_POINT = 129  # its zero point: every v ≥ 0 (0 included) gets a code ≥ 129
 SIGN_CODES = (127, 129)  # uint8 codes of −1 and +1 around zero point 128, scale 1
 
 
@@ -139,16 +143,19 @@ class RequantizeCodes(nn.Module):
     * DoReFa k-bit activations, clamp(x·p, 0, 1) on {0, 1/n, …, 1} (n = 2^k − 1): codes
       clamp(round(x / (1/(p·n))), 0, n), read at step 1/n. The same values, except where x·p·n lies within
       float32 rounding of a half-integer (the two roundings may then differ by one code).
-    * sign activations (±1, sign(0) = +1): codes {0, 255} at a step of 2^-100, clipped to 127 / 129 and read
-      with zero point 128, scale 1. The layer before is made to produce either ≥ 255 steps or ≤ 0
-      (:func:`integer_signs`), so the requantization is the sign.
+    * sign activations (±1, sign(0) = +1): quantized at a step of 2^-100 with zero point 129, clipped to
+      127..129 and read with zero point 128, scale 1. Every v ≥ 0 (0 included, whatever order a kernel sums
+      in) gets a code ≥ 129 → +1, every v ≤ −1.5·2^-100 a code ≤ 127 → −1: the sign of any float32 value
+      of a sum of ordinary magnitudes (only |v| < 1.5·2^-100 ≈ 1e-30 lies between). An integer layer before
+      the sign gets a threshold bias that makes its accumulator ≥ 0 or ≤ −1 exactly
+      (:meth:`WeightedExport.write_sign_threshold`).
     """
 
-    def __init__(self, scale: float, code_min: int, code_max: int, out_scale: float, out_zero_point: int,
-                 kind: str) -> None:
+    def __init__(self, scale: float, zero_point: int, code_min: int, code_max: int, out_scale: float,
+                 out_zero_point: int, kind: str) -> None:
         super().__init__()
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
-        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.uint8))
+        self.register_buffer("zero_point", torch.tensor(zero_point, dtype=torch.uint8))
         self.register_buffer("out_scale", torch.tensor(out_scale, dtype=torch.float32))
         self.register_buffer("out_zero_point", torch.tensor(out_zero_point, dtype=torch.uint8))
         self.code_min, self.code_max = code_min, code_max
@@ -157,11 +164,11 @@ class RequantizeCodes(nn.Module):
     @classmethod
     def dorefa(cls, bits: int, pre_scale: float) -> RequantizeCodes:
         levels = 2**bits - 1
-        return cls(1.0 / (pre_scale * levels), 0, levels, 1.0 / levels, 0, "uint8")
+        return cls(1.0 / (pre_scale * levels), 0, 0, levels, 1.0 / levels, 0, "uint8")
 
     @classmethod
     def sign(cls) -> RequantizeCodes:
-        return cls(SIGN_SCALE, *SIGN_CODES, 1.0, 128, "sign")
+        return cls(SIGN_SCALE, SIGN_ZERO_POINT, *SIGN_CODES, 1.0, 128, "sign")
 
     @property
     def input_step(self) -> torch.Tensor:
@@ -177,7 +184,7 @@ class RequantizeCodes(nn.Module):
     def value_copy(self) -> ActivationQDQ:
         """The QuantizeLinear/DequantizeLinear at this quantizer's input scale, without the clip: before a max
         pool it keeps the pool on uint8 codes, and this quantizer, after the pool, requantizes them exactly."""
-        return ActivationQDQ(float(self.scale), 0, torch.uint8, 0, 255)
+        return ActivationQDQ(float(self.scale), int(self.zero_point), torch.uint8, 0, 255)
 
 
 class SignExport(nn.Module):
@@ -275,17 +282,6 @@ def _positive_channel_scales(codes: torch.Tensor, scale: torch.Tensor, axis: int
             torch.where(zero, torch.ones_like(scale), scale))
 
 
-def nudge_bias_for_sign(bias: torch.Tensor | None, channels: int) -> torch.Tensor:
-    """The float bias of a float layer whose output a sign reads, plus 255·SIGN_SCALE (≈ 2^-92).
-
-    Requantized at SIGN_SCALE, v + 255·SIGN_SCALE gives code 255 (+1) for every v ≥ 0, v = 0 included, and
-    code 0 (−1) for v ≤ −254.5·SIGN_SCALE. Only a float sum in (−2^-92, 0) would get the other sign: float32
-    sums of inputs and weights of ordinary magnitude are exactly 0 or far larger. The nudge itself vanishes
-    in float32 next to any bias of magnitude above ~2^-68."""
-    nudge = 255 * SIGN_SCALE
-    return torch.full((channels,), nudge) if bias is None else bias + nudge
-
-
 class WeightedExport(nn.Module):
     """A conv / transposed conv / linear layer with its export-form input, weight and bias."""
 
@@ -344,7 +340,7 @@ class WeightedExport(nn.Module):
         self.bias_after = False
         self.input_step = self.input_quantizer.input_step if isinstance(self.input_quantizer, (ActivationQDQ, RequantizeCodes)) else None
         self.record = LayerExport(name, self.kind, _input_kind(self.input_quantizer), self.weight_text, self.bias_text, note)
-        self._place_bias(rounded_in_model=True)
+        self._place_bias(rounded_in_model=input_step(module.input_quantizer) is not None)
 
     @property
     def integer_operands(self) -> bool:
@@ -392,17 +388,17 @@ class WeightedExport(nn.Module):
 
     @torch.no_grad()
     def write_sign_threshold(self) -> None:
-        """Make the requantization of this layer's output at ``SIGN_SCALE`` (zero point 0, uint8) the sign of
-        the model's pre-sign value v = a·s + b (a the integer accumulator, s = s_x·s_w > 0, b the bias).
+        """Make the requantization of this layer's output (:meth:`RequantizeCodes.sign`) the sign of the
+        model's pre-sign value v = a·s + b (a the integer accumulator, s = s_x·s_w > 0, b the bias).
 
         v ≥ 0 ⟺ a ≥ −b/s ⟺ a ≥ T = ⌈−b/s⌉, because a is an integer (v = 0 gives +1, as sign(0) = +1). With
-        the int32 bias 1 − T the kernel's sum is a' = a + 1 − T, an integer: a ≥ T ⟺ a' ≥ 1, and then
-        fl32(a')·M ≥ M ≥ 255 for the requantization multiplier M = s / SIGN_SCALE (≥ 255 for any s ≥ 2^-92),
-        so the code saturates at 255; a < T ⟺ a' ≤ 0, whose code is 0. Ties cannot occur: no a' lies
-        between 0 and 1. T is clamped to the reachable range of a, so the bias fits int32."""
+        the int32 bias −T the kernel's sum is a' = a − T, an integer: a ≥ T ⟺ a' ≥ 0, whose code is
+        ≥ 129; a < T ⟺ a' ≤ −1, and then fl32(a')·M ≤ −M ≤ −2 for the requantization multiplier
+        M = s / SIGN_SCALE (≥ 2 for any s ≥ 2^-99), so the code is ≤ 127. T is clamped to the reachable range
+        of a, so the bias fits int32."""
         step = self.accumulator_step().double()
-        if bool((step * (1.0 / SIGN_SCALE) < 255).any()):
-            raise DeployError(f"{self.record.name}: weight scales below 2^-92 cannot be written as a sign threshold: "
+        if bool((step * (1.0 / SIGN_SCALE) < 2).any()):
+            raise DeployError(f"{self.record.name}: weight scales below 2^-99 cannot be written as a sign threshold: "
                               "retrain or rescale the layer")
         bias = self.float_bias if self.float_bias is not None else torch.zeros_like(step)
         threshold = torch.ceil(-bias / step)
@@ -410,12 +406,7 @@ class WeightedExport(nn.Module):
                                                                 self.weight_codes.dim())
         reach = centred.abs().sum(dim=[d for d in range(centred.dim()) if d != self.axis]).double() * 255
         reach = reach.clamp(max=2.0**30)
-        self._set_bias_codes(1 - torch.maximum(torch.minimum(threshold, reach + 1), -reach), "int32 sign threshold")
-
-    def nudge_for_sign(self) -> None:
-        """A float layer before a sign: see :func:`nudge_bias_for_sign`."""
-        self.bias = nudge_bias_for_sign(self.bias, self.weight.shape[self.axis] if self.weight_codes is None
-                                        else self.weight_codes.shape[self.axis])
+        self._set_bias_codes(-torch.maximum(torch.minimum(threshold, reach + 1), -reach), "int32 sign threshold")
 
     def _weight(self) -> torch.Tensor:
         if self.weight_codes is None:
@@ -552,7 +543,7 @@ def quantize_before_value_moving_ops(form: nn.Module) -> int:
 
 # ------------------------------------------------------------------------------------------ signs
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-_MONOTONE_MOVES = (nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d)  # sign(op(v)) = op(sign(v))
+_MONOTONE_MOVES = (nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, ChannelShuffle)  # sign(op(v)) = op(sign(v))
 
 
 def _module(node: object, modules: dict[str, nn.Module]) -> nn.Module | None:
@@ -586,45 +577,33 @@ def _layers_reading(node: torch.fx.Node, modules: dict[str, nn.Module]) -> list[
 def integer_signs(form: nn.Module) -> int:
     """Write sign activations as codes that integer kernels produce and read (:meth:`RequantizeCodes.sign`).
 
-    Each sign whose value comes from one layer alone becomes that layer's requantization: an integer layer
-    gets the int32 threshold bias of :meth:`WeightedExport.write_sign_threshold` (exact), a float layer the
-    nudge of :func:`nudge_bias_for_sign`. A sign followed only by a max pool moves after it (the max of
-    signs is the sign of the max), so the pool runs on codes and the clip on the pooled tensor. The layers
-    reading a sign then have integer operands. Returns how many signs were rewritten; the others stay float
-    (:class:`SignExport`)."""
+    A sign whose value comes from one integer layer alone becomes that layer's requantization, with the
+    int32 threshold bias of :meth:`WeightedExport.write_sign_threshold` (exact); any other sign quantizes
+    its float input directly. A sign followed only by a max pool moves after it (the max of signs is the
+    sign of the max), so the pool runs on codes and the clip on the pooled tensor. The layers reading a sign
+    then have integer operands. Returns how many signs were rewritten."""
+    graph = _trace(form)
+    if graph is None:
+        return 0
+    modules = dict(form.named_modules())
     done = 0
-    for _ in range(2):  # a sign's producer reads an earlier sign: the second pass sees its input step
-        graph = _trace(form)
-        if graph is None:
-            return done
-        modules = dict(form.named_modules())
-        for node in graph.nodes:
-            if not isinstance(_module(node, modules), SignExport):
-                continue
-            layer = _sole_producer(node, modules)
-            if isinstance(layer, WeightedExport) and layer.integer_operands and layer.int32_bias:
-                layer.write_sign_threshold()
-            elif isinstance(layer, WeightedExport) and not layer.integer_operands:
-                layer.nudge_for_sign()
-            elif isinstance(layer, _LAYERS) and not isinstance(layer, (QuantizedModule, WeightedExport)):
-                channels = layer.weight.shape[1 if isinstance(layer, nn.ConvTranspose2d) else 0]
-                nudged = nudge_bias_for_sign(None if layer.bias is None else layer.bias.detach(), channels)
-                layer.bias = nn.Parameter(nudged, requires_grad=False)
-            else:
-                continue
-            reader, users = RequantizeCodes.sign(), list(node.users)
-            pool = _module(users[0], modules) if len(users) == 1 else None
-            if isinstance(pool, (nn.MaxPool1d, nn.MaxPool2d)) and not isinstance(pool, QuantizedModule):
-                form.set_submodule(node.target, nn.Identity())
-                form.set_submodule(users[0].target, nn.Sequential(pool, reader))
-                node = users[0]
-            else:
-                form.set_submodule(node.target, reader)
-            for reading in _layers_reading(node, modules):
-                reading.read_sign_codes()
-            done += 1
-        if not any(isinstance(m, SignExport) for m in form.modules()):
-            break
+    for node in graph.nodes:  # graph order: a layer reads its input signs' codes before its own sign is seen
+        if not isinstance(_module(node, modules), SignExport):
+            continue
+        layer = _sole_producer(node, modules)
+        if isinstance(layer, WeightedExport) and layer.integer_operands and layer.int32_bias:
+            layer.write_sign_threshold()
+        reader, users = RequantizeCodes.sign(), list(node.users)
+        pool = _module(users[0], modules) if len(users) == 1 else None
+        if isinstance(pool, (nn.MaxPool1d, nn.MaxPool2d)) and not isinstance(pool, QuantizedModule):
+            form.set_submodule(node.target, nn.Identity())
+            form.set_submodule(users[0].target, nn.Sequential(pool, reader))
+            node = users[0]
+        else:
+            form.set_submodule(node.target, reader)
+        for reading in _layers_reading(node, modules):
+            reading.read_sign_codes()
+        done += 1
     return done
 
 

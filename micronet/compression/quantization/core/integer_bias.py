@@ -16,7 +16,10 @@ DoReFa k ≤ 8 bits: step 1/(2^k − 1), whatever its ``pre_scale``) and a weigh
 times a per-channel step (:func:`int8_weight_codes`: symmetric affine of at most 8 bits — possibly switched
 off once the weights hold their quantized values, as after ``convert`` —, binary, ternary, DoReFa k ≤ 7).
 Elsewhere (sign inputs, whose single threshold the export computes exactly; float weights; DoReFa 8-bit
-weights, which no int8 tensor holds) the bias stays float, as in the export. TensorRT's form (int8
+weights, which no int8 tensor holds) the bias stays float, as in the export. DoReFa's grids are rational,
+so pre-activations of layers without BatchNorm lie on a lattice whose points can fall exactly on the next
+quantizer's rounding ties: there torch's float32 sums and the integer kernels' requantization may round
+one code apart (the export tests check that every such difference sits at a tie). TensorRT's form (int8
 activations) also keeps float biases, which its kernels add in float.
 """
 
@@ -71,7 +74,8 @@ def int8_weight_codes(quantizer: Quantizer, weight: torch.Tensor, axis: int | No
     ½ around (2^k − 1)/2) become int8 at the scale or half of it, when they fit ±127."""
     target = quantizer.quantize(weight) if quantizer.enabled.item() else weight
     try:
-        codes = quantizer.weight_codes(weight)
+        frozen = isinstance(quantizer, LowBitWeightQuantizer) and not quantizer.enabled.item()
+        codes = quantizer.codes_of_values(weight) if frozen else quantizer.weight_codes(weight)
     except Exception as error:  # noqa: BLE001 - a family without integer codes (e.g. float weights)
         return f"no integer codes ({error})"
     centred = codes.codes.double() - codes.zero_point.double()

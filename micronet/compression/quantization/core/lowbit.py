@@ -221,8 +221,27 @@ class LowBitWeightQuantizer(Quantizer):
         codes, zero_point, scale = self.encode(w)
         return WeightCodes(codes.to(torch.int64), int(self.bits), scale, zero_point)
 
+    def value_grid(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(zero point, scale)`` of weights that already hold this family's quantized values."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def codes_of_values(self, values: torch.Tensor) -> WeightCodes:
+        """The codes of weights that already hold this family's quantized values (after ``convert``, which
+        stores them and switches the quantizer off). Encoding them again is not the identity for every
+        family (DoReFa's tanh, binary centring), so the codes are read off the values' own grid; a weight
+        not on that grid gives codes that do not reproduce it, which callers check."""
+        zero_point, scale = self.value_grid(values)
+        codes = torch.round(values / scale.clamp(min=torch.finfo(values.dtype).tiny) + zero_point)
+        return WeightCodes(codes.to(torch.int64), int(self.bits), scale, zero_point)
+
     def extra_repr(self) -> str:
         return f"bits={int(self.bits)}, ch_axis={self.ch_axis}"
+
+
+def _binary_value_grid(values: torch.Tensor, ch_axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """±α: zero point ½, scale 2α, α the largest magnitude per channel."""
+    return _scalar(0.5, values), 2 * _channel_max(values.abs(), ch_axis)
 
 
 class BinaryWeightQuantizer(LowBitWeightQuantizer):
@@ -245,6 +264,9 @@ class BinaryWeightQuantizer(LowBitWeightQuantizer):
         if self.clip:
             w = torch.clamp(w, -1.0, 1.0)
         return _binary_codes(w, self.ch_axis)
+
+    def value_grid(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _binary_value_grid(values, self.ch_axis)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, center={self.center}, clip={self.clip}"
@@ -272,6 +294,10 @@ class TernaryWeightQuantizer(LowBitWeightQuantizer):
         ternary = _IdentitySTE.apply(w, lambda v: _ternary(v, delta))
         return ternary + 1, _scalar(1.0, w), alpha
 
+    def value_grid(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """{−α, 0, α}: zero point 1, scale α, the largest magnitude per channel."""
+        return _scalar(1.0, values), _channel_max(values.abs(), self.ch_axis)
+
 
 class DoReFaWeightQuantizer(LowBitWeightQuantizer):
     """k ≥ 2: t = tanh(W), u = t / (2·max|t|) + 0.5, codes round(u·n) with n = 2^k − 1, output
@@ -293,6 +319,14 @@ class DoReFaWeightQuantizer(LowBitWeightQuantizer):
         u = t / (2 * peak.clamp(min=torch.finfo(t.dtype).tiny)) + 0.5
         codes = _IdentitySTE.apply(u * levels, self._round)
         return codes, _scalar(levels / 2, w), _scalar(2 / levels, w)
+
+    def value_grid(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k ≥ 2: the fixed grid (zero point n/2, scale 2/n); k = 1: ±α as binary weights."""
+        bits = int(self.bits)
+        if bits == 1:
+            return _binary_value_grid(values, self.ch_axis)
+        levels = 2**bits - 1
+        return _scalar(levels / 2, values), _scalar(2 / levels, values)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rounding={self.rounding}"
