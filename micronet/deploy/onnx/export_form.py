@@ -41,13 +41,11 @@ from micronet.compression.quantization.core.integer_bias import (
     input_step,
     int8_weight_codes,
 )
-from micronet.compression.quantization.core.learned import LearnedScaleQuantizer
-from micronet.compression.quantization.core.lowbit import DoReFaActivationQuantizer, FloatQuantizer, SignActivation
 from micronet.compression.quantization.core.modules import QuantizedModule, WeightedQuantizedModule
-from micronet.compression.quantization.core.quantizers import AffineQuantizer, Quantizer
+from micronet.compression.quantization.core.quantizers import Quantizer
 from micronet.deploy.onnx import qdq_ops
 from micronet.deploy.targets import DEFAULT_TARGET, get_target, weight_dtype_for
-from micronet.errors import DeployError
+from micronet.errors import DeployError, QuantizationError
 from micronet.models.layers import ChannelShuffle
 
 ACTIVATION_DTYPES = ("uint8", "int8")
@@ -134,12 +132,14 @@ SIGN_CODES = (127, 129)  # uint8 codes of −1 and +1 around zero point 128, sca
 
 
 class RequantizeCodes(nn.Module):
-    """QuantizeLinear(scale, zero point 0, uint8) → Clip on the codes → DequantizeLinear(out_scale, out_zero_point).
+    """QuantizeLinear(scale, zero point, uint8) → Clip on the codes → DequantizeLinear(out_scale, out_zero_point).
 
     The form of activations whose grid is narrower than uint8, written so that the producing layer's
     integer kernel does the quantization: ONNX Runtime fuses ``DQ → Conv [→ Relu] → Q`` into QLinearConv
     (a Relu is absorbed by zero point 0), and the Clip runs on uint8 codes.
 
+    * affine (and other) grids narrower than uint8, e.g. 4-bit activations: codes clipped to their range,
+      read at the same scale and zero point;
     * DoReFa k-bit activations, clamp(x·p, 0, 1) on {0, 1/n, …, 1} (n = 2^k − 1): codes
       clamp(round(x / (1/(p·n))), 0, n), read at step 1/n. The same values, except where x·p·n lies within
       float32 rounding of a half-integer (the two roundings may then differ by one code).
@@ -160,11 +160,6 @@ class RequantizeCodes(nn.Module):
         self.register_buffer("out_zero_point", torch.tensor(out_zero_point, dtype=torch.uint8))
         self.code_min, self.code_max = code_min, code_max
         self.dtype_name = kind  # "uint8" (DoReFa) or "sign"
-
-    @classmethod
-    def dorefa(cls, bits: int, pre_scale: float) -> RequantizeCodes:
-        levels = 2**bits - 1
-        return cls(1.0 / (pre_scale * levels), 0, 0, levels, 1.0 / levels, 0, "uint8")
 
     @classmethod
     def sign(cls) -> RequantizeCodes:
@@ -207,43 +202,39 @@ class Passthrough(nn.Module):
         return list(tensors)
 
 
-def _affine_export(q: AffineQuantizer, name: str, activation_dtype: str) -> ActivationQDQ:
-    if q.ch_axis is not None:
+def activation_export(q: Quantizer, name: str, activation_dtype: str) -> nn.Module:
+    """The export module for an activation quantizer, from the grid it describes
+    (:meth:`~micronet.compression.quantization.core.quantizers.Quantizer.activation_grid`)."""
+    if not q.enabled.item():
+        return Passthrough()
+    try:
+        grid = q.activation_grid()
+    except QuantizationError:
+        raise DeployError(f"{name}: quantizer {type(q).__name__} has no ONNX mapping: give it an activation_grid() "
+                          "(float, sign or integer codes)") from None
+    if grid.kind == "float":
+        return Passthrough()
+    if grid.kind == "sign":
+        return SignExport()
+    if grid.per_channel:
         raise DeployError(f"{name}: per-channel activation quantization has no QDQ mapping here: quantize "
                           "activations per tensor")
-    if int(q.bits) > 8:
-        raise DeployError(f"{name}: {int(q.bits)}-bit activations do not fit ONNX int8/uint8: export at most 8 bits")
-    initialized = q.scale_initialized.item() if isinstance(q, LearnedScaleQuantizer) else q.observer.is_initialized
-    if not initialized:
+    if grid.bits > 8:
+        raise DeployError(f"{name}: {grid.bits}-bit activations do not fit ONNX int8/uint8: export at most 8 bits")
+    if not grid.calibrated:
         raise DeployError(f"{name} was never calibrated (its observer saw no data): run "
                           "calibrate(model, data) or QAT before exporting")
-    quant_min, quant_max = q.quant_min_max
-    zero_point = 0 if q.symmetric else int(q.zero_point.item())
-    scale = float(q.scale.detach().reshape(()).item())
-    signed = quant_min < 0
-    if signed and activation_dtype == "uint8":  # the same values, shifted codes: u8s8 is ORT's fast path
-        return ActivationQDQ(scale, zero_point + 128, torch.uint8, quant_min + 128, quant_max + 128)
-    if not signed and activation_dtype == "int8":
-        raise DeployError(f"{name} holds unsigned codes (0..{quant_max}) that signed int8 cannot hold: prepare the "
-                          "model with signed activations (QuantizerSpec(signed=True)) for an int8/TensorRT export")
-    return ActivationQDQ(scale, zero_point, torch.int8 if signed else torch.uint8, quant_min, quant_max)
-
-
-def activation_export(q: Quantizer, name: str, activation_dtype: str) -> nn.Module:
-    """The export module for an activation quantizer (one handler per quantizer family)."""
-    if not q.enabled.item() or isinstance(q, FloatQuantizer):
-        return Passthrough()
-    if isinstance(q, SignActivation):
-        return SignExport()
-    if isinstance(q, DoReFaActivationQuantizer):
-        bits = int(q.bits)
-        if bits > 8:
-            raise DeployError(f"{name}: {bits}-bit DoReFa activations do not fit uint8: export at most 8 bits")
-        return RequantizeCodes.dorefa(bits, q.pre_scale)
-    if isinstance(q, AffineQuantizer):
-        return _affine_export(q, name, activation_dtype)
-    raise DeployError(f"{name}: quantizer {type(q).__name__} has no ONNX mapping (supported: affine, lsq, "
-                      "dorefa_activation, sign, float)")
+    signed = grid.code_min < 0
+    if not signed and activation_dtype == "int8" and grid.read_scale is None:
+        raise DeployError(f"{name} holds unsigned codes (0..{grid.code_max}) that signed int8 cannot hold: prepare "
+                          "the model with signed activations (QuantizerSpec(signed=True)) for an int8/TensorRT export")
+    shift = 128 if signed and activation_dtype == "uint8" else 0  # the same values: u8s8 is ORT's fast path
+    zero_point, code_min, code_max = grid.zero_point + shift, grid.code_min + shift, grid.code_max + shift
+    if grid.read_scale is not None or (activation_dtype == "uint8" and (code_min > 0 or code_max < 255)):
+        # a grid narrower than uint8, or read on another grid: the clip acts on codes, between integer kernels
+        return RequantizeCodes(grid.scale, zero_point, code_min, code_max,
+                               grid.scale if grid.read_scale is None else grid.read_scale, zero_point, "uint8")
+    return ActivationQDQ(grid.scale, zero_point, torch.int8 if signed and not shift else torch.uint8, code_min, code_max)
 
 
 def _input_kind(module: nn.Module) -> str:
@@ -264,7 +255,7 @@ def int8_weight(module: WeightedQuantizedModule) -> tuple[torch.Tensor, torch.Te
     """(int8 codes, per-channel float32 scale) with ``codes·scale`` = the weight the layer computes with,
     or the reason why no int8 tensor holds those values (:func:`int8_weight_codes`)."""
     quantizer = module.weight_quantizer
-    if isinstance(quantizer, AffineQuantizer) and not quantizer.observer.is_initialized:
+    if not getattr(quantizer, "calibrated", True):
         raise DeployError(f"{quantizer.qualified_name or 'a weight quantizer'} was never calibrated: run "
                           "calibrate(model, data) or QAT before exporting")
     return int8_weight_codes(quantizer, module.weight.detach(), module.weight_axis)

@@ -106,16 +106,25 @@ def set_isa(model: PackedModel, isa: str | None) -> PackedModel:
 
 
 # ------------------------------------------------------------------------------------------ layer analysis
-def _is_sign(module: nn.Module | None) -> bool:
-    from micronet.compression.quantization.core.lowbit import SignActivation
+def _grid_kind(module: nn.Module | None) -> str | None:
+    """The activation grid kind a quantizer describes ("float", "sign", "codes"), None for other modules."""
+    from micronet.compression.quantization.core.quantizers import Quantizer
+    from micronet.errors import QuantizationError
 
-    return isinstance(module, SignActivation) and bool(module.enabled.item())
+    if not isinstance(module, Quantizer):
+        return None
+    try:
+        return module.activation_grid().kind
+    except QuantizationError:
+        return None
+
+
+def _is_sign(module: nn.Module | None) -> bool:
+    return _grid_kind(module) == "sign" and bool(module.enabled.item())
 
 
 def _is_identity_quantizer(module: nn.Module) -> bool:
-    from micronet.compression.quantization.core.lowbit import FloatQuantizer
-
-    return isinstance(module, FloatQuantizer) or not bool(getattr(module, "enabled", torch.ones(())).item())
+    return _grid_kind(module) == "float" or not bool(getattr(module, "enabled", torch.ones(())).item())
 
 
 @torch.no_grad()

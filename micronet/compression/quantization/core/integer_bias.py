@@ -28,34 +28,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from micronet.compression.quantization.core.lowbit import DoReFaActivationQuantizer, LowBitWeightQuantizer
+from micronet.compression.quantization.core.lowbit import LowBitWeightQuantizer
 from micronet.compression.quantization.core.quantizers import AffineQuantizer, Quantizer
+from micronet.errors import QuantizationError
 
 INT32_MAX = 2**31 - 1
 MAX_BITS = 8
 INT8_MAX = 127
 
 
-def _calibrated(quantizer: AffineQuantizer) -> bool:
-    initialized = getattr(quantizer, "scale_initialized", None)  # learned scales
-    if initialized is not None:
-        return bool(initialized.item())
-    return quantizer.observer.is_initialized
-
-
 def input_step(quantizer: Quantizer) -> torch.Tensor | None:
     """The float32 step between the input codes an integer layer multiplies (0-dim), or ``None`` where the
-    input is not integer codes on one uniform grid of at most 8 bits (float, per channel, calibrating)."""
+    input is not integer codes on one uniform grid of at most 8 bits (float, sign, per channel, calibrating),
+    as the quantizer describes itself (:meth:`Quantizer.activation_grid`)."""
     if not quantizer.enabled.item() or quantizer.observing:
         return None
-    if isinstance(quantizer, DoReFaActivationQuantizer):
-        bits = int(quantizer.bits)
-        return torch.tensor(1.0 / (2**bits - 1), dtype=torch.float32) if bits <= MAX_BITS else None
-    if not (isinstance(quantizer, AffineQuantizer) and int(quantizer.bits) <= MAX_BITS and _calibrated(quantizer)):
+    try:
+        grid = quantizer.activation_grid()
+    except QuantizationError:
         return None
-    if quantizer.ch_axis is not None:
+    if grid.kind != "codes" or grid.bits > MAX_BITS or grid.per_channel or not grid.calibrated:
         return None
-    return quantizer.scale.detach().float().reshape(())
+    return torch.tensor(grid.scale if grid.read_scale is None else grid.read_scale, dtype=torch.float32)
 
 
 def _per_axis(t: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
@@ -108,7 +102,7 @@ def weight_step(quantizer: Quantizer, weight: torch.Tensor | None, axis: int | N
     Affine weights: their scale (the quantizer may be off once the weights hold their quantized values);
     low-bit families: from the codes of ``weight`` (binary and ternary steps are α, which depends on it)."""
     if isinstance(quantizer, AffineQuantizer):
-        if not (int(quantizer.bits) <= MAX_BITS and _calibrated(quantizer) and quantizer.symmetric) or quantizer.observing:
+        if not (int(quantizer.bits) <= MAX_BITS and quantizer.calibrated and quantizer.symmetric) or quantizer.observing:
             return None
         return quantizer.scale.detach().float()
     if isinstance(quantizer, LowBitWeightQuantizer) and weight is not None:

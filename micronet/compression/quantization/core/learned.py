@@ -64,6 +64,10 @@ class LearnedScaleQuantizer(AffineQuantizer):
         super().observe(x)
         self.scale_initialized.fill_(1)
 
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.scale_initialized.item())
+
     def reobserve(self, x: torch.Tensor) -> bool:
         """A learnt scale is a parameter of the model, never re-derived from the data."""
         return False if self.scale_initialized.item() else super().reobserve(x)

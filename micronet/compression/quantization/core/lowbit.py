@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from micronet.compression.quantization.core.quantizers import Quantizer, WeightCodes
+from micronet.compression.quantization.core.quantizers import ActivationGrid, Quantizer, WeightCodes
 from micronet.errors import QuantizationError
 
 ROUNDING_MODES = ("half_even", "half_away")
@@ -351,6 +351,12 @@ class DoReFaActivationQuantizer(Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return _ClampRoundSTE.apply(x, self.pre_scale, 2 ** int(self.bits) - 1, self._round)
 
+    def activation_grid(self) -> ActivationGrid:
+        """Codes round(x·p·n) clipped to 0..n, read at 1/n."""
+        levels = 2 ** int(self.bits) - 1
+        return ActivationGrid("codes", 1.0 / (self.pre_scale * levels), 0, 0, levels, read_scale=1.0 / levels,
+                              bits=int(self.bits))
+
     def extra_repr(self) -> str:
         return f"bits={int(self.bits)}, pre_scale={self.pre_scale}, rounding={self.rounding}"
 
@@ -372,6 +378,9 @@ class SignActivation(Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return sign_ste(x) if self.gradient == "hardtanh" else approx_sign_ste(x)
 
+    def activation_grid(self) -> ActivationGrid:
+        return ActivationGrid("sign", bits=1)
+
     def extra_repr(self) -> str:
         return "" if self.gradient == "hardtanh" else f"gradient={self.gradient}"
 
@@ -384,6 +393,9 @@ class FloatQuantizer(Quantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def activation_grid(self) -> ActivationGrid:
+        return ActivationGrid("float", bits=32)
 
 
 # ------------------------------------------------------------------------------------------ registration

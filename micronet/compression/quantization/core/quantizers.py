@@ -27,6 +27,27 @@ QAT, CALIBRATE, FROZEN = 0, 1, 2
 
 
 @dataclass(frozen=True)
+class ActivationGrid:
+    """What an activation quantizer computes, in the terms a deployment writes (each family describes
+    itself, so an exporter needs no list of quantizer classes).
+
+    ``kind``: ``"float"`` (the quantizer writes nothing), ``"sign"`` (±1 with sign(0) = +1) or ``"codes"``:
+    integer codes round(x / ``scale``) + ``zero_point`` kept within [``code_min``, ``code_max``] and read back
+    at ``read_scale`` (``None``: at ``scale``; DoReFa reads its codes at 1/n after quantizing at 1/(p·n)).
+    ``bits``, ``per_channel`` and ``calibrated`` let the exporter refuse what it cannot write."""
+
+    kind: str
+    scale: float = 1.0
+    zero_point: int = 0
+    code_min: int = 0
+    code_max: int = 0
+    read_scale: float | None = None
+    bits: int = 8
+    per_channel: bool = False
+    calibrated: bool = True
+
+
+@dataclass(frozen=True)
 class WeightCodes:
     """A quantized tensor as integer codes: ``dequantized = (codes − zero_point) · scale``.
 
@@ -106,6 +127,10 @@ class Quantizer(nn.Module):
         """The integer codes of ``quantize(w)`` with the current parameters (no observation)."""
         raise QuantizationError(f"{type(self).__name__} does not produce integer codes")
 
+    def activation_grid(self) -> ActivationGrid:
+        """What this quantizer computes on activations, for exporters (see :class:`ActivationGrid`)."""
+        raise QuantizationError(f"{type(self).__name__} does not describe its activation grid")
+
     # ------------------------------------------------------------------ loading
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         key = prefix + "bits"
@@ -158,6 +183,20 @@ class AffineQuantizer(Quantizer):
     @property
     def quant_min_max(self) -> tuple[int, int]:
         return quant_range(int(self.bits), bool(self.signed.item()), self.narrow_range)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the scale comes from data (an observer that saw some)."""
+        return bool(self.observer.is_initialized)
+
+    def activation_grid(self) -> ActivationGrid:
+        quant_min, quant_max = self.quant_min_max
+        per_channel = self.ch_axis is not None
+        if not self.calibrated or per_channel:
+            return ActivationGrid("codes", bits=int(self.bits), per_channel=per_channel, calibrated=self.calibrated)
+        zero_point = 0 if self.symmetric else int(self.zero_point.item())
+        return ActivationGrid("codes", float(self.scale.detach().reshape(()).item()), zero_point, quant_min, quant_max,
+                              bits=int(self.bits))
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
