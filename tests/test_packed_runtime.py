@@ -240,10 +240,14 @@ def test_cli_evaluate_and_benchmark_with_the_packed_runtime(tmp_path, capsys, cl
                                                A=2, W=2)).eval()
     save_checkpoint(tmp_path / "ck", model, data_info=info)
     results = []
+    threads = torch.get_num_threads()
+    other = 1 if threads != 1 else 2
     for runtime in ("torch", "packed"):
-        assert main(["evaluate", "--checkpoint", str(tmp_path / "ck"), "--test_subset", "64", "--runtime", runtime]) == 0
+        assert main(["evaluate", "--checkpoint", str(tmp_path / "ck"), "--test_subset", "64", "--runtime", runtime,
+                     "--threads", str(other)]) == 0
         out = capsys.readouterr().out
         results.append(out.strip().splitlines()[-1].split(": ", 1)[1].split("images")[0])
+        assert torch.get_num_threads() == threads  # the caller's thread count is restored
     assert results[0] == results[1]
     assert main(["benchmark", "--checkpoint", str(tmp_path / "ck"), "--runtime", "packed", "--batch-sizes", "1,4",
                  "--threads", "1", "--repeats", "2", "--warmup", "1"]) == 0

@@ -97,7 +97,7 @@ def _benchmark_packed(options: BenchmarkOptions, batch_sizes: list[int], threads
         model, info = checkpoint.build_model(), (checkpoint.data_info.to_json() if checkpoint.data_info else {})
     if not info.get("image_size"):
         raise ConfigError(f"{options.checkpoint} does not record its input size: train it with micronet")
-    packed = packed_model(model, threads[0], "channels_last", log=log)  # timed in its fast form
+    packed = packed_model(model, "channels_last", log=log)  # timed in its fast form
     shape = (int(info["in_channels"]), *map(int, info["image_size"]))
     rows = benchmark_packed(packed, shape, batch_sizes, threads, options.warmup, options.repeats)
     log(f"{options.checkpoint}: input {'x'.join(map(str, shape))}, {options.warmup} warm-up + {options.repeats} timed runs each")

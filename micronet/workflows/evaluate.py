@@ -4,6 +4,8 @@ OpenVINO) on a dataset split."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,18 +108,32 @@ def _evaluate_checkpoint(options: EvaluateOptions, log: Log) -> Accuracy:
                           f"but {info.name} has {info.in_channels} and {info.num_classes}: evaluate on the dataset it was trained on")
     runtime = ""
     if options.runtime == "packed":
-        model = packed_model(model, options.threads, log=log)
+        model = packed_model(model, log=log)
         runtime = f" (packed runtime, {options.threads} thread(s))"
-    stats = evaluate_model(model, BatchLoader(getattr(splits, options.split), options.batch_size), ctx.device)
+    with intra_op_threads(options.threads if options.runtime == "packed" else None):
+        stats = evaluate_model(model, BatchLoader(getattr(splits, options.split), options.batch_size), ctx.device)
     log(f"{arch.name} ({checkpoint.path}) on {info.name} {options.split}: accuracy {stats['acc'] * 100:.2f}%, "
         f"loss {stats['loss']:.4f}, {stats['samples']} images{runtime}")
     return Accuracy(stats["acc"], stats["loss"], stats["samples"], info.name, options.split)
 
 
-def packed_model(model: Any, threads: int, float_layout: str = "model", *, log: Log = say) -> Any:
-    """``model`` compiled for the packed runtime on ``threads`` threads; logs what runs where."""
+@contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` (None: unchanged) inside, restored after: a library
+    call never changes the caller's setting."""
     import torch
 
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def packed_model(model: Any, float_layout: str = "model", *, log: Log = say) -> Any:
+    """``model`` compiled for the packed runtime; logs what runs where."""
     from micronet.deploy.packed import compile_packed
 
     with warnings.catch_warnings(record=True) as caught:
@@ -125,6 +141,5 @@ def packed_model(model: Any, threads: int, float_layout: str = "model", *, log: 
         packed = compile_packed(model.cpu(), float_layout=float_layout)
     for warning in caught:
         log(f"warning: {warning.message}")
-    torch.set_num_threads(threads)
     log(f"packed runtime: {packed.report.summary()}")
     return packed
