@@ -235,6 +235,21 @@ def test_pack_and_info_show_measured_bytes(tmp_path, capsys):
     assert "float32" in capsys.readouterr().out
 
 
+def test_pack_command_fuses_bn_folding_convs_first(tmp_path, capsys):
+    """A QAT checkpoint with BN folding packs every conv (the command fuses first; fusion is exact), where
+    the library's save_packed of the unfused model keeps them float (see above)."""
+    torch.manual_seed(0)
+    model = trained(iao.prepare(build_model("nin", 10, 1, SMALL_NIN), w_bits=4, a_bits=4, bn_fuse=True))
+    save_checkpoint(tmp_path / "ck", model)
+    assert main(["pack", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "packed")]) == 0
+    assert "fused before packing" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "packed" / META_FILE).read_text())
+    assert {layer["stored"] for layer in meta["layers"]} == {"packed"}
+    x = torch.randn(6, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(load_packed(tmp_path / "packed")(x), model.eval()(x))
+
+
 def test_fuse_command_prints_table_and_accuracies(tmp_path, capsys):
     from micronet.data import load_dataset
 

@@ -1,5 +1,6 @@
 """pack: store every quantized weight of a checkpoint as its integer codes (1-8 bits packed densely, 9-16 as
-two bytes) plus scale and zero point, and report the bytes each layer takes."""
+two bytes) plus scale and zero point, and report the bytes each layer takes. QAT BN-folding convs are fused
+first (their codes depend on the BatchNorm), so they pack too."""
 
 from __future__ import annotations
 
@@ -26,11 +27,17 @@ class PackResult:
 def pack(options: PackOptions, *, log: Log = say) -> PackResult:
     """Write ``options.checkpoint`` as a packed artifact at ``options.out``."""
     from micronet.analysis import format_table
+    from micronet.compression.fusion import fuse as fuse_model
     from micronet.compression.packing import PACKED_OUTPUT, TENSOR_FILE, layer_size_rows, read_packed_meta, save_packed
+    from micronet.compression.quantization.core.bn_fold import QuantBNFuseConv2d
 
     claim(options.out, PACKED_OUTPUT, options.overwrite)
     checkpoint = load_source(options.checkpoint)
-    model = checkpoint.build_model()
+    model = checkpoint.build_model().eval()
+    if any(isinstance(module, QuantBNFuseConv2d) for module in model.modules()):
+        # a BN-folding conv's codes depend on its BatchNorm: fold it (as `micronet fuse` does) so they pack
+        model, report = fuse_model(model)
+        log(f"fused before packing: {report.summary()}")
     out = save_packed(model, options.out, data_info=checkpoint.data_info, metrics=checkpoint.metrics)
     log(f"packed artifact: {out}")
     rows = layer_size_rows(model, Path(out) / TENSOR_FILE)
