@@ -56,6 +56,22 @@ def test_openvino_agrees_with_onnxruntime(int8_file):
     assert timing[0].optimization == "openvino" and timing[0].median_ms > 0
 
 
+def test_openvino_computes_in_float32(tmp_path):
+    """OpenVINO's CPU default on processors with bf16 instructions is bf16; micronet compiles in f32, so an
+    FP32 file's outputs match ONNX Runtime's to float32 summation error (bf16 keeps 8 mantissa bits: its
+    outputs would be ~1e-2 of the range apart)."""
+    pytest.importorskip("openvino")
+    torch.manual_seed(0)
+    path = tmp_path / "fp32.onnx"
+    export(build_model("nin", num_classes=10, in_channels=1, cfg=SMALL_NIN).eval(), path, torch.zeros(1, 1, 28, 28),
+           exporter="legacy")
+    session = build_session(path, runtime="openvino")
+    assert str(session._compiled.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>")
+    x = torch.rand(16, 1, 28, 28).numpy()
+    ours, theirs = run(session, x), run(build_session(path), x)
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+
+
 def test_missing_openvino_says_how_to_install(int8_file, monkeypatch, cli_fails):
     path, _ = int8_file
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
