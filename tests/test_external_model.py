@@ -18,7 +18,7 @@ from micronet.compression.quantization.core import calibrate, prepare
 from micronet.compression.quantization.core.modules import default_scheme
 from micronet.engine import load_checkpoint, save_checkpoint
 from micronet.errors import CheckpointError, ModelConfigError
-from micronet.models import build_model
+from micronet.models import build_model, model_arch
 from micronet.models.external import parse_model_spec, resolve_callable
 from micronet.models.state_dict import load_state_dict_file, load_weights_file
 
@@ -58,6 +58,18 @@ class TwoBranchNet(nn.Module):
 
 def small(num_classes):
     return TwoBranchNet(num_classes=num_classes, in_channels=1)
+
+
+class NamedNet(TwoBranchNet):
+    """A network that keeps a name of its own in ``arch`` and reads it in forward."""
+
+    def __init__(self, num_classes=10, in_channels=3):
+        super().__init__(num_classes, in_channels)
+        self.arch = "two-branch v2"
+
+    def forward(self, x):
+        assert self.arch == "two-branch v2"
+        return super().forward(x)
 
 
 def not_a_model():
@@ -213,6 +225,22 @@ def test_checkpoint_rebuilds_the_user_model(user_file, tmp_path):
     assert meta["arch"]["source"]["module"] == str(user_file.resolve())
     rebuilt = load_checkpoint(tmp_path / "ck").build_model().eval()
     assert rebuilt.arch == model.arch and torch.equal(rebuilt(X), model(X))
+
+
+def test_a_models_own_arch_attribute_is_kept(user_file, tmp_path):
+    model = _randomized(build_model(f"{user_file}:NamedNet", num_classes=10, in_channels=1))
+    assert model.arch == "two-branch v2"  # the user's attribute, untouched
+    assert model_arch(model).source.callable == "NamedNet" and model_arch(model).num_classes == 10
+    save_checkpoint(tmp_path / "ck", model)
+    rebuilt = load_checkpoint(tmp_path / "ck").build_model().eval()
+    assert rebuilt.arch == "two-branch v2" and model_arch(rebuilt) == model_arch(model)
+    assert torch.equal(rebuilt(X), model(X))
+    quantized = prepare(rebuilt, default_scheme())  # traced and rewritten: both attributes carried over
+    assert quantized.arch == "two-branch v2" and model_arch(quantized) == model_arch(model)
+    calibrate(quantized, [X])
+    save_checkpoint(tmp_path / "q", quantized)
+    again = load_checkpoint(tmp_path / "q").build_model().eval()
+    assert again.arch == "two-branch v2" and torch.equal(again(X), quantized.eval()(X))
 
 
 def test_changed_file_warns_and_missing_file_is_one_line(user_file, tmp_path):

@@ -212,9 +212,11 @@ def test_missing_tensor_and_shape_mismatch_are_reported(tmp_path):
         load_packed(path)
 
 
-def test_non_registry_model_is_refused(tmp_path):
-    with pytest.raises(CheckpointError, match="registry"):
+def test_model_without_architecture_record_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match=r"needs a model built by micronet.models.build_model .* your own "
+                                              r"network, build_model\('my_nets.py:build'\)"):
         save_packed(nn.Sequential(nn.Linear(2, 2)), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -40,6 +40,7 @@ from torch import nn
 
 from micronet.errors import CheckpointError, QuantizationError
 from micronet.io import atomic_directory, read_description, resolve_directory
+from micronet.models.registry import find_arch
 from micronet.outputs import OutputKind, described_as
 
 FORMAT = "micronet-packed"
@@ -254,10 +255,11 @@ def save_packed(model: nn.Module, path: str | Path, *, data_info: Any = None,
     """
     from micronet.engine.checkpoint import file_sha256, structure_meta, versions_record
 
-    arch = getattr(model, "arch", None)
+    arch = find_arch(model)
     if arch is None:
-        raise CheckpointError("save_packed needs a model built by micronet.models.build_model (it records "
-                              "model.arch so the artifact can be rebuilt): build the model from the registry")
+        raise CheckpointError("save_packed needs a model built by micronet.models.build_model (it records the "
+                              "architecture so the artifact can be rebuilt): build it with build_model('nin') or, "
+                              "for your own network, build_model('my_nets.py:build')")
     layers, state = packed_layers(model)
     meta: dict[str, Any] = {
         "format": FORMAT,

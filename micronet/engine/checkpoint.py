@@ -31,6 +31,7 @@ from torch import nn
 
 from micronet.errors import CheckpointError, MicronetError
 from micronet.io import atomic_directory, read_description, resolve_directory
+from micronet.models.registry import find_arch
 from micronet.outputs import OutputKind, described_as
 
 FORMAT = "micronet-checkpoint"
@@ -120,7 +121,7 @@ class Checkpoint:
         if missing or unexpected or wrong_shape:
             held = self.meta.get("arch") or {}
             described = f"{held.get('name', 'an unknown model')} with cfg {held.get('cfg')}"
-            model_arch = getattr(model, "arch", None)
+            model_arch = find_arch(model)
             target = f"{model_arch.name} with cfg {list(model_arch.cfg)}" if model_arch else type(model).__name__
             details = "; ".join(
                 part
@@ -172,7 +173,7 @@ def structure_meta(model: nn.Module, extra: dict[str, Any] | None = None) -> dic
     """``{"arch", "extra"}`` entries that rebuild ``model``'s structure: architecture, pruned channels
     (``extra.pruning``), quantization scheme (``extra.quantization``) and BatchNorm fusion
     (``extra.fusion``), all read from the model itself; other ``extra`` entries are kept."""
-    arch = getattr(model, "arch", None)
+    arch = find_arch(model)
     extra = {k: v for k, v in (extra or {}).items() if k not in ("pruning", "quantization", "fusion")}
     pruning = getattr(model, "channel_record", None)
     if isinstance(pruning, dict) and pruning:

@@ -29,6 +29,7 @@ from micronet.engine.numerics import ClassificationScore, nonfinite_tensor
 from micronet.engine.state import optimizer_state_join, optimizer_state_split, restore_rng_state, rng_state
 from micronet.errors import CheckpointError, NumericalError
 from micronet.io import atomic_write_text
+from micronet.models.registry import find_arch
 from micronet.outputs import OutputKind
 
 LOG_FILE = "log.jsonl"
@@ -184,7 +185,7 @@ class Trainer:
         training = checkpoint.training
         if not training or "optimizer" not in training:
             raise CheckpointError(f"{source} holds weights only, no training state: resume from the run's last/ checkpoint")
-        held, ours = checkpoint.meta.get("arch"), getattr(self.model, "arch", None)
+        held, ours = checkpoint.meta.get("arch"), find_arch(self.model)
         if held and ours is not None and (held.get("name") != ours.name or list(held.get("cfg", [])) != list(ours.cfg)):
             raise CheckpointError(
                 f"{source} holds {held.get('name')} with cfg {held.get('cfg')}, not {ours.name} with cfg {list(ours.cfg)}: "

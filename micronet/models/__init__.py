@@ -14,11 +14,20 @@ with zero bias; BatchNorm γ = 1, β = 0; Linear N(0, 0.01) with zero bias.
 
 from micronet.models import lenet, mobilenetv2, nin, nin_gc, resnet
 from micronet.models.external import ModelImport, is_model_spec
-from micronet.models.registry import ModelArch, build_model, default_cfg, list_models, model_arch, register_model
+from micronet.models.registry import (
+                                      ModelArch,
+                                      attach_arch,
+                                      build_model,
+                                      default_cfg,
+                                      find_arch,
+                                      list_models,
+                                      model_arch,
+                                      register_model,
+)
 from micronet.models.state_dict import load_state_dict_file, load_weights_file
 
-__all__ = ["ModelArch", "ModelImport", "build_model", "default_cfg", "is_model_spec", "list_models",
-           "load_state_dict_file", "load_weights_file", "model_arch", "register_model"]
+__all__ = ["ModelArch", "ModelImport", "attach_arch", "build_model", "default_cfg", "find_arch", "is_model_spec",
+           "list_models", "load_state_dict_file", "load_weights_file", "model_arch", "register_model"]
 
 register_model("lenet", lambda k, c, cfg: lenet.LeNet(k, c, cfg), lenet.DEFAULT_CFG)
 register_model("nin", lambda k, c, cfg: nin.NIN(k, c, cfg), nin.DEFAULT_CFG)

@@ -5,7 +5,9 @@ classes, the input channels and the resolved channel config. A checkpoint stores
 ``ModelArch.from_json(d).build()`` rebuilds the same (possibly pruned) network.
 
 ``build_model`` also takes the user's own network as ``MODULE:CALLABLE`` (see :mod:`micronet.models.external`):
-its ``arch`` then has no channel config and records the import in ``source``, so checkpoints rebuild it too.
+its ``arch`` then has no channel config and records the import in ``source``, so checkpoints rebuild it too;
+a network that has an ``arch`` attribute of its own keeps it and gets the record as ``micronet_arch``
+(read it with :func:`model_arch`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from torch import nn
 from micronet.errors import ModelConfigError
 from micronet.models.external import ModelImport, build_from_spec, is_model_spec
 
-__all__ = ["ModelArch", "build_model", "default_cfg", "list_models", "model_arch", "register_model"]
+__all__ = ["ModelArch", "attach_arch", "build_model", "default_cfg", "find_arch", "list_models", "model_arch",
+           "register_model"]
+
+# where a model carries its record: ``arch``, or ``micronet_arch`` when the user's network has an ``arch`` of its own
+ARCH_ATTRIBUTES = ("arch", "micronet_arch")
 
 Factory = Callable[[int, int, list[int]], nn.Module]
 
@@ -171,26 +177,52 @@ def build_model(name: str | ModelImport, num_classes: int = 10, in_channels: int
             raise ModelConfigError(f"cfg applies to registry models only, not to {key}: build your model at the "
                                    "size you want (pruning records its own channel sizes)")
         model, source = build_from_spec(name, num_classes, in_channels)
-        model.arch = ModelArch(source.spec, num_classes, in_channels, (), source)
+        attach_arch(model, ModelArch(source.spec, num_classes, in_channels, (), source))
         return model
     entry = _entry(name)[1]
     resolved = list(entry.default_cfg) if cfg is None else _check_cfg(key, cfg, entry.default_cfg)
     model = entry.factory(num_classes, in_channels, list(resolved))
-    model.arch = ModelArch(key, num_classes, in_channels, tuple(resolved))
+    attach_arch(model, ModelArch(key, num_classes, in_channels, tuple(resolved)))
     return model
 
 
-def model_arch(model: nn.Module) -> ModelArch:
-    """The :class:`ModelArch` that :func:`build_model` attached (looks through DataParallel/DDP and torch.compile wrappers)."""
+def find_arch(model: nn.Module) -> ModelArch | None:
+    """The :class:`ModelArch` that :func:`build_model` attached, or None (looks through DataParallel/DDP and
+    torch.compile wrappers)."""
     seen = model
     for _ in range(8):
-        arch = getattr(seen, "__dict__", {}).get("arch")
-        if isinstance(arch, ModelArch):
-            return arch
+        for attribute in ARCH_ATTRIBUTES:
+            arch = getattr(seen, "__dict__", {}).get(attribute)
+            if isinstance(arch, ModelArch):
+                return arch
         inner = getattr(seen, "module", None) or getattr(seen, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
             break
         seen = inner
-    raise ModelConfigError(
-        f"{type(model).__name__} has no micronet architecture record: build it with micronet.models.build_model "
-        "so that checkpoints can rebuild it")
+    return None
+
+
+def model_arch(model: nn.Module) -> ModelArch:
+    """The :class:`ModelArch` that :func:`build_model` attached; raises :class:`ModelConfigError` without one."""
+    arch = find_arch(model)
+    if arch is None:
+        raise ModelConfigError(
+            f"{type(model).__name__} has no micronet architecture record: build it with micronet.models.build_model "
+            "so that checkpoints can rebuild it")
+    return arch
+
+
+def attach_arch(model: nn.Module, arch: ModelArch) -> None:
+    """Record ``arch`` on ``model``: as ``model.arch``, unless the model uses that name itself (a user's network
+    may), then as ``model.micronet_arch``, so that nothing of the user's is overwritten."""
+    if "micronet_arch" in model.__dict__:
+        model.micronet_arch = arch
+        return
+    try:
+        own = model.arch
+    except AttributeError:
+        own = None
+    if own is None or isinstance(own, ModelArch):
+        model.arch = arch
+    else:
+        model.micronet_arch = arch

@@ -42,7 +42,7 @@ def info(options: InfoOptions, *, log: Log = say) -> InfoResult:
     """Describe what ``options`` name; logs the header line and the tables."""
     from micronet.analysis import format_table
     from micronet.data import list_datasets
-    from micronet.models import default_cfg, list_models
+    from micronet.models import default_cfg, list_models, model_arch
 
     if sum(bool(x) for x in (options.checkpoint, options.model, options.list)) != 1:
         raise ConfigError("pass one of --checkpoint DIR, --model NAME or --list")
@@ -54,10 +54,11 @@ def info(options: InfoOptions, *, log: Log = say) -> InfoResult:
         return InfoResult(header="\n".join(lines), input_shape=None)
     shape = parse_shape(options.input_shape) if options.input_shape else None
     model, header, held, sizes = _describe(options, shape)
+    in_channels = model_arch(model).in_channels
     if shape is None:
-        shape = (held.in_channels, *held.image_size) if held else (model.arch.in_channels, 28, 28)
-    if shape[0] != model.arch.in_channels:
-        raise ConfigError(f"--input-shape has {shape[0]} channels but the model takes {model.arch.in_channels}")
+        shape = (held.in_channels, *held.image_size) if held else (in_channels, 28, 28)
+    if shape[0] != in_channels:
+        raise ConfigError(f"--input-shape has {shape[0]} channels but the model takes {in_channels}")
     log(header)
     log(summary_table(model, shape, {"input": "x".join(map(str, shape))}))
     if sizes:
@@ -70,7 +71,7 @@ def _describe(options: InfoOptions, shape: tuple[int, ...] | None):
     """(model, header line, dataset info or None, size rows or None) of what ``options`` name."""
     from micronet.compression.packing import is_packed_artifact, layer_size_rows
     from micronet.engine.checkpoint import MODEL_FILE
-    from micronet.models import build_model
+    from micronet.models import build_model, model_arch
 
     if is_user_model(options.model) or options.weights:
         check_source_options(options, weights_required=False)
@@ -83,7 +84,8 @@ def _describe(options: InfoOptions, shape: tuple[int, ...] | None):
     if options.checkpoint:
         checkpoint = load_source(options.checkpoint)
         model = checkpoint.build_model()
-        header = f"{checkpoint.path}: {model.arch.name} cfg {list(model.arch.cfg)}"
+        arch = model_arch(model)
+        header = f"{checkpoint.path}: {arch.name} cfg {list(arch.cfg)}"
         if checkpoint.pruning_record:
             origin = checkpoint.metrics.get("pruned_from")
             header += " (pruned" + (f" from {origin})" if origin else ")")
@@ -94,7 +96,7 @@ def _describe(options: InfoOptions, shape: tuple[int, ...] | None):
     in_channels = shape[0] if shape else 1
     model = build_model(options.model, num_classes=options.num_classes, in_channels=in_channels,
                         cfg=cfg_list(options.cfg))
-    return model, f"{options.model} cfg {list(model.arch.cfg)}", None, None  # default input: 1x28x28
+    return model, f"{options.model} cfg {list(model_arch(model).cfg)}", None, None  # default input: 1x28x28
 
 
 def _packed_info(path: str):
@@ -102,12 +104,14 @@ def _packed_info(path: str):
     from micronet.compression.packing import TENSOR_FILE, layer_size_rows, load_packed, read_packed_meta
     from micronet.data import DatasetInfo
     from micronet.io import resolve_directory
+    from micronet.models import model_arch
 
     directory = resolve_directory(path)
     meta = read_packed_meta(directory)
     model = load_packed(directory)
     held = DatasetInfo.from_json(meta["data"]) if meta.get("data") else None
     packed = sum(1 for layer in meta.get("layers", []) if layer.get("stored") == "packed")
-    header = f"{directory}: packed {model.arch.name} cfg {list(model.arch.cfg)} | {packed} packed layers, " \
+    arch = model_arch(model)
+    header = f"{directory}: packed {arch.name} cfg {list(arch.cfg)} | {packed} packed layers, " \
              f"{meta['files'][TENSOR_FILE]['bytes']} bytes"
     return model, header, held, layer_size_rows(model, directory / TENSOR_FILE)

@@ -54,6 +54,7 @@ def prune(options: PruneOptions, *, log: Log = say) -> PruneResult:
     from micronet.engine import save_checkpoint
     from micronet.engine.trainer import PRUNE_REPORT_FILE, RUN_OUTPUT
     from micronet.io import atomic_write_text
+    from micronet.models import model_arch
 
     _check(options)
     output = claim(Path(options.out), RUN_OUTPUT, options.overwrite)
@@ -73,7 +74,7 @@ def prune(options: PruneOptions, *, log: Log = say) -> PruneResult:
                              normal_regular=options.normal_regular, ignored_layers=options.ignore or None,
                              importance=options.importance, min_channels=options.min_channels).eval()
     report = pruned.pruning_report
-    log(f"{checkpoint.path}: {checkpoint.arch.name} cfg {list(checkpoint.arch.cfg)} -> cfg {list(pruned.arch.cfg)} "
+    log(f"{checkpoint.path}: {checkpoint.arch.name} cfg {list(checkpoint.arch.cfg)} -> cfg {list(model_arch(pruned).cfg)} "
         f"({options.percent:g} of the channels by {options.importance}"
         + (f", multiples of {options.normal_regular}" if options.normal_regular else "") + ")")
     log(report.table())
@@ -95,7 +96,7 @@ def prune(options: PruneOptions, *, log: Log = say) -> PruneResult:
                           metrics=metrics, extra=checkpoint.meta.get("extra"))
     atomic_write_text(Path(options.out) / PRUNE_REPORT_FILE, json.dumps(report.to_json(), indent=2) + "\n")
     log(f"pruned checkpoint: {out} (fine-tune: micronet train --prune_refine {options.out})")
-    return PruneResult(best=Path(out), cfg=list(pruned.arch.cfg), metrics=metrics)
+    return PruneResult(best=Path(out), cfg=list(model_arch(pruned).cfg), metrics=metrics)
 
 
 def _check(options: PruneOptions) -> None:

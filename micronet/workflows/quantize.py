@@ -189,6 +189,7 @@ def _ptq_and_save(options: QuantizeOptions, model, splits, ctx, run_dir: Path, o
                   log: Log) -> QuantizeResult:
     """PTQ: quantize, save OUT/best, test it and log the result line and the summary table."""
     from micronet.engine import load_checkpoint, save_checkpoint
+    from micronet.models import model_arch
 
     model = ptq_model(options, model, splits, ctx.device, log=log if ctx.is_main else _silent)
     scheme = build_scheme(options, lowbit_scheme(options), ptq=True)
@@ -207,7 +208,7 @@ def _ptq_and_save(options: QuantizeOptions, model, splits, ctx, run_dir: Path, o
         line += f" (float {float_acc * 100:.2f}%, loss {(float_acc - acc) * 100:.2f} pt)"
     log(line)
     log(summary_table(model.cpu(), (splits.info.in_channels, *splits.info.image_size),
-                      {"model": model.arch.name, "test acc (%)": f"{acc * 100:.2f}"}))
+                      {"model": model_arch(model).name, "test acc (%)": f"{acc * 100:.2f}"}))
     return QuantizeResult(run_dir=run_dir, best=best.path, test_acc=acc, float_acc=float_acc, scheme=scheme.name)
 
 

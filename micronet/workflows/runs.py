@@ -137,6 +137,7 @@ def train_and_report(options: Any, ctx: Any, model: Any, config: Any, splits: An
     from micronet.data import BatchLoader, default_augment
     from micronet.engine import Trainer, load_checkpoint
     from micronet.engine.checkpoint import resolve_checkpoint
+    from micronet.models import model_arch
 
     info = splits.info
     if len(splits.train) == 0:
@@ -152,8 +153,8 @@ def train_and_report(options: Any, ctx: Any, model: Any, config: Any, splits: An
             f"| device {ctx.device} x{ctx.world_size}")
     if output is not None and ctx.is_main:
         output.prepare()
-    recorded = None if options.resume else recorded_options(options, data=info.name, model=model.arch.name,
-                                                            cfg=list(model.arch.cfg))
+    recorded = None if options.resume else recorded_options(options, data=info.name, model=model_arch(model).name,
+                                                            cfg=list(model_arch(model).cfg))
     result = Trainer(model, config, train_loader, val_loader, hooks=hooks, ctx=ctx, out_dir=run_dir,
                      data_info=info, options=recorded).fit(resume=options.resume)
     if not ctx.is_main:

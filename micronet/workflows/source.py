@@ -49,18 +49,19 @@ class UserModel:
 
     @property
     def arch(self):
+        from micronet.models import model_arch
         if self._arch is None:
-            self._arch = self.build_model().arch
+            self._arch = model_arch(self.build_model())
         return self._arch
 
     def build_model(self):
         """The network built for the dataset, with the weights file loaded (when one is given)."""
-        from micronet.models import build_model, load_weights_file
+        from micronet.models import build_model, load_weights_file, model_arch
 
         model = build_model(self.spec, self.data_info.num_classes, self.data_info.in_channels)
         if self.weights:
             load_weights_file(model, self.weights)
-        self._arch = model.arch
+        self._arch = model_arch(model)
         return model
 
     def load_into(self, model):

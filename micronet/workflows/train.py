@@ -63,7 +63,7 @@ def train(options: TrainOptions, *, given: Iterable[str] | None = None, log: Log
 def _train(options: TrainOptions, given: set[str], ctx, log: Log) -> RunResult | None:
     import torch
 
-    from micronet.models import build_model
+    from micronet.models import build_model, model_arch
 
     _check_user_model(options)
     last, config = resume_state(options, given)
@@ -99,7 +99,7 @@ def _train(options: TrainOptions, given: set[str], ctx, log: Log) -> RunResult |
 
         load_weights_file(model, options.weights)
     hooks = _sparsity_hooks(options, last)
-    label = f"model {model_name} cfg {list(model.arch.cfg)}" + "".join(
+    label = f"model {model_name} cfg {list(model_arch(model).cfg)}" + "".join(
         f" | sparse training s={hook.s:g}" for hook in hooks)
     distillation = distillation_hooks(options, last, splits.info)
     hooks += distillation

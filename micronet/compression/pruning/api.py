@@ -27,6 +27,7 @@ from micronet.compression.pruning.record import channel_record
 from micronet.compression.pruning.selection import Selection, check_options, select_channels
 from micronet.compression.pruning.surgery import shrink_module
 from micronet.errors import PruningError
+from micronet.models.registry import attach_arch, find_arch
 
 __all__ = ["LayerRow", "PruneReport", "UnprunableGroup", "plan_pruning", "prune"]
 
@@ -225,9 +226,9 @@ def prune(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor]
     report.flops_before, report.flops_after = _flops(model, inputs), _flops(work, inputs)
 
     record = channel_record(work)
-    arch = work.__dict__.get("arch")
+    arch = find_arch(work)
     if record["cfg"] is not None and arch is not None:
-        work.arch = dataclasses.replace(arch, cfg=tuple(record["cfg"]))
+        attach_arch(work, dataclasses.replace(arch, cfg=tuple(record["cfg"])))
     work.pruning_report = report
     work.channel_record = record
     odd = [g for g in report.unprunable if not all(_expected(r) for r in g.reasons)]

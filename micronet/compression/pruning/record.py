@@ -20,6 +20,7 @@ from torch import nn
 
 from micronet.compression.pruning.surgery import module_sizes, resize_module
 from micronet.errors import ModelConfigError, PruningError
+from micronet.models.registry import attach_arch, find_arch
 
 __all__ = ["RECORD_VERSION", "apply_channel_record", "channel_record", "derive_cfg"]
 
@@ -67,7 +68,7 @@ def derive_cfg(model: nn.Module) -> list[int] | None:
     """The registry cfg that rebuilds ``model``'s exact shapes, or None (no ``arch``, no reader, or no such cfg)."""
     from micronet.models import build_model
 
-    arch = model.__dict__.get("arch")
+    arch = find_arch(model)
     reader = CFG_READERS.get(getattr(arch, "name", None))
     if reader is None:
         return None
@@ -127,7 +128,7 @@ def apply_channel_record(model: nn.Module, record: Mapping[str, Any]) -> nn.Modu
         if sizes != current:
             model.set_submodule(path, resize_module(m, sizes))
     cfg = record.get("cfg")
-    arch = model.__dict__.get("arch")
-    if cfg is not None and arch is not None and dataclasses.is_dataclass(arch):
-        model.arch = dataclasses.replace(arch, cfg=tuple(int(c) for c in cfg))
+    arch = find_arch(model)
+    if cfg is not None and arch is not None:
+        attach_arch(model, dataclasses.replace(arch, cfg=tuple(int(c) for c in cfg)))
     return model

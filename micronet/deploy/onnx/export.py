@@ -241,6 +241,35 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     model.graph.input.extend(inputs)
 
 
+def _check_arguments(path: Path, exporter: str, opset: int, example_input: object) -> None:
+    _check_destination(path)
+    if exporter not in EXPORTERS:
+        raise DeployError(f"unknown exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
+    if not 13 <= opset <= 20:
+        raise DeployError(f"opset {opset} is not supported: per-channel QuantizeLinear needs ≥ 13 and the legacy exporter stops at 20")
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
+        raise DeployError("example_input must be a batch tensor shaped like the model input, e.g. torch.zeros(1, 1, 28, 28)")
+
+
+def _trace(form: nn.Module, example: torch.Tensor, exporter: str, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
+    """The exporter's graph of ``form``; its failures as one-line :class:`DeployError` naming the fix."""
+    try:
+        build = _export_dynamo if exporter == "dynamo" else _export_legacy
+        return build(form, example, opset, dynamic_batch)
+    except DeployError:
+        raise
+    except Exception as error:
+        unsupported = _unsupported_operator(error)
+        if unsupported:
+            raise DeployError(f"a layer of the model has no ONNX mapping ({unsupported}): replace it or keep it "
+                              "out of the exported model") from None
+        if dynamic_batch and ("Constraint" in str(error) or "specializ" in str(error)):
+            raise DeployError("the model fixes its batch size (e.g. reshapes with a constant batch): export with "
+                              "dynamic_batch=False (--static-batch) or reshape with x.flatten(1)") from None
+        raise DeployError(f"the {exporter} exporter failed: {type(error).__name__}: {str(error).strip()[:400]} "
+                          f"(try exporter={'legacy' if exporter == 'dynamo' else 'dynamo'!r})") from None
+
+
 def export(
     model: nn.Module,
     path: str | os.PathLike,
@@ -270,13 +299,7 @@ def export(
     Errors a user can fix raise :class:`DeployError`.
     """
     path = Path(path)
-    _check_destination(path)
-    if exporter not in EXPORTERS:
-        raise DeployError(f"unknown exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
-    if not 13 <= opset <= 20:
-        raise DeployError(f"opset {opset} is not supported: per-channel QuantizeLinear needs ≥ 13 and the legacy exporter stops at 20")
-    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
-        raise DeployError("example_input must be a batch tensor shaped like the model input, e.g. torch.zeros(1, 1, 28, 28)")
+    _check_arguments(path, exporter, opset, example_input)
     target = model_target(model) if target is None else target
     activation_dtype = activation_dtype or get_target(target).activation_dtype
     form, form_report = export_form(model, activation_dtype, weight_dtype, target)
@@ -288,21 +311,7 @@ def export(
         raise
     except Exception as error:  # the model does not run on this input: say so before exporting
         raise DeployError(f"the model does not run on an input of shape {tuple(example.shape)}: {error}") from None
-    try:
-        build = _export_dynamo if exporter == "dynamo" else _export_legacy
-        proto = build(form, example, opset, dynamic_batch)
-    except DeployError:
-        raise
-    except Exception as error:
-        unsupported = _unsupported_operator(error)
-        if unsupported:
-            raise DeployError(f"a layer of the model has no ONNX mapping ({unsupported}): replace it or keep it "
-                              "out of the exported model") from None
-        if dynamic_batch and ("Constraint" in str(error) or "specializ" in str(error)):
-            raise DeployError("the model fixes its batch size (e.g. reshapes with a constant batch): export with "
-                              "dynamic_batch=False (--static-batch) or reshape with x.flatten(1)") from None
-        raise DeployError(f"the {exporter} exporter failed: {type(error).__name__}: {str(error).strip()[:400]} "
-                          f"(try exporter={'legacy' if exporter == 'dynamo' else 'dynamo'!r})") from None
+    proto = _trace(form, example, exporter, opset, dynamic_batch)
     _inline_constant_identities(proto)
     _merge_equal_quantizers(proto)
     if activation_dtype == "uint8":  # an ONNX Runtime layout: TensorRT fuses conv + add itself

@@ -382,7 +382,8 @@ class WeightedExport(nn.Module):
         """Make the requantization of this layer's output (:meth:`RequantizeCodes.sign`) the sign of the
         model's pre-sign value v = a·s + b (a the integer accumulator, s = s_x·s_w > 0, b the bias).
 
-        v ≥ 0 ⟺ a ≥ −b/s ⟺ a ≥ T = ⌈−b/s⌉, because a is an integer (v = 0 gives +1, as sign(0) = +1). With
+        v ≥ 0 ⟺ a ≥ −b/s ⟺ a ≥ T = ⌈−b/s⌉, because a is an integer (v = 0 gives +1, as sign(0) = +1); where
+        the model adds its bias as int32 codes B on the accumulator grid (an integer-input layer), T = −B. With
         the int32 bias −T the kernel's sum is a' = a − T, an integer: a ≥ T ⟺ a' ≥ 0, whose code is
         ≥ 129; a < T ⟺ a' ≤ −1, and then fl32(a')·M ≤ −M ≤ −2 for the requantization multiplier
         M = s / SIGN_SCALE (≥ 2 for any s ≥ 2^-99), so the code is ≤ 127. T is clamped to the reachable range
@@ -391,8 +392,11 @@ class WeightedExport(nn.Module):
         if bool((step * (1.0 / SIGN_SCALE) < 2).any()):
             raise DeployError(f"{self.record.name}: weight scales below 2^-99 cannot be written as a sign threshold: "
                               "retrain or rescale the layer")
-        bias = self.float_bias if self.float_bias is not None else torch.zeros_like(step)
-        threshold = torch.ceil(-bias / step)
+        if self.bias_text == "int32":  # the model itself adds the bias as int32 codes B: v ≥ 0 ⟺ a ≥ −B
+            threshold = -self.bias_codes.double()
+        else:
+            bias = self.float_bias if self.float_bias is not None else torch.zeros_like(step)
+            threshold = torch.ceil(-bias / step)
         centred = self.weight_codes.to(torch.int64) - _per_axis(self.weight_zero_point.to(torch.int64), self.axis,
                                                                 self.weight_codes.dim())
         reach = centred.abs().sum(dim=[d for d in range(centred.dim()) if d != self.axis]).double() * 255

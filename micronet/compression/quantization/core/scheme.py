@@ -101,12 +101,21 @@ class QuantScheme:
     replaced_activations: tuple[str, ...] = ("ReLU", "ReLU6")
     # The deployment target the integer layout is chosen for (micronet.deploy.targets): the export's default.
     target: str = "portable"
+    # The edges: the first and last weighted layers that keep_first_float / keep_last_float leave in float are
+    # quantized with these specs instead when ``edge_weight`` is set (weights; the first layer's input, which
+    # reads the image, and the average pools' inputs take ``edge_activation``). Low-bit presets use 8-bit
+    # edges so that every conv of the network runs on integer kernels (see presets.edge_specs).
+    edge_weight: QuantizerSpec | None = None
+    edge_activation: QuantizerSpec | None = None
 
     def __post_init__(self) -> None:
         if self.bn_fold_method not in BN_FOLD_METHODS:
             raise QuantizationError(
                 f"unknown BN fold method {self.bn_fold_method!r}: choose one of {', '.join(BN_FOLD_METHODS)}"
             )
+        if (self.edge_weight is None) != (self.edge_activation is None):
+            raise QuantizationError("edge_weight and edge_activation go together: set both (quantized edges) or "
+                                    "neither (the edges follow keep_first_float / keep_last_float)")
 
     def with_skip(self, names: list[str] | tuple[str, ...]) -> QuantScheme:
         return replace(self, skip=tuple(dict.fromkeys((*self.skip, *names))))
@@ -130,8 +139,9 @@ class QuantScheme:
         data["activation"] = QuantizerSpec.from_json(data["activation"])
         data["quantize_activations"] = tuple(data.get("quantize_activations", ()))
         data["skip"] = tuple(data.get("skip", ()))
-        if data.get("activation_replacement") is not None:
-            data["activation_replacement"] = QuantizerSpec.from_json(data["activation_replacement"])
+        for key in ("activation_replacement", "edge_weight", "edge_activation"):
+            if data.get(key) is not None:
+                data[key] = QuantizerSpec.from_json(data[key])
         if "replaced_activations" in data:
             data["replaced_activations"] = tuple(data["replaced_activations"])
         return cls(**data)

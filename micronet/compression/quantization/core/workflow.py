@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from micronet.compression.quantization.core.modules import (
 from micronet.compression.quantization.core.quantizers import CALIBRATE, FROZEN, QAT, Quantizer, is_prepared, quantizers
 from micronet.compression.quantization.core.scheme import QuantScheme
 from micronet.errors import ConfigError, QuantizationError
+from micronet.models.registry import attach_arch, find_arch
 
 _NORMALIZATION = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
@@ -106,9 +107,9 @@ def _modularize(model: nn.Module, report: QuantizationReport) -> nn.Module:
     report.trace_error = graph_report.trace_error
     report.functional = [tuple(x) for x in graph_report.left_functional]
     if graph_report.converted:
-        for attribute in ("arch",):
-            if hasattr(model, attribute):
-                setattr(rewritten, attribute, getattr(model, attribute))
+        arch = find_arch(model)
+        if arch is not None:
+            attach_arch(rewritten, arch)
         return rewritten
     return model
 
@@ -267,7 +268,8 @@ def prepare(
     _check_skip(scheme.skip, known | {name for name, _ in model.named_modules()}, model)
     order = _call_order(model)
     first, last = _first_last_weighted(model, order)
-    policy_skips = [n for n, keep in ((first, scheme.keep_first_float), (last, scheme.keep_last_float)) if keep and n]
+    kept = ((first, scheme.keep_first_float), (last, scheme.keep_last_float)) if scheme.edge_weight is None else ()
+    policy_skips = [n for n, keep in kept if keep and n]
     skip_names = (*scheme.skip, *policy_skips)
     _replace_activations(model, scheme, order, first, last, scheme.skip, report)
 
@@ -299,7 +301,7 @@ def prepare(
             reason = "first layer" if name == first and name in policy_skips else "last layer" if name in policy_skips else "skipped"
             report.kept_float.append((name, reason))
             continue
-        target.from_float(module, scheme)
+        target.from_float(module, _module_scheme(scheme, name, module, first, last))
         report.quantized.append((name, target.__name__))
 
     for conv_name, bn_name in unfolded_pairs:  # in eval, add the int32 bias the folded export will add
@@ -320,6 +322,24 @@ def prepare(
     model.quant_scheme = scheme
     model.quantization_report = report
     return model
+
+
+def _module_scheme(scheme: QuantScheme, name: str, module: nn.Module, first: str | None,
+                   last: str | None) -> QuantScheme:
+    """The scheme one module is quantized with: the scheme's own, except on quantized edges (see
+    ``QuantScheme.edge_weight``): the first layer (weights and input), the last (weights, and its input where the
+    scheme leaves inputs in float: a sign or a pool feeds it, whose values an 8-bit grid holds) and average pools."""
+    if scheme.edge_weight is None:
+        return scheme
+    if name == first and scheme.keep_first_float:
+        return replace(scheme, weight=scheme.edge_weight, activation=scheme.edge_activation)
+    if name == last and scheme.keep_last_float:
+        float_inputs = scheme.activation.family == "float"
+        return replace(scheme, weight=scheme.edge_weight,
+                       activation=scheme.edge_activation if float_inputs else scheme.activation)
+    if type(module) in POOL_MAPPING:
+        return replace(scheme, activation=scheme.edge_activation)
+    return scheme
 
 
 def _require_quantizers(model: nn.Module, action: str) -> list[tuple[str, Quantizer]]:

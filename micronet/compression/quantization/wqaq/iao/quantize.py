@@ -32,6 +32,19 @@ from micronet.deploy.targets import DEFAULT_TARGET, get_target
 from micronet.errors import QuantizationError
 
 
+def _check_flags(q_type: int, q_level: int, weight_observer: int, percentile: float, learned_scale: bool,
+                 signed_activations: bool) -> None:
+    for flag, value in (("q_type", q_type), ("q_level", q_level), ("weight_observer", weight_observer)):
+        if value not in (0, 1):
+            raise QuantizationError(f"{flag} must be 0 or 1 (got {value})")
+    if not 0 < percentile <= 1:
+        raise QuantizationError(f"percentile must be in (0, 1] (got {percentile})")
+    if learned_scale and q_type != 0:
+        raise QuantizationError("learned scales (--lsq) need symmetric quantization: use q_type 0")
+    if signed_activations and q_type != 0:
+        raise QuantizationError("signed_activations needs symmetric quantization: use q_type 0")
+
+
 def iao_scheme(
     a_bits: int = 8,
     w_bits: int | None = None,
@@ -66,14 +79,8 @@ def iao_scheme(
     deployment = get_target(target)
     w_bits = deployment.weight_bits if w_bits is None else w_bits
     signed_activations = signed_activations or deployment.activation_dtype == "int8"
-    for flag, value in (("q_type", q_type), ("q_level", q_level), ("weight_observer", weight_observer)):
-        if value not in (0, 1):
-            raise QuantizationError(f"{flag} must be 0 or 1 (got {value})")
-    if not 0 < percentile <= 1:
-        raise QuantizationError(f"percentile must be in (0, 1] (got {percentile})")
+    _check_flags(q_type, q_level, weight_observer, percentile, learned_scale, signed_activations)
     symmetric = q_type == 0
-    if learned_scale and not symmetric:
-        raise QuantizationError("learned scales (--lsq) need symmetric quantization: use q_type 0")
     family = "lsq" if learned_scale else "affine"
     weight = QuantizerSpec(
         family=family,
@@ -86,8 +93,6 @@ def iao_scheme(
         observer_options={"running": False} if weight_observer == 0 else {},
     )
     observer = activation_observer or ("percentile" if ptq else "histogram" if learned_scale else "moving_average")
-    if signed_activations and not symmetric:
-        raise QuantizationError("signed_activations needs symmetric quantization: use q_type 0")
     activation = QuantizerSpec(
         family=family,
         bits=a_bits,
@@ -96,20 +101,14 @@ def iao_scheme(
         observer=observer,
         observer_options={"percentile": percentile} if observer == "percentile" else {},
     )
-    parts = [f"iao-w{w_bits}a{a_bits}", "sym" if symmetric else "asym", "per-channel" if q_level == 0 else "per-layer"]
     method = bn_fold_method or ("running" if bn_fuse_calib else "one_conv")
-    if bn_fuse:
-        parts.append({"one_conv": "bn-fold", "batch": "bn-fold-batch", "running": "bn-fold-running"}.get(method, method))
-    if learned_scale:
-        parts.append("lsq")
-    if signed_activations:
-        parts.append("signed")
-    if ptq:
-        parts.append("ptq")
-    if target != DEFAULT_TARGET:
-        parts.append(target)
+    fold = ({"one_conv": "bn-fold", "batch": "bn-fold-batch", "running": "bn-fold-running"}.get(method, method)
+            if bn_fuse else None)
+    tags = (fold, "lsq" if learned_scale else None, "signed" if signed_activations else None, "ptq" if ptq else None,
+            target if target != DEFAULT_TARGET else None)
+    parts = [f"iao-w{w_bits}a{a_bits}", "sym" if symmetric else "asym", "per-channel" if q_level == 0 else "per-layer"]
     return QuantScheme(
-        name="-".join(parts),
+        name="-".join(parts + [tag for tag in tags if tag]),
         weight=weight,
         activation=activation,
         fold_bn=bn_fuse,
