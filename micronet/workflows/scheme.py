@@ -58,6 +58,10 @@ class SchemeOptions:
                                              "batch (exact batch statistics from a second float convolution), "
                                              "running (= --bn_fuse_calib)")
     percentile: float = option(0.9999, "--percentile", type=float, help="percentile of the PTQ activation observer")
+    edge_bits: int | None = option(None, "--edge-bits", type=int,
+                                   help="dorefa/wbwtab: quantize the layers the preset keeps in float (the first, "
+                                        "which reads the image; wbwtab's last) and the average pools at this width "
+                                        "instead (8: every conv runs on integer kernels, as fast as the iao file)")
 
 
 def lowbit_scheme(options: Any):
@@ -73,7 +77,12 @@ def lowbit_scheme(options: Any):
         raise ConfigError(f"--float-weight-epochs belongs to `micronet quantize wbwtab --W 2/3`; drop it for {method}")
     if method != "wbwtab" and options.sign_gradient != "hardtanh":
         raise ConfigError(f"--sign-gradient belongs to `micronet quantize wbwtab --A 2`; drop it for {method}")
+    from micronet.compression.quantization.core.presets import with_quantized_edges
+
     if method == "iao":
+        if options.edge_bits is not None:
+            raise ConfigError("--edge-bits belongs to dorefa and wbwtab (whose presets keep the edges float); iao "
+                              "quantizes every layer at --w_bits/--a_bits already")
         return None
     if getattr(options, "ptq", False):
         raise ConfigError(f"{method} quantizers have no observers to calibrate: drop --ptq and train them (QAT)")
@@ -88,7 +97,7 @@ def lowbit_scheme(options: Any):
         from micronet.compression.quantization.wqaq.dorefa.quantize import dorefa_scheme
 
         scheme = dorefa_scheme(options.a_bits, 8 if options.w_bits is None else options.w_bits, pre_scale=options.pre_scale)
-        return replace(scheme, target=options.target)
+        return with_quantized_edges(replace(scheme, target=options.target), options.edge_bits)
     from micronet.compression.quantization.wbwtab.quantize import wbwtab_scheme
 
     W = 2 if options.W is None else options.W  # noqa: N806 - the original's flag name
@@ -102,8 +111,8 @@ def lowbit_scheme(options: Any):
                           f"must be at least 1 and below --epochs ({epochs}), so some epochs train the binarized weights")
     if options.sign_gradient != "hardtanh" and A != 2:
         raise ConfigError(f"--sign-gradient applies to sign activations (--A 2), not --A {A}")
-    return replace(wbwtab_scheme(A=A, W=W, center=options.center_weights, sign_gradient=options.sign_gradient),
-                   target=options.target)
+    scheme = wbwtab_scheme(A=A, W=W, center=options.center_weights, sign_gradient=options.sign_gradient)
+    return with_quantized_edges(replace(scheme, target=options.target), options.edge_bits)  # edge weights per target
 
 
 def iao_options(options: SchemeOptions) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from torch import nn
 
 from micronet.compression.quantization.core import modules as _core
 from micronet.compression.quantization.core.lowbit import SignActivation
-from micronet.compression.quantization.core.presets import preset_class, use_stored_weights
+from micronet.compression.quantization.core.presets import preset_class, use_stored_weights, with_quantized_edges
 from micronet.compression.quantization.core.schedule import ClampBinaryWeights
 from micronet.compression.quantization.core.scheme import QuantizerSpec, QuantScheme
 from micronet.compression.quantization.core.workflow import prepare as _prepare
@@ -65,6 +65,7 @@ def wbwtab_scheme(
     keep_first_float: bool = True,
     keep_last_float: bool = True,
     sign_gradient: str = "hardtanh",
+    edge_bits: int | None = None,
 ) -> QuantScheme:
     """The :class:`QuantScheme` of ``W`` (2/3/32) weights and ``A`` (2/32) activations.
 
@@ -74,9 +75,12 @@ def wbwtab_scheme(
     Fashion-MNIST). Clipping only masks the gradient of latent weights beyond ±1; train with the
     :class:`ClampBinaryWeights` hook (``--clamp-weights``) to keep them within reach of their gradient.
     ``sign_gradient`` is the sign activations' straight-through gradient: ``"hardtanh"`` or ``"approx"``
-    (Bi-Real Net's ApproxSign, :class:`SignActivation`).
+    (Bi-Real Net's ApproxSign, :class:`SignActivation`). ``edge_bits`` (e.g. 8) quantizes the first and last
+    layers and the average pools as integer-arithmetic-only layers at that width instead of keeping them
+    float, so that every conv runs on integer kernels
+    (:func:`~micronet.compression.quantization.core.presets.with_quantized_edges`).
     """
-    return QuantScheme(
+    scheme = QuantScheme(
         name=f"wbwtab-W{W}A{A}",
         weight=_weight_spec(W, center, clip),
         activation=_FLOAT,
@@ -88,6 +92,7 @@ def wbwtab_scheme(
         activation_replacement=_activation_spec(A, sign_gradient),
         replaced_activations=("ReLU", "ReLU6"),
     )
+    return with_quantized_edges(scheme, edge_bits)
 
 
 def prepare(
@@ -97,10 +102,11 @@ def prepare(
     W: int = 2,  # noqa: N803
     quant_inference: bool = False,
     *,
+    edge_bits: int | None = None,
     skip: Iterable[str] = (),
 ) -> nn.Module:
-    """Prepare ``model`` with the WbWtAb preset (the original's signature)."""
-    prepared = _prepare(model, wbwtab_scheme(A, W), inplace=inplace, skip=skip)
+    """Prepare ``model`` with the WbWtAb preset (the original's signature, plus ``edge_bits``)."""
+    prepared = _prepare(model, wbwtab_scheme(A, W, edge_bits=edge_bits), inplace=inplace, skip=skip)
     return use_stored_weights(prepared) if quant_inference else prepared
 
 

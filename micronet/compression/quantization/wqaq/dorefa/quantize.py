@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from micronet.compression.quantization.core import modules as _core
-from micronet.compression.quantization.core.presets import preset_class, use_stored_weights
+from micronet.compression.quantization.core.presets import preset_class, use_stored_weights, with_quantized_edges
 from micronet.compression.quantization.core.scheme import QuantizerSpec, QuantScheme
 from micronet.compression.quantization.core.workflow import prepare as _prepare
 from micronet.errors import QuantizationError
@@ -49,10 +49,14 @@ def dorefa_scheme(
     per_channel: bool = False,
     keep_first_float: bool = True,
     keep_last_float: bool = False,
+    edge_bits: int | None = None,
 ) -> QuantScheme:
     """The :class:`QuantScheme` of DoReFa with ``w_bits``-bit weights and ``a_bits``-bit layer inputs.
 
     ``per_channel`` normalises the weights by each output channel's max|tanh W| instead of the layer's.
+    ``edge_bits`` (e.g. 8) quantizes the first layer, which reads the image, and the average pools as
+    integer-arithmetic-only layers at that width instead of keeping them float, so that every conv runs on
+    integer kernels (:func:`~micronet.compression.quantization.core.presets.with_quantized_edges`).
     """
     a_bits, w_bits = _bits("a_bits", a_bits), _bits("w_bits", w_bits)
     if w_bits == FLOAT_BITS:
@@ -76,7 +80,7 @@ def dorefa_scheme(
         keep_last_float=keep_last_float,
     )
     scheme.weight.build(0, 1), scheme.activation.build()  # refuse impossible options now, not at prepare
-    return scheme
+    return with_quantized_edges(scheme, edge_bits)
 
 
 def prepare(
@@ -88,10 +92,11 @@ def prepare(
     *,
     pre_scale: float = 1.0,
     rounding: str = "half_even",
+    edge_bits: int | None = None,
     skip: Iterable[str] = (),
 ) -> nn.Module:
     """Prepare ``model`` with the DoReFa preset (the original's signature, plus the scheme's options)."""
-    scheme = dorefa_scheme(a_bits, w_bits, pre_scale=pre_scale, rounding=rounding)
+    scheme = dorefa_scheme(a_bits, w_bits, pre_scale=pre_scale, rounding=rounding, edge_bits=edge_bits)
     prepared = _prepare(model, scheme, inplace=inplace, skip=skip)
     return use_stored_weights(prepared) if quant_inference else prepared
 
