@@ -11,7 +11,9 @@ writes these ONNX files of it:
   the same calibration images (QDQ, per-channel, U8S8, MinMax), without and with ``reduce_range``
   (7-bit weights);
 * the low-bit presets, prepared from the same float model without training (so their accuracy means
-  nothing; they are here for latency): **dorefa w4a4**, **ternary w/float a**, **binary w/binary a**.
+  nothing; they are here for latency): **dorefa w4a4**, **ternary w/float a**, **binary w/binary a**, and
+  DoReFa and binary with 8-bit edges (``edge_bits=8``: first layer, last layer and pools quantized, so every
+  conv is integer; their edge quantizers are calibrated on the calibration images).
 
 Each file runs in ONNX Runtime and, when installed, in OpenVINO (CPU, pinned threads); the files are timed
 round-robin (fp32, micronet, ..., fp32, ...) so that machine noise hits all alike. Every row carries the
@@ -56,8 +58,10 @@ from micronet.models import build_model, list_models  # noqa: E402
 
 ORT_PTQ = ("ort int8", "ort int8 reduce_range")
 LOW_BIT = {"dorefa w4a4": lambda m: dorefa.prepare(m, a_bits=4, w_bits=4, pre_scale=0.33),
+           "dorefa w4a4 edges8": lambda m: dorefa.prepare(m, a_bits=4, w_bits=4, pre_scale=0.33, edge_bits=8),
            "ternary w/float a": lambda m: wbwtab.prepare(m, W=3, A=32),
-           "binary w/binary a": lambda m: wbwtab.prepare(m, W=2, A=2)}
+           "binary w/binary a": lambda m: wbwtab.prepare(m, W=2, A=2),
+           "binary w/binary a edges8": lambda m: wbwtab.prepare(m, W=2, A=2, edge_bits=8)}
 VARIANTS = ("fp32", "micronet int8", "micronet vnni", *ORT_PTQ, *LOW_BIT)
 
 
@@ -131,8 +135,10 @@ def _write_files(model: nn.Module, args: argparse.Namespace, calibration: list, 
             quantize_with_onnxruntime(paths["fp32"], paths[variant], [x.numpy() for x in calibration],
                                       reduce_range=reduce_range)
     for variant, prepare in LOW_BIT.items():
-        lowbit = prepare(model).eval()
-        torch_models[variant] = lowbit
+        lowbit = prepare(model)
+        if "edges" in variant:  # the 8-bit edges observe the calibration images, as PTQ would
+            calibrate(lowbit, calibration)
+        torch_models[variant] = lowbit.eval()
         export(lowbit, paths[variant], example, exporter="legacy")
     return paths, torch_models
 
