@@ -2,12 +2,16 @@
 
 Used to compare ONNX Runtime layer by layer with micronet's own references: the codes of every
 QuantizeLinear (against the integer reference) and the inputs and outputs of every sign activation
-(against the fake-quant model).
+(against the fake-quant model); and ONNX Runtime sessions whose int8 sums are exact on every x86 CPU.
 """
 
 from __future__ import annotations
 
+import collections
+
+import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from micronet.deploy.onnx import GraphView
@@ -73,3 +77,44 @@ def with_clipped_code_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
         if source is not None and source.op_type == "QuantizeLinear":
             codes[module_path(node.name)] = (node.output[0], view.initializers[source.input[2]].data_type)
     return with_outputs(model, dict(codes.values())), {path: name for path, (name, _) in codes.items()}
+
+
+def unshared(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy in which every Q/DQ node reads its own scale/zero-point initializers."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    initializers = {init.name: init for init in model.graph.initializer}
+    seen: collections.Counter = collections.Counter()
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for k, name in enumerate(node.input):
+            if name in initializers:
+                seen[name] += 1
+                if seen[name] > 1:
+                    copy = onnx.TensorProto()
+                    copy.CopyFrom(initializers[name])
+                    copy.name = f"{name}__{seen[name]}"
+                    model.graph.initializer.append(copy)
+                    node.input[k] = copy.name
+    return model
+
+
+def onnxruntime_session(model: onnx.ModelProto, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, optimized_path=None):
+    """A CPU session with ``session.x64quantprecision`` (MLAS's u8s8 kernels on CPUs without VNNI otherwise add
+    product pairs in saturating int16), on an :func:`unshared` copy (that option trips an ONNX Runtime bug when
+    Q/DQ nodes share scale/zero-point initializers)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.add_session_config_entry("session.x64quantprecision", "1")
+    options.log_severity_level = 3
+    if optimized_path:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(unshared(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def onnxruntime_codes(model: onnx.ModelProto, x: np.ndarray, **kwargs) -> dict[str, np.ndarray]:
+    """ONNX Runtime's graph outputs and the codes of every quantized tensor (exact int32 sums: see
+    :func:`onnxruntime_session`)."""
+    model = with_quantized_outputs(model)
+    session = onnxruntime_session(model, **kwargs)
+    return dict(zip([out.name for out in session.get_outputs()], session.run(None, {"input": x})))

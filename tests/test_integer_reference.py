@@ -21,7 +21,6 @@ with its integer kernels on ~94%.
 
 from __future__ import annotations
 
-import collections
 import json
 import warnings
 from fractions import Fraction
@@ -32,7 +31,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from onnx_probes import with_quantized_outputs
+from onnx_probes import onnxruntime_codes as _ort_run
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from torch import nn
 
@@ -82,43 +81,6 @@ def distance_to_tie(value: Fraction) -> Fraction:
     """How far ``value`` is from the nearest k + 1/2."""
     frac = value - value.__floor__()
     return abs(frac - Fraction(1, 2))
-
-
-def _unshared(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy in which every Q/DQ node reads its own scale/zero-point initializers (see the module docstring)."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    initializers = {init.name: init for init in model.graph.initializer}
-    seen: collections.Counter = collections.Counter()
-    for node in model.graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        for k, name in enumerate(node.input):
-            if name in initializers:
-                seen[name] += 1
-                if seen[name] > 1:
-                    copy = onnx.TensorProto()
-                    copy.CopyFrom(initializers[name])
-                    copy.name = f"{name}__{seen[name]}"
-                    model.graph.initializer.append(copy)
-                    node.input[k] = copy.name
-    return model
-
-
-def _ort_session(model: onnx.ModelProto, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, optimized_path=None):
-    options = ort.SessionOptions()
-    options.graph_optimization_level = level
-    options.add_session_config_entry("session.x64quantprecision", "1")
-    options.log_severity_level = 3
-    if optimized_path:
-        options.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(_unshared(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def _ort_run(model: onnx.ModelProto, x: np.ndarray, **kwargs) -> dict[str, np.ndarray]:
-    """ONNX Runtime's graph outputs and the codes of every quantized tensor."""
-    model = with_quantized_outputs(model)
-    session = _ort_session(model, **kwargs)
-    return dict(zip([out.name for out in session.get_outputs()], session.run(None, {"input": x})))
 
 
 def _layerwise(model: IntegerModel, x: np.ndarray, reference: dict[str, np.ndarray]) -> dict:

@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx_probes import with_outputs
+from onnx_probes import onnxruntime_codes, with_outputs
 from torch import nn
 
 from micronet.compression.quantization.core.integer_bias import (
@@ -25,6 +25,7 @@ from micronet.compression.quantization.core.scheme import QuantScheme
 from micronet.compression.quantization.core.workflow import calibrate
 from micronet.compression.quantization.wbwtab import quantize as wbwtab
 from micronet.compression.quantization.wqaq.dorefa import quantize as dorefa
+from micronet.deploy.integer import IntegerModel, compare_codes
 from micronet.deploy.onnx import export
 from micronet.deploy.onnx.graph import GraphView
 from micronet.deploy.onnxruntime import int8_coverage
@@ -76,6 +77,25 @@ def test_every_nin_conv_runs_on_integer_kernels(preset, tmp_path):
     assert (got.argmax(1) == reference.argmax(1)).mean() >= 0.9, "ONNX Runtime computes another network"
     if preset.startswith("dorefa"):  # no sign to amplify a one-code input difference: outputs stay close
         assert np.abs(got - reference).max() <= 0.05 * np.abs(reference).max()
+
+
+@pytest.mark.parametrize("preset", ["dorefa_w4a4", "binary_w2a2"])
+def test_integer_reference_equals_onnxruntime_on_every_code(preset, tmp_path):
+    """With 8-bit edges the whole file is integer, so the integer-only reference runs it: DoReFa's codes
+    clipped to their k-bit grid and the signs (a saturating requantization at step 2^-100, clipped to codes
+    127..129) included. ONNX Runtime's codes equal the reference's on every quantized tensor end to end, and
+    the outputs within float32 rounding of their dequantization: 7-bit weights keep ONNX Runtime's sums
+    exact on every x86 CPU."""
+    model = _nin(EDGED[preset])
+    report = export(model, tmp_path / "m.onnx", IMAGES[:1], exporter="legacy")
+    reference = IntegerModel.from_onnx(report.path)
+    ours = reference.run_codes(IMAGES.numpy())
+    theirs = onnxruntime_codes(onnx.load(report.path), IMAGES.numpy())
+    compared = [name for name in reference.quantized if name in theirs]
+    assert len(compared) >= 10
+    for name in compared:
+        assert compare_codes(ours[name], theirs[name])["identical_fraction"] == 1.0, name
+    np.testing.assert_allclose(reference(IMAGES.numpy()), theirs["output"], rtol=1e-6, atol=1e-7)  # float32 rounding
 
 
 def _sign_net() -> nn.Module:

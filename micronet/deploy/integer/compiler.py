@@ -26,11 +26,15 @@ from micronet.deploy.integer.steps import (
     QLinearAdd,
     QuantizeInput,
     Requantize,
+    SaturatingRequantize,
     Shape,
     Step,
 )
 from micronet.deploy.onnx.graph import GraphView, attribute
 from micronet.errors import DeployError
+
+# a requantization multiplier this large saturates every non-zero integer (|q|·M ≥ 2^30 > any code range)
+SATURATING_MULTIPLIER = 2.0**30
 
 
 # ------------------------------------------------------------------------------------------ compile-time values
@@ -327,6 +331,9 @@ class _Compiler:
             reference = {"accumulator_scale": value.scale.reshape(-1).tolist(), "output_scale": q.s()}
         reference["multiplier"] = np.asarray(real).reshape(-1).tolist()
         divisor = value.divisor if isinstance(value, Accumulator) else ""
+        if not divisor and np.all(np.asarray(real) >= SATURATING_MULTIPLIER):  # every non-zero input saturates
+            self._emit(SaturatingRequantize(node.name, out, value.name, offset, q.z(), lo, hi, q.dtype))
+            return
         if divisor:
             reference["divided_by_window_count"] = True
         rounding = self.rounding
@@ -479,6 +486,9 @@ class _Compiler:
         self.values[node.output[0]] = Codes(out, x.q)
 
     def clip(self, node: onnx.NodeProto) -> None:
+        if node.op_type == "Clip" and node.input[0] in self.quantized:
+            self._clip_codes(node)
+            return
         value = self._value(node, 0)
         if isinstance(value, FloatTensor):
             raise DeployError(f"node {_label(node)} runs on the float input {value.name!r}: quantize the input first")
@@ -490,6 +500,18 @@ class _Compiler:
         else:
             lo, hi = float(attribute(node, "min", -np.inf)), float(attribute(node, "max", np.inf))
         self.values[node.output[0]] = dataclasses.replace(value, lo=max(value.lo, lo), hi=min(value.hi, hi))
+
+    def _clip_codes(self, node: onnx.NodeProto) -> None:
+        """A Clip on a QuantizeLinear's integer codes (a narrow grid inside the 8-bit one, as micronet writes
+        DoReFa's k-bit activations and signs): clamp the codes; a DequantizeLinear reads the result."""
+        source = node.input[0]
+        bounds = []
+        for index, default in ((1, -np.inf), (2, np.inf)):
+            name = node.input[index] if index < len(node.input) else ""
+            bounds.append(float(self._constant(node, index, "bound")) if name else default)
+        lo, hi = (int(np.clip(b, -2**31, 2**31 - 1)) for b in bounds)
+        self._emit(Clamp(node.name, node.output[0], self.aliases.get(source, source), lo, hi))
+        self.quantized.append(node.output[0])
 
     def identity(self, node: onnx.NodeProto) -> None:
         self.values[node.output[0]] = self._value(node, 0)

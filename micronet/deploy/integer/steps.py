@@ -153,6 +153,27 @@ class Requantize(Step):
 
 
 @dataclass
+class SaturatingRequantize(Step):
+    """Requantization by a multiplier M ≥ 2^30 (a sign written as codes, e.g. micronet's sign activations at
+    step 2^-100): every non-zero integer ``q − offset`` saturates, so the result is ``z_out`` for 0 and the
+    range's end of its sign otherwise, clamped to ``[lo, hi]``: exact, with no multiplier to represent."""
+
+    op: ClassVar[str] = "SaturatingRequantize"
+    input: str
+    offset: int
+    zero_point: int
+    lo: int
+    hi: int
+    dtype: str
+
+    def run(self, env: Env) -> None:
+        acc = env[self.input].astype(np.int64) - self.offset
+        info = np.iinfo(self.dtype)
+        y = np.where(acc > 0, info.max, np.where(acc < 0, info.min, self.zero_point))
+        env[self.output] = np.clip(y, self.lo, self.hi).astype(self.dtype)
+
+
+@dataclass
 class Clamp(Step):
     """Relu/Clip on codes whose bounds are on the quantization grid: ``clamp(q, lo, hi)``."""
 
@@ -456,7 +477,8 @@ class IndexOp(Step):
         env[self.output] = _INDEX_OPS[self.kind](args, self.attributes)
 
 
-STEP_TYPES: dict[str, type[Step]] = {cls.op: cls for cls in (QuantizeInput, Dequantize, Requantize, Clamp, Conv, MatMul,
-                                                            Add, QLinearAdd, Mul, PoolSum, MaxPool, Shape, Concat, IndexOp)}
+STEP_TYPES: dict[str, type[Step]] = {cls.op: cls for cls in (QuantizeInput, Dequantize, Requantize, SaturatingRequantize,
+                                                            Clamp, Conv, MatMul, Add, QLinearAdd, Mul, PoolSum, MaxPool,
+                                                            Shape, Concat, IndexOp)}
 
 
