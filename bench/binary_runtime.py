@@ -5,6 +5,8 @@ One process, one machine, three forms of the default pipeline's NIN (cfg 64,48,3
 
 * **ort fp32**: the float NIN (BatchNorm folded), exported to ONNX, in ONNX Runtime;
 * **ort int8**: IAO W8A8 post-training quantization of the same NIN (micronet's QDQ export), in ONNX Runtime;
+* **ort binary**: the binary NIN with 8-bit edges (wbwtab W=2 A=2 ``edge_bits=8``: every conv on ONNX
+  Runtime's int8 kernels, signs as int8 codes), micronet's QDQ export, in ONNX Runtime;
 * **packed**: the binary NIN (wbwtab W=2 A=2, BatchNorm sign-folded) on :mod:`micronet.deploy.packed`,
   at the fastest kernels this CPU has (``--isa`` for another).
 
@@ -78,7 +80,7 @@ def ort_runner(session, x: np.ndarray):
     return lambda: session.run(None, feed)
 
 
-def build_models(cfg: list[int], calibration: list[torch.Tensor], folder: Path) -> tuple[Path, Path, nn.Module]:
+def build_models(cfg: list[int], calibration: list[torch.Tensor], folder: Path) -> tuple[Path, Path, Path, nn.Module]:
     torch.manual_seed(0)
     float_model = build_model("nin", 10, 1, cfg).eval()
     for m in float_model.modules():  # trained-looking statistics, so the signs are not all one way
@@ -90,8 +92,11 @@ def build_models(cfg: list[int], calibration: list[torch.Tensor], folder: Path) 
     quantized = iao.prepare(float_model, a_bits=8, w_bits=8, ptq=True)
     calibrate(quantized, calibration)
     export(quantized.eval(), folder / "int8.onnx", example, exporter="legacy")
+    edged = wbwtab.prepare(float_model, A=2, W=2, edge_bits=8)
+    calibrate(edged, calibration)
+    export(edged.eval(), folder / "binary.onnx", example, exporter="legacy")
     binary, _ = fuse(wbwtab.prepare(float_model, A=2, W=2).eval())
-    return folder / "fp32.onnx", folder / "int8.onnx", binary
+    return folder / "fp32.onnx", folder / "int8.onnx", folder / "binary.onnx", binary
 
 
 def conv_inputs(packed, x: torch.Tensor) -> dict[str, object]:
@@ -154,7 +159,7 @@ def main() -> int:
     warmup, repeats = (2, 5) if args.quick else (3, 15)
     folder = Path(tempfile.mkdtemp(prefix="binary_runtime_"))
     calibration = [torch.randn(16, 1, 28, 28) for _ in range(4)]
-    fp32_path, int8_path, binary = build_models(cfg, calibration, folder)
+    fp32_path, int8_path, binary_path, binary = build_models(cfg, calibration, folder)
     packed = compile_packed(binary, isa=args.isa, float_layout=args.float_layout)
     torch.set_num_threads(threads[0])
     meta = machine_meta()
@@ -169,16 +174,19 @@ def main() -> int:
     rows = []
     for n_threads in threads:
         torch.set_num_threads(n_threads)
-        sessions = {name: build_session(path, threads=n_threads) for name, path in (("fp32", fp32_path), ("int8", int8_path))}
+        sessions = {name: build_session(path, threads=n_threads)
+                    for name, path in (("fp32", fp32_path), ("int8", int8_path), ("binary", binary_path))}
         for batch in batches:
             x = torch.randn(batch, 1, 28, 28)
             with torch.no_grad():
                 ms = round_robin({"ort fp32": ort_runner(sessions["fp32"], x.numpy()),
                                   "ort int8": ort_runner(sessions["int8"], x.numpy()),
+                                  "ort binary": ort_runner(sessions["binary"], x.numpy()),
                                   "packed": lambda: packed(x)}, warmup, repeats)
             row = {"threads": n_threads, "batch": batch, **{f"{k} (ms)": round(v, 3) for k, v in ms.items()},
                    "fp32 / packed": round(ms["ort fp32"] / ms["packed"], 2),
-                   "int8 / packed": round(ms["ort int8"] / ms["packed"], 2), "load avg": round(os.getloadavg()[0], 2)}
+                   "int8 / packed": round(ms["ort int8"] / ms["packed"], 2),
+                   "ort binary / packed": round(ms["ort binary"] / ms["packed"], 2), "load avg": round(os.getloadavg()[0], 2)}
             rows.append(row)
     print("end to end (NIN, median ms per forward):")
     print(format_table(rows))

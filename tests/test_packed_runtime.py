@@ -156,6 +156,38 @@ def test_channels_last_float_layers_agree_on_top1():
     assert torch.equal(out.argmax(1), expected.argmax(1))
 
 
+def test_quantized_edges_run_in_channels_last_with_a_one_pass_batchnorm():
+    """With 8-bit edges the first conv is a quantized conv and its BatchNorm adds an int32 bias: in
+    channels-last layout the conv runs channels-last too and the BatchNorm becomes a native one-pass
+    BatchNorm computing the same affine map (within float rounding); the logits keep the model's top-1
+    (bit-exact in the model layout)."""
+    from micronet.compression.quantization.core.integer_bias import IntegerBiasBatchNorm2d
+    from micronet.compression.quantization.core.workflow import calibrate
+    from micronet.deploy.packed.compiler import _native_batchnorm
+
+    torch.manual_seed(0)
+    float_model = build_model("nin", 10, 1, SMALL_NIN)
+    for m in float_model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.3)
+            m.bias.data.uniform_(-0.3, 0.3)
+    model = wbwtab.prepare(float_model, W=2, A=2, edge_bits=8)
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    calibrate(model, [x])
+    model.eval()
+    bn = model.features[0].bn
+    assert isinstance(bn, IntegerBiasBatchNorm2d) and bn.integer_shift() is not None
+    with torch.no_grad():
+        pre = model.features[0].conv(x)
+        native, reference = _native_batchnorm(bn)(pre), bn(pre)
+        assert (native - reference).abs().max() <= 1e-5 * reference.abs().max()
+        expected = model(x)
+        exact = compile_packed(model, float_layout="model")(x)
+        fast = compile_packed(model, float_layout="channels_last")(x)
+    assert torch.equal(exact, expected)
+    assert (fast.argmax(1) == expected.argmax(1)).float().mean() >= 0.9
+
+
 def test_packed_artifact_runs_like_the_model(tmp_path):
     model = fuse(binary("nin", SMALL_NIN))[0]
     save_packed(model, tmp_path / "packed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,6 +251,24 @@ def test_pack_command_fuses_bn_folding_convs_first(tmp_path, capsys):
     x = torch.randn(6, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(load_packed(tmp_path / "packed")(x), model.eval()(x))
+
+
+def test_pipeline_packed_size_fuses_bn_folding_convs_like_the_command(tmp_path):
+    """The pipeline's Packed (MB) column packs what `micronet pack` packs: a QAT BN-folding model's convs as
+    codes, not float32 (its size had been 3.5× the fused one's on the demo)."""
+    from types import SimpleNamespace
+
+    from micronet.pipeline.measure import _packed_megabytes
+
+    torch.manual_seed(0)
+    model = trained(iao.prepare(build_model("nin", 10, 1, SMALL_NIN), w_bits=4, a_bits=4, bn_fuse=True)).eval()
+    checkpoint, errors = SimpleNamespace(data_info=None, metrics={}), []
+    megabytes = _packed_megabytes(model, checkpoint, tmp_path / "packed", errors)
+    assert errors == []
+    meta = json.loads((tmp_path / "packed" / META_FILE).read_text())
+    assert {layer["stored"] for layer in meta["layers"]} == {"packed"}
+    unfused = save_packed(model, tmp_path / "unfused")
+    assert megabytes * 1e6 < sum(f.stat().st_size for f in Path(unfused).iterdir()) / 2
 
 
 def test_fuse_command_prints_table_and_accuracies(tmp_path, capsys):

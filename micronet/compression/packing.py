@@ -246,6 +246,18 @@ def packed_layers(model: nn.Module) -> tuple[list[PackedLayer], dict[str, torch.
     return layers, state
 
 
+def fold_for_packing(model: nn.Module) -> tuple[nn.Module, Any]:
+    """``model`` with its QAT BN-folding convs fused (as ``micronet fuse`` does) and the fusion report, or
+    ``(model, None)`` without any: a BN-folding conv's codes depend on its BatchNorm, so only the fused conv
+    has integer codes to pack (unfused, it would be stored in float32)."""
+    from micronet.compression.fusion import fuse
+    from micronet.compression.quantization.core.bn_fold import QuantBNFuseConv2d
+
+    if not any(isinstance(module, QuantBNFuseConv2d) for module in model.modules()):
+        return model, None
+    return fuse(model)
+
+
 def save_packed(model: nn.Module, path: str | Path, *, data_info: Any = None,
                 metrics: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (a registry model, quantized or not) as a packed artifact directory, atomically.

@@ -101,10 +101,11 @@ def _measure_packed_runtime(model: nn.Module, shape: tuple[int, ...], measure: d
 
 
 def _packed_megabytes(model: nn.Module, checkpoint: Any, out: Path, errors: list[str]) -> float | None:
-    from micronet.compression.packing import save_packed
+    from micronet.compression.packing import fold_for_packing, save_packed
 
     try:
-        save_packed(model, out, data_info=checkpoint.data_info, metrics=checkpoint.metrics)
+        packable, _ = fold_for_packing(model)  # as `micronet pack`: BN-folding convs fused, so their codes pack
+        save_packed(packable, out, data_info=checkpoint.data_info, metrics=checkpoint.metrics)
     except MicronetError as error:
         errors.append(f"packing: {error}")
         return None

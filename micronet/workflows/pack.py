@@ -27,16 +27,19 @@ class PackResult:
 def pack(options: PackOptions, *, log: Log = say) -> PackResult:
     """Write ``options.checkpoint`` as a packed artifact at ``options.out``."""
     from micronet.analysis import format_table
-    from micronet.compression.fusion import fuse as fuse_model
-    from micronet.compression.packing import PACKED_OUTPUT, TENSOR_FILE, layer_size_rows, read_packed_meta, save_packed
-    from micronet.compression.quantization.core.bn_fold import QuantBNFuseConv2d
+    from micronet.compression.packing import (
+        PACKED_OUTPUT,
+        TENSOR_FILE,
+        fold_for_packing,
+        layer_size_rows,
+        read_packed_meta,
+        save_packed,
+    )
 
     claim(options.out, PACKED_OUTPUT, options.overwrite)
     checkpoint = load_source(options.checkpoint)
-    model = checkpoint.build_model().eval()
-    if any(isinstance(module, QuantBNFuseConv2d) for module in model.modules()):
-        # a BN-folding conv's codes depend on its BatchNorm: fold it (as `micronet fuse` does) so they pack
-        model, report = fuse_model(model)
+    model, report = fold_for_packing(checkpoint.build_model().eval())
+    if report is not None:
         log(f"fused before packing: {report.summary()}")
     out = save_packed(model, options.out, data_info=checkpoint.data_info, metrics=checkpoint.metrics)
     log(f"packed artifact: {out}")
