@@ -4,7 +4,9 @@ One process, one machine, three forms of the default pipeline's NIN (cfg 64,48,3
 28×28 Fashion-MNIST-sized inputs; ``--cfg`` for another):
 
 * **ort fp32**: the float NIN (BatchNorm folded), exported to ONNX, in ONNX Runtime;
-* **ort int8**: IAO W8A8 post-training quantization of the same NIN (micronet's QDQ export), in ONNX Runtime;
+* **ort int8**: IAO post-training quantization of the same NIN for the ``portable`` target (W7A8: int8
+  weights within ±63, exact and on ONNX Runtime's fast u8s8 kernels on every x86 CPU; 8-bit weights would
+  export as uint8 for this target and run on the slower u8u8 kernels), micronet's QDQ export, in ONNX Runtime;
 * **ort binary**: the binary NIN with 8-bit edges (wbwtab W=2 A=2 ``edge_bits=8``: every conv on ONNX
   Runtime's int8 kernels, signs as int8 codes), micronet's QDQ export, in ONNX Runtime;
 * **packed**: the binary NIN (wbwtab W=2 A=2, BatchNorm sign-folded) on :mod:`micronet.deploy.packed`,
@@ -89,7 +91,7 @@ def build_models(cfg: list[int], calibration: list[torch.Tensor], folder: Path) 
             m.running_var.uniform_(0.5, 2)
     example = calibration[0][:1]
     export(fuse(float_model)[0], folder / "fp32.onnx", example, exporter="legacy")
-    quantized = iao.prepare(float_model, a_bits=8, w_bits=8, ptq=True)
+    quantized = iao.prepare(float_model, a_bits=8, ptq=True)  # the portable target's W7A8
     calibrate(quantized, calibration)
     export(quantized.eval(), folder / "int8.onnx", example, exporter="legacy")
     edged = wbwtab.prepare(float_model, A=2, W=2, edge_bits=8)
