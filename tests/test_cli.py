@@ -27,7 +27,8 @@ def test_info_of_registry_model(capsys):
 def test_info_list_names_models_and_datasets(capsys):
     assert main(["info", "--list"]) == 0
     out = capsys.readouterr().out
-    for name in ("lenet", "nin", "nin_gc", "resnet20", "resnet56", "mobilenetv2", "fashion-mnist", "cifar10", "synthetic"):
+    for name in ("lenet", "nin", "nin_bireal", "nin_gc", "resnet20", "resnet56", "mobilenetv2", "fashion-mnist", "cifar10",
+                 "synthetic"):
         assert name in out
 
 

@@ -22,17 +22,19 @@ from micronet.errors import QuantizationError
 from micronet.models import build_model, list_models
 
 # model: (quantized convs, quantized linears, sign activations) — first and last weighted layer float;
-# signs replace every ReLU/ReLU6 between them (NIN's last ReLU follows its last conv and stays).
+# signs replace every ReLU/ReLU6 between them (NIN's last ReLU follows its last conv and stays; nin_bireal's
+# activations all precede their convs, so its classifier reads a sign).
 WBWTAB_COUNTS = {
     "lenet": (1, 1, 3),
     "nin": (7, 0, 8),
+    "nin_bireal": (7, 0, 8),
     "nin_gc": (7, 0, 8),
     "resnet20": (20, 0, 19),
     "resnet56": (56, 0, 55),
     "mobilenetv2": (51, 0, 35),
 }
 # DoReFa: only the first weighted layer stays float.
-DOREFA_COUNTS = {"lenet": (1, 2), "nin": (8, 0), "nin_gc": (8, 0), "resnet20": (20, 1), "resnet56": (56, 1),
+DOREFA_COUNTS = {"lenet": (1, 2), "nin": (8, 0), "nin_bireal": (8, 0), "nin_gc": (8, 0), "resnet20": (20, 1), "resnet56": (56, 1),
                  "mobilenetv2": (51, 1)}
 
 
@@ -64,7 +66,7 @@ def test_wbwtab_on_every_registry_model(name):
     convs, linears, signs = WBWTAB_COUNTS[name]
     assert (report.count("QuantConv2d"), report.count("QuantLinear"), report.count("SignActivation")) == (convs, linears, signs)
     assert _count(model, SignActivation) == signs and _count(model, BinaryWeightQuantizer) == convs + linears
-    assert _count(model, nn.ReLU) + _count(model, nn.ReLU6) == (1 if name.startswith("nin") else 0)
+    assert _count(model, nn.ReLU) + _count(model, nn.ReLU6) == (1 if name in ("nin", "nin_gc") else 0)
     assert report.count("QuantAdd") == 0 and report.count("QuantMaxPool2d") == 0
     assert [reason for _, reason in report.kept_float if "layer" in reason] == ["first layer", "last layer"]
     _train_step_then_eval(model, in_channels)

@@ -13,13 +13,14 @@ from torch import fx, nn
 from micronet.base_module.op import Add, Concat
 from micronet.errors import ModelConfigError
 from micronet.models import ModelArch, build_model, default_cfg, list_models, model_arch, register_model
-from micronet.models.layers import ChannelShuffle, ConvBNAct
+from micronet.models.layers import ChannelBias, ChannelRepeat, ChannelShuffle, ConvBNAct
 from micronet.models.registry import _REGISTRY
 
-MODELS = ["lenet", "mobilenetv2", "nin", "nin_gc", "resnet20", "resnet56"]
+MODELS = ["lenet", "mobilenetv2", "nin", "nin_bireal", "nin_gc", "resnet20", "resnet56"]
 SMALL_CFG = {
     "lenet": [6, 16, 32],
     "nin": [64, 48, 32, 64, 64, 64, 128, 128],
+    "nin_bireal": [48, 48, 48, 48, 48, 48, 128, 128],
     "nin_gc": [64, 64, 64, 128, 128, 128, 256, 256],
     "resnet20": [16, 24, 48, 8, 8, 8, 16, 16, 16, 32, 32, 32],
     "resnet56": [16, 24, 48] + [8] * 9 + [16] * 9 + [32] * 9,
@@ -145,8 +146,11 @@ def test_residual_adds_are_modules(name, adds):
 
 
 class _LeafTracer(fx.Tracer):
+    # ChannelBias adds a parameter, not another activation, and ChannelRepeat joins copies of one tensor (same
+    # grid): neither is a join a quantizer must observe, and each is itself a module it sees whole
     def is_leaf_module(self, m, qualname):
-        return isinstance(m, (Add, Concat, ChannelShuffle)) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, (Add, Concat, ChannelShuffle, ChannelBias, ChannelRepeat))
+                or super().is_leaf_module(m, qualname))
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -267,7 +267,12 @@ def test_qdq_export_matches_fake_quant_in_onnxruntime(tmp_path, images, name, pr
     x = images["test"]
     _, step, top1, within = _agreement(model, report.path, x, 64)
     assert top1 >= MIN_TOP1, f"{name}/{preset}: top-1 agreement {top1:.4f}"
-    if preset.startswith("iao"):
+    if preset.startswith("iao") and name == "nin_bireal":
+        # its signs' learned thresholds add float per-channel constants to the real-valued stream, which the
+        # integer reference does not model: it names the first such node instead of running a wrong program
+        with pytest.raises(DeployError, match="threshold/Add.*not quantized"):
+            IntegerModel.from_onnx(onnx.load(str(report.path)), rounding="onnxruntime")
+    elif preset.startswith("iao"):
         _assert_runs_the_integer_network(report.path, x[:8])
     if preset == "binary_w2a2":
         _assert_sign_flips_are_rounding(model, report.path, x[:32])

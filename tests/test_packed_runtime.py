@@ -19,6 +19,7 @@ from micronet.deploy.packed.layers import PackedConv2d
 from micronet.engine import save_checkpoint
 from micronet.errors import CheckpointError, DeployError
 from micronet.models import build_model
+from micronet.models.layers import ChannelBias
 
 ISA_PATHS = available_isas()  # every path this machine can run, reference included
 SMALL_NIN = [64, 48, 32, 64, 64, 64, 128, 128]  # the default pipeline's NIN: partial words (48, 32 channels)
@@ -51,8 +52,19 @@ def assert_same_logits(packed: torch.Tensor, expected: torch.Tensor) -> None:
     assert torch.equal(packed.argmax(1), expected.argmax(1))
 
 
+def binary_bireal() -> nn.Module:
+    """The binary-friendly NIN: real-valued shortcuts (one widening by channel repeat), learned thresholds."""
+    model = binary("nin_bireal", [48, 48, 48, 48, 48, 48, 128, 128], in_channels=3)
+    g = torch.Generator().manual_seed(2)
+    for m in model.modules():
+        if isinstance(m, ChannelBias):
+            m.bias.data = torch.randn(m.bias.shape, generator=g) * 0.3
+    return model
+
+
 CASES = {
     "nin": lambda: binary("nin", SMALL_NIN),
+    "nin_bireal": binary_bireal,
     "nin_fused": lambda: fuse(binary("nin", SMALL_NIN))[0],
     "resnet20": lambda: binary("resnet20", in_channels=3),
     "nin_gc": lambda: binary("nin_gc", SMALL_NIN_GC, in_channels=3),
@@ -74,7 +86,7 @@ def test_every_kernel_path_gives_the_model_logits(case):
     for isa, out in outputs.items():  # integer popcounts and the same epilogue: identical bit for bit
         assert torch.equal(out, outputs["reference"]), isa
     convs = [m for m in packed.modules() if isinstance(m, PackedConv2d)]
-    assert len(convs) == {"nin": 7, "nin_fused": 7, "resnet20": 20, "nin_gc": 7}[case]
+    assert len(convs) == {"nin": 7, "nin_bireal": 7, "nin_fused": 7, "resnet20": 20, "nin_gc": 7}[case]
 
 
 def test_bits_flow_between_binary_layers_and_fused_epilogues():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ChannelShuffle", "ConvBNAct", "ConvBNReLU", "init_weights"]
+__all__ = ["ChannelBias", "ChannelRepeat", "ChannelShuffle", "ConvBNAct", "ConvBNReLU", "init_weights"]
 
 
 class ChannelShuffle(nn.Module):
@@ -25,6 +25,42 @@ class ChannelShuffle(nn.Module):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}"
+
+
+class ChannelBias(nn.Module):
+    """Adds a learned per-channel bias (``bias``, zeros at start). In front of a sign it is the sign's
+    learned threshold (ReActNet's RSign); in front of a ReLU, the ReLU's learned shift."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias.view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.bias.numel()}"
+
+
+class ChannelRepeat(nn.Module):
+    """Widens ``in_channels`` to ``out_channels`` by repeating them cyclically: output channel ``c`` is input
+    channel ``c % in_channels``. A parameter-free shortcut into a wider layer (Bi-Real Net and ReActNet widen
+    their shortcuts the same way): each output channel carries one input channel unchanged."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        if not 0 < in_channels <= out_channels:
+            raise ValueError(f"ChannelRepeat widens: it needs 0 < in_channels <= out_channels (got {in_channels} → "
+                             f"{out_channels})")
+        self.in_channels, self.out_channels = in_channels, out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        whole, rest = divmod(self.out_channels, self.in_channels)
+        parts = [x] * whole + ([x[:, :rest]] if rest else [])
+        return torch.cat(parts, dim=1) if len(parts) > 1 else x
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels} → {self.out_channels}"
 
 
 _ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6}

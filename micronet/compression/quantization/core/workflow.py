@@ -29,6 +29,7 @@ from micronet.compression.quantization.core.modules import (
 from micronet.compression.quantization.core.quantizers import CALIBRATE, FROZEN, QAT, Quantizer, is_prepared, quantizers
 from micronet.compression.quantization.core.scheme import QuantScheme
 from micronet.errors import ConfigError, QuantizationError
+from micronet.models.layers import ChannelBias
 from micronet.models.registry import attach_arch, find_arch
 
 _NORMALIZATION = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
@@ -294,6 +295,8 @@ def prepare(
         if target is None:
             if isinstance(module, _NORMALIZATION):
                 report.kept_float.append((name, f"{type(module).__name__} not folded"))
+            elif isinstance(module, ChannelBias):
+                report.kept_float.append((name, "per-channel bias before an activation, float"))
             elif any(True for _ in module.parameters(recurse=False)):
                 report.unsupported.append((name, type(module).__name__))
             continue
