@@ -139,6 +139,26 @@ def test_mobilenetv2_custom_cfg_channels():
     assert isinstance(m.features[0].act, nn.ReLU6)
 
 
+def test_nin_bireal_layout_and_cfg_rule():
+    from micronet.models.nin_bireal import BiRealBlock
+
+    m = build_model("nin_bireal", cfg=SMALL_CFG["nin_bireal"])
+    blocks = [b for b in m.features if isinstance(b, BiRealBlock)]
+    assert [type(b.shortcut).__name__ for b in blocks] == ["Identity"] * 5 + ["ChannelRepeat", "Identity", "NoneType"]
+    assert [b.conv.kernel_size[0] for b in blocks] == [1, 1, 5, 1, 1, 3, 1, 1]
+    assert sum(isinstance(x, Add) for x in m.modules()) == 7
+    assert [type(x).__name__ for x in m.features].count("MaxPool2d") == 2
+    # a block whose BatchNorm writes zeros is its shortcut: the real-valued stream passes on unchanged,
+    # widened by repeating channels (output c = input c mod 48)
+    widening = blocks[5]
+    nn.init.zeros_(widening.bn.weight)
+    nn.init.zeros_(widening.bn.bias)
+    x = torch.randn(2, 48, 8, 8)
+    assert torch.equal(widening.eval()(x), x[:, torch.arange(128) % 48])
+    with pytest.raises(ModelConfigError, match=r"cfg\[1\] = 48 for nin_bireal is narrower than cfg\[0\] = 64"):
+        build_model("nin_bireal", cfg=[64, 48, 48, 48, 48, 48, 128, 128])
+
+
 @pytest.mark.parametrize("name,adds", [("resnet20", 9), ("resnet56", 27), ("mobilenetv2", 10)])
 def test_residual_adds_are_modules(name, adds):
     m = build_model(name)

@@ -70,6 +70,7 @@ def test_consistent_report_has_no_problems():
     (3, "loss", 4.0, ["row 'binary'", "loss is 4", "4.41"]),
     (1, "acc_ort", 92.10 + 0.6, ["row 'int8'", "acc_ort 92.70%", "acc_torch 92.10%", "0.60 pt"]),
     (1, "acc_ort", None, ["row 'int8'", "acc_ort", "missing"]),
+    (1, "acc_openvino", 10.0, ["row 'int8'", "acc_openvino 10.00%", "OpenVINO", "acc_torch 92.10%", "82.10 pt"]),
 ])
 def test_each_corruption_is_one_problem_naming_row_and_field(row, field, value, fragments):
     report = make_report()

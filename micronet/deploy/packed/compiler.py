@@ -168,6 +168,30 @@ def _sign_chain(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[fx.N
         current = user
 
 
+def _batchnorm_after(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
+    """The eval-mode BatchNorm that alone reads ``node`` (its only user), if any."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    user = users[0]
+    if user.op != "call_module" or user.args != (node,) or user.kwargs:
+        return None
+    module = modules[user.target]
+    if not isinstance(module, nn.BatchNorm2d) or module.running_mean is None:
+        return None
+    return user
+
+
+@torch.no_grad()
+def _fold_affine(module: nn.Module, alpha: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(α', b') with module(D·α + b) = D·α' + b' per channel, for a per-channel affine ``module`` in eval
+    (a BatchNorm, the int32-bias one included), read off the module itself at 0 and 1."""
+    channels = alpha.numel()
+    offset = module(torch.zeros(1, channels, 1, 1)).flatten()
+    factor = module(torch.ones(1, channels, 1, 1)).flatten() - offset
+    return alpha * factor, bias * factor + offset
+
+
 @torch.no_grad()
 def _threshold(chain: list[nn.Module], alpha: torch.Tensor, bias: torch.Tensor,
                reach: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -353,10 +377,17 @@ class _Rewriter:
             for absorbed in chain:
                 self.report.packed.append((str(absorbed.target), f"folded into {node.target}'s threshold"))
             self.report.packed.append((str(node.target), f"binary conv {geometry}, bits out (threshold epilogue)"))
-        else:
-            packed = PackedConv2d(conv, signs, alpha, bias, None, None)
+        else:  # float out (into an addition, say): a BatchNorm right after it joins the epilogue
+            batchnorm = _batchnorm_after(node, self.modules)
+            if batchnorm is not None:
+                alpha, bias = _fold_affine(self.modules[batchnorm.target], alpha, bias)
+            packed = PackedConv2d(conv, signs, alpha, bias, None, None, channels_last=self.channels_last)
             new = self.new.call_module(self.replace(node, packed), (source,))
             self.env[node] = (new, FLOAT)
+            if batchnorm is not None:
+                self.absorbed.add(batchnorm)
+                self.env[batchnorm] = (new, FLOAT)
+                self.report.packed.append((str(batchnorm.target), f"folded into {node.target}'s epilogue"))
             self.report.packed.append((str(node.target), f"binary conv {geometry}, float out (α·D + b)"))
 
 

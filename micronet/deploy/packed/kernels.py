@@ -9,7 +9,8 @@ channel ``c`` in bit ``c % 64`` of word ``c // 64``, bit 1 = +1):
 * ``permute(bits, source)``: output channel ``c`` takes input channel ``source[c]`` (channel shuffle);
 * ``conv(bits, layer)``: the integer dot product ``D`` of ±1 inputs and ±1 weights over the taps that lie
   inside the image (a padded zero contributes 0, as in the trained model), then the layer's epilogue:
-  bits ``(D ≥ T) XOR flip`` per channel, or floats ``float(D)·α + bias``.
+  bits ``(D ≥ T) XOR flip`` per channel, or floats ``float(D)·α + bias`` (in channels-last memory when the
+  layer's ``channels_last`` is set, else contiguous NCHW).
 
 The reference computes ``D`` with a float convolution of ±1 tensors (exact: every partial sum is an
 integer far below 2²⁴) and applies the same integer epilogue, so both paths give identical outputs.
@@ -108,7 +109,8 @@ class ReferenceKernels:
             cout = layer.out_channels
             bits = (dot >= layer.threshold[:cout].view(1, -1, 1, 1)) ^ layer.flip[:cout].bool().view(1, -1, 1, 1)
             return PackedBits(words_from_bits(_pad_channels(bits.permute(0, 2, 3, 1))).contiguous(), cout)
-        return dot.to(torch.float32) * layer.alpha.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
+        out = dot.to(torch.float32) * layer.alpha.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
+        return out.contiguous(memory_format=torch.channels_last) if layer.channels_last else out
 
 
 # ------------------------------------------------------------------------------------------ native
@@ -144,7 +146,9 @@ class NativeKernels:
                     layer.in_channels // layer.groups, layer.groups, oh, ow]
         out = self._ops.conv(packed.words, layer.weight_words, layer.word_start, layer.group_mask, geometry,
                              layer.threshold, layer.flip, layer.alpha, layer.bias, layer.bits_out, self._isa)
-        return PackedBits(out, layer.out_channels) if layer.bits_out else out
+        if layer.bits_out:
+            return PackedBits(out, layer.out_channels)
+        return out if layer.channels_last else out.contiguous()  # floats come channels-last
 
 
 # ------------------------------------------------------------------------------------------ building

@@ -99,8 +99,9 @@ class PackedConv2d(_PackedModule):
     """Binary-weight, binary-input conv on packed bits (see the module docstring for the epilogues)."""
 
     def __init__(self, conv: nn.Conv2d, signs: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor,
-                 threshold: torch.Tensor | None, flip: torch.Tensor | None) -> None:
+                 threshold: torch.Tensor | None, flip: torch.Tensor | None, channels_last: bool = False) -> None:
         super().__init__()
+        self.channels_last = channels_last  # float output in channels-last memory (the kernels' own order)
         self.in_channels, self.out_channels, self.groups = conv.in_channels, conv.out_channels, conv.groups
         self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
         self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)

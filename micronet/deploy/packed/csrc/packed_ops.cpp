@@ -563,7 +563,6 @@ torch::Tensor pad_bits(const torch::Tensor& bits, int64_t ph, int64_t pw) {
 // Channels of several groups share a block (e.g. depthwise): one channel at a time, on the unpadded input.
 void conv_mixed_groups(const ConvGeometry& g, const int32_t* thr, const uint8_t* flp, const float* a, const float* b,
                        uint64_t* out_bits, float* out_float) {
-  const int64_t plane = g.OH * g.OW;
   at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
     Taps taps;
     std::vector<uint64_t> xbuf;
@@ -584,8 +583,8 @@ void conv_mixed_groups(const ConvGeometry& g, const int32_t* thr, const uint8_t*
         if (out_bits) {
           epilogue_dot_bits(dot.data(), thr, flp, g.CWo, out_bits + ((n * g.OH + oh) * g.OW + ow) * g.CWo);
         } else {
-          float* dst = out_float + n * g.cout * plane + oh * g.OW + ow;
-          for (int64_t o = 0; o < g.cout; ++o) dst[o * plane] = static_cast<float>(dot[o]) * a[o] + b[o];
+          float* dst = out_float + ((n * g.OH + oh) * g.OW + ow) * g.cout;
+          for (int64_t o = 0; o < g.cout; ++o) dst[o] = static_cast<float>(dot[o]) * a[o] + b[o];
         }
       }
     }
@@ -636,7 +635,8 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
   const float* b = bias.data_ptr<float>();
 
   // Bytes past the last block (channels never computed) must read 0.
-  torch::Tensor out = !bits_out ? torch::empty({g.N, g.cout, g.OH, g.OW}, torch::kFloat32)
+  // Floats are written (N, OH, OW, cout): one contiguous run per pixel; returned as an NCHW view (channels-last).
+  torch::Tensor out = !bits_out ? torch::empty({g.N, g.OH, g.OW, g.cout}, torch::kFloat32)
                       : g.blocks == g.CWo * 8 ? torch::empty({g.N, g.OH, g.OW, g.CWo}, torch::kInt64)
                                               : torch::zeros({g.N, g.OH, g.OW, g.CWo}, torch::kInt64);
   uint64_t* out_bits = bits_out ? reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()) : nullptr;
@@ -644,7 +644,7 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
 
   if (g.groups > 1 && g.cout_per_group % kLanes != 0) {  // a block would straddle two groups
     conv_mixed_groups(g, thr, flp, a, b, out_bits, out_float);
-    return out;
+    return bits_out ? out : out.permute({0, 3, 1, 2});
   }
 
   // The tiled path on a zero-padded input.
@@ -711,7 +711,6 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
   const int P = g.OW >= kTilePixels ? kTilePixels : 1;
   const TileFn* tiles = family.pixels[P == kTilePixels ? 1 : 0];
   const int64_t group_blocks = g.groups == 1 ? g.blocks : g.cout_per_group / kLanes;
-  const int64_t plane = g.OH * g.OW;
 
   at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> mm(kTilePixels * lanes);
@@ -739,18 +738,18 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
             epilogue(counts, correction, valid, thr64.data(), flip_bytes.data(), g.blocks,
                      reinterpret_cast<uint8_t*>(out_bits + ((n * g.OH + oh) * g.OW + ow) * g.CWo));
           } else {
-            float* dst = out_float + n * g.cout * plane + oh * g.OW + ow;
+            float* dst = out_float + ((n * g.OH + oh) * g.OW + ow) * g.cout;
             for (int64_t o = 0; o < g.cout; ++o) {
               const int64_t dot = valid - 2 * (counts[o] - (correction ? correction[o] : 0));
               const float product = static_cast<float>(dot) * a[o];  // exact: α on the float16 grid, |D| < 2^13
-              dst[o * plane] = product + b[o];
+              dst[o] = product + b[o];
             }
           }
         }
       }
     }
   });
-  return out;
+  return bits_out ? out : out.permute({0, 3, 1, 2});
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
