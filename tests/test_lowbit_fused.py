@@ -147,3 +147,45 @@ def test_a_model_trained_with_the_approx_gradient_exports_to_onnx_like_the_defau
     with torch.no_grad():
         reference = approx(x).numpy()
     assert np.abs(got - reference).max() <= 1e-4 * max(np.abs(reference).max(), 1.0)
+
+
+def _layouts():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 6, 7, generator=g) * 2
+    x.view(-1)[:8] = torch.tensor([0.0, -0.0, 1.0, -1.0, float("nan"), float("inf"), float("-inf"), 0.9999999])
+    return {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last), "flat": x.reshape(-1)}
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "flat"])
+def test_native_sign_kernel_gives_torchs_sign_and_mask_in_the_inputs_layout(layout):
+    assert lowbit._sign_kernels() is not None, "the C++ sign kernel did not build (g++ and ninja are in the base image)"
+    x = _layouts()[layout]
+    out, inside = lowbit.sign_and_mask(x)
+    assert torch.equal(out, lowbit._sign(x)) and torch.equal(inside, x.abs() < 1)
+    assert out.stride() == x.stride() and inside.stride() == x.stride()
+    assert out.dtype == torch.float32 and inside.dtype == torch.bool
+
+
+def test_without_a_compiler_the_torch_sign_runs_after_one_warning(monkeypatch):
+    import torch.utils.cpp_extension as cpp
+
+    from micronet.native import NativeKernelWarning
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    x = _layouts()["channels_last"]
+    native = lowbit.sign_and_mask(x)
+    monkeypatch.setattr(cpp, "load", broken)
+    lowbit._sign_kernels.cache_clear()
+    try:
+        with pytest.warns(NativeKernelWarning, match="running the pure-torch sign") as caught:
+            fallback = lowbit.sign_and_mask(x)
+            lowbit.sign_and_mask(x)
+        assert len(caught) == 1
+        assert all(torch.equal(a, b) for a, b in zip(native, fallback))
+        monkeypatch.setenv(lowbit.NATIVE_SIGN_ENV, "0")
+        lowbit._sign_kernels.cache_clear()
+        assert lowbit._sign_kernels() is None  # switched off: no build attempted, no warning
+    finally:
+        lowbit._sign_kernels.cache_clear()

@@ -26,9 +26,7 @@ serves every x86-64 CPU. Where no compiler works, the reference runs and one war
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
-import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from micronet.errors import DeployError
+from micronet.native import NativeKernelWarning, load_extension
 
 __all__ = ["ISAS", "PackedBits", "PackedRuntimeWarning", "available_isas", "kernels_for", "native_extension",
            "resolve_isa", "words_from_bits", "bits_from_words"]
@@ -48,7 +47,7 @@ _SOURCE = Path(__file__).with_name("csrc") / "packed_ops.cpp"
 _SHIFTS = torch.arange(64, dtype=torch.int64)
 
 
-class PackedRuntimeWarning(UserWarning):
+class PackedRuntimeWarning(NativeKernelWarning):
     """The C++ kernels could not be built or loaded: the pure-torch reference runs instead."""
 
 
@@ -157,19 +156,9 @@ def native_extension() -> Any | None:
     """The compiled extension, or ``None`` (with one :class:`PackedRuntimeWarning`) when it cannot be built."""
     if os.environ.get(ISA_ENV, "").strip().lower() == "reference":
         return None
-    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
-    try:
-        from torch.utils.cpp_extension import load
-
-        return load(name=f"micronet_packed_{digest}", sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
-                    verbose=False)
-    except Exception as exc:  # noqa: BLE001 - any build or load failure means: use the reference path
-        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-        warnings.warn(f"packed runtime: the C++ kernels could not be built ({type(exc).__name__}: {reason}); "
-                      "running the pure-torch reference path (identical results, slower): install g++ and ninja",
-                      PackedRuntimeWarning, stacklevel=2)
-        return None
+    return load_extension("packed_runtime", _SOURCE, PackedRuntimeWarning,
+                          "the pure-torch reference path (identical results, slower)",
+                          extra_cflags=("-ffp-contract=off",))
 
 
 def available_isas() -> list[str]:

@@ -39,28 +39,62 @@ Decisions (where they differ from the original micronet):
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from micronet.compression.quantization.core.quantizers import ActivationGrid, Quantizer, WeightCodes
 from micronet.errors import QuantizationError
+from micronet.native import NativeKernelWarning, load_extension
 
 ROUNDING_MODES = ("half_even", "half_away")
 TERNARY_THRESHOLD = 0.7  # Δ = 0.7 · mean|W| (Li & Liu, Ternary Weight Networks)
 
 
 # ------------------------------------------------------------------------------------------ STEs
+_SIGN_SOURCE = Path(__file__).with_name("csrc") / "sign_ste.cpp"
+NATIVE_SIGN_ENV = "MICRONET_NATIVE_SIGN"  # "0": always the pure-torch sign
+
+
+@functools.lru_cache(maxsize=None)
+def _sign_kernels() -> Any | None:
+    """The one-pass C++ sign and mask, or ``None`` (pure torch, the same values)."""
+    if os.environ.get(NATIVE_SIGN_ENV, "").strip() == "0":
+        return None
+    return load_extension("sign_activation", _SIGN_SOURCE, NativeKernelWarning,
+                          "the pure-torch sign (identical values, slower training steps)")
+
+
+def _native_ready(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32
+               and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)) for t in tensors)
+
+
+def sign_and_mask(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sign(x) with sign(0) = +1, the bool mask |x| < 1): one pass of the C++ kernel where it is built and x
+    is a dense float32 CPU tensor, else torch's four passes; the values are identical."""
+    kernels = _sign_kernels() if _native_ready(x) else None
+    if kernels is not None:
+        out, inside = kernels.sign_forward(x)
+        return out, inside
+    return _sign(x), x.abs() < 1
+
+
 class _SignSTE(torch.autograd.Function):
     """sign(x) with sign(0) = +1; gradient passed where |x| < 1 and zeroed outside (hardtanh STE).
 
-    Saves the 1-byte mask |x| < 1 rather than x: backward is one ``where`` and x's float storage can be freed."""
+    Saves the 1-byte mask |x| < 1 rather than x, so x's float storage can be freed; the forward is one pass
+    (:func:`sign_and_mask`), the backward one ``where``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x.abs() < 1)
-        return _sign(x)
+        out, inside = sign_and_mask(x)
+        ctx.save_for_backward(inside)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
