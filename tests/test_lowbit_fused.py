@@ -158,7 +158,7 @@ def _layouts():
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "flat"])
 def test_native_sign_kernel_gives_torchs_sign_and_mask_in_the_inputs_layout(layout):
-    assert lowbit._sign_kernels() is not None, "the C++ sign kernel did not build (g++ and ninja are in the base image)"
+    assert lowbit._activation_kernels() is not None, "the C++ sign kernel did not build (g++ and ninja are in the base image)"
     x = _layouts()[layout]
     out, inside = lowbit.sign_and_mask(x)
     assert torch.equal(out, lowbit._sign(x)) and torch.equal(inside, x.abs() < 1)
@@ -177,15 +177,43 @@ def test_without_a_compiler_the_torch_sign_runs_after_one_warning(monkeypatch):
     x = _layouts()["channels_last"]
     native = lowbit.sign_and_mask(x)
     monkeypatch.setattr(cpp, "load", broken)
-    lowbit._sign_kernels.cache_clear()
+    lowbit._activation_kernels.cache_clear()
     try:
-        with pytest.warns(NativeKernelWarning, match="running the pure-torch sign") as caught:
+        with pytest.warns(NativeKernelWarning, match="running the pure-torch sign and DoReFa activations") as caught:
             fallback = lowbit.sign_and_mask(x)
             lowbit.sign_and_mask(x)
         assert len(caught) == 1
         assert all(torch.equal(a, b) for a, b in zip(native, fallback))
-        monkeypatch.setenv(lowbit.NATIVE_SIGN_ENV, "0")
-        lowbit._sign_kernels.cache_clear()
-        assert lowbit._sign_kernels() is None  # switched off: no build attempted, no warning
+        monkeypatch.setenv(lowbit.NATIVE_ACTIVATIONS_ENV, "0")
+        lowbit._activation_kernels.cache_clear()
+        assert lowbit._activation_kernels() is None  # switched off: no build attempted, no warning
     finally:
-        lowbit._sign_kernels.cache_clear()
+        lowbit._activation_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("rounding", ["half_even", "half_away"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_native_dorefa_kernel_gives_the_torch_paths_values_and_gradients(layout, rounding, monkeypatch):
+    assert lowbit._activation_kernels() is not None
+    quantizer = DoReFaActivationQuantizer(3, pre_scale=0.37, rounding=rounding)
+    x = _layouts()["nchw"] * 2
+    x.view(-1)[-4:] = torch.tensor([0.5 / 0.37, 2.5 / 7 / 0.37, -0.0, 1 / 0.37])  # ties and the clip points
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).contiguous(
+        memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    native = quantizer(x)
+    (native * upstream).sum().backward()
+    native_grad, x.grad = x.grad, None
+    monkeypatch.setenv(lowbit.NATIVE_ACTIVATIONS_ENV, "0")
+    lowbit._activation_kernels.cache_clear()
+    try:
+        assert lowbit._activation_kernels() is None
+        reference = quantizer(x)
+        (reference * upstream).sum().backward()
+    finally:
+        lowbit._activation_kernels.cache_clear()
+    torch.testing.assert_close(native, reference, rtol=0, atol=0, equal_nan=True)  # bit-identical; NaN in, NaN out
+    assert native.stride() == x.stride()
+    assert torch.equal(native_grad, x.grad)

@@ -56,17 +56,17 @@ TERNARY_THRESHOLD = 0.7  # Δ = 0.7 · mean|W| (Li & Liu, Ternary Weight Network
 
 
 # ------------------------------------------------------------------------------------------ STEs
-_SIGN_SOURCE = Path(__file__).with_name("csrc") / "sign_ste.cpp"
-NATIVE_SIGN_ENV = "MICRONET_NATIVE_SIGN"  # "0": always the pure-torch sign
+_ACTIVATION_SOURCE = Path(__file__).with_name("csrc") / "activation_ste.cpp"
+NATIVE_ACTIVATIONS_ENV = "MICRONET_NATIVE_ACTIVATIONS"  # "0": always the pure-torch activations
 
 
 @functools.lru_cache(maxsize=None)
-def _sign_kernels() -> Any | None:
-    """The one-pass C++ sign and mask, or ``None`` (pure torch, the same values)."""
-    if os.environ.get(NATIVE_SIGN_ENV, "").strip() == "0":
+def _activation_kernels() -> Any | None:
+    """The one-pass C++ kernels of the sign and DoReFa activations, or ``None`` (pure torch, the same values)."""
+    if os.environ.get(NATIVE_ACTIVATIONS_ENV, "").strip() == "0":
         return None
-    return load_extension("sign_activation", _SIGN_SOURCE, NativeKernelWarning,
-                          "the pure-torch sign (identical values, slower training steps)")
+    return load_extension("lowbit_activations", _ACTIVATION_SOURCE, NativeKernelWarning,
+                          "the pure-torch sign and DoReFa activations (identical values, slower training steps)")
 
 
 def _native_ready(*tensors: torch.Tensor) -> bool:
@@ -77,7 +77,7 @@ def _native_ready(*tensors: torch.Tensor) -> bool:
 def sign_and_mask(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sign(x) with sign(0) = +1, the bool mask |x| < 1): one pass of the C++ kernel where it is built and x
     is a dense float32 CPU tensor, else torch's four passes; the values are identical."""
-    kernels = _sign_kernels() if _native_ready(x) else None
+    kernels = _activation_kernels() if _native_ready(x) else None
     if kernels is not None:
         out, inside = kernels.sign_forward(x)
         return out, inside
@@ -132,22 +132,31 @@ class _IdentitySTE(torch.autograd.Function):
 class _ClampRoundSTE(torch.autograd.Function):
     """DoReFa's activation in one node: round(clamp(x·pre_scale, 0, 1)·n) / n.
 
-    Forward works in place on one fresh tensor (one allocation instead of five) and saves the 1-byte mask
-    of the clamp's linear range; backward repeats autograd's chain of the unfused expression operation by
-    operation (÷n, ×n, mask, ×pre_scale), so the gradients are bit-identical to it.
+    Forward and backward are one pass each of the C++ kernel where it is built and the tensors are dense
+    float32 on the CPU; otherwise forward works in place on one fresh tensor and saves the 1-byte mask of the
+    clamp's linear range, and backward repeats autograd's chain of the unfused expression operation by
+    operation (÷n, ×n, mask, ×pre_scale). Both paths give values and gradients bit-identical to it.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, pre_scale: float, levels: int, rounding: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, pre_scale: float, levels: int, rounding: str) -> torch.Tensor:  # type: ignore[override]
+        ctx.pre_scale, ctx.levels = pre_scale, levels
+        kernels = _activation_kernels() if _native_ready(x) else None
+        if kernels is not None:
+            out, inside = kernels.clamp_round_forward(x, pre_scale, levels, rounding == "half_away")
+            ctx.save_for_backward(inside)
+            return out
         scaled = x * pre_scale
         clipped = torch.clamp(scaled, 0.0, 1.0)
         ctx.save_for_backward(clipped == scaled)  # inside [0, 1] (NaN: outside, as clamp's own backward)
-        ctx.pre_scale, ctx.levels = pre_scale, levels
-        return rounding(clipped.mul_(levels)).div_(levels)
+        return _rounding(rounding)(clipped.mul_(levels)).div_(levels)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         (inside,) = ctx.saved_tensors
+        kernels = _activation_kernels() if _native_ready(grad) and grad.stride() == inside.stride() else None
+        if kernels is not None:
+            return kernels.clamp_round_backward(grad, inside, ctx.pre_scale, ctx.levels), None, None, None
         through = (grad / ctx.levels).mul_(ctx.levels)
         return torch.where(inside, through, 0.0).mul_(ctx.pre_scale), None, None, None
 
@@ -383,7 +392,7 @@ class DoReFaActivationQuantizer(Quantizer):
         self._round = _rounding(rounding)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return _ClampRoundSTE.apply(x, self.pre_scale, 2 ** int(self.bits) - 1, self._round)
+        return _ClampRoundSTE.apply(x, self.pre_scale, 2 ** int(self.bits) - 1, self.rounding)
 
     def activation_grid(self) -> ActivationGrid:
         """Codes round(x·p·n) clipped to 0..n, read at 1/n."""
