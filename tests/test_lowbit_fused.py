@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from micronet.compression.quantization.core import lowbit
+from micronet.compression.quantization.core import native as native_kernels
 from micronet.compression.quantization.core.lowbit import DoReFaActivationQuantizer, SignActivation, round_half_away
 from micronet.compression.quantization.wbwtab import quantize as wbwtab
 from micronet.compression.quantization.wqaq.dorefa import quantize as dorefa
@@ -158,7 +159,7 @@ def _layouts():
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "flat"])
 def test_native_sign_kernel_gives_torchs_sign_and_mask_in_the_inputs_layout(layout):
-    assert lowbit._activation_kernels() is not None, "the C++ sign kernel did not build (g++ and ninja are in the base image)"
+    assert native_kernels.activation_kernels() is not None, "the C++ sign kernel did not build (g++ and ninja are in the base image)"
     x = _layouts()[layout]
     out, inside = lowbit.sign_and_mask(x)
     assert torch.equal(out, lowbit._sign(x)) and torch.equal(inside, x.abs() < 1)
@@ -177,24 +178,24 @@ def test_without_a_compiler_the_torch_sign_runs_after_one_warning(monkeypatch):
     x = _layouts()["channels_last"]
     native = lowbit.sign_and_mask(x)
     monkeypatch.setattr(cpp, "load", broken)
-    lowbit._activation_kernels.cache_clear()
+    native_kernels.activation_kernels.cache_clear()
     try:
-        with pytest.warns(NativeKernelWarning, match="running the pure-torch sign and DoReFa activations") as caught:
+        with pytest.warns(NativeKernelWarning, match="running the pure-torch activations") as caught:
             fallback = lowbit.sign_and_mask(x)
             lowbit.sign_and_mask(x)
         assert len(caught) == 1
         assert all(torch.equal(a, b) for a, b in zip(native, fallback))
-        monkeypatch.setenv(lowbit.NATIVE_ACTIVATIONS_ENV, "0")
-        lowbit._activation_kernels.cache_clear()
-        assert lowbit._activation_kernels() is None  # switched off: no build attempted, no warning
+        monkeypatch.setenv(native_kernels.NATIVE_ACTIVATIONS_ENV, "0")
+        native_kernels.activation_kernels.cache_clear()
+        assert native_kernels.activation_kernels() is None  # switched off: no build attempted, no warning
     finally:
-        lowbit._activation_kernels.cache_clear()
+        native_kernels.activation_kernels.cache_clear()
 
 
 @pytest.mark.parametrize("rounding", ["half_even", "half_away"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_native_dorefa_kernel_gives_the_torch_paths_values_and_gradients(layout, rounding, monkeypatch):
-    assert lowbit._activation_kernels() is not None
+    assert native_kernels.activation_kernels() is not None
     quantizer = DoReFaActivationQuantizer(3, pre_scale=0.37, rounding=rounding)
     x = _layouts()["nchw"] * 2
     x.view(-1)[-4:] = torch.tensor([0.5 / 0.37, 2.5 / 7 / 0.37, -0.0, 1 / 0.37])  # ties and the clip points
@@ -206,14 +207,48 @@ def test_native_dorefa_kernel_gives_the_torch_paths_values_and_gradients(layout,
     native = quantizer(x)
     (native * upstream).sum().backward()
     native_grad, x.grad = x.grad, None
-    monkeypatch.setenv(lowbit.NATIVE_ACTIVATIONS_ENV, "0")
-    lowbit._activation_kernels.cache_clear()
+    monkeypatch.setenv(native_kernels.NATIVE_ACTIVATIONS_ENV, "0")
+    native_kernels.activation_kernels.cache_clear()
     try:
-        assert lowbit._activation_kernels() is None
+        assert native_kernels.activation_kernels() is None
         reference = quantizer(x)
         (reference * upstream).sum().backward()
     finally:
-        lowbit._activation_kernels.cache_clear()
+        native_kernels.activation_kernels.cache_clear()
     torch.testing.assert_close(native, reference, rtol=0, atol=0, equal_nan=True)  # bit-identical; NaN in, NaN out
     assert native.stride() == x.stride()
     assert torch.equal(native_grad, x.grad)
+
+
+@pytest.mark.parametrize("zero_point", [None, 3.0])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_native_affine_fake_quant_gives_the_torch_chains_values_and_gradients(layout, zero_point, monkeypatch):
+    from micronet.compression.quantization.core.affine import fake_quantize
+
+    assert native_kernels.activation_kernels() is not None
+    scale, zp = torch.tensor([0.05]), None if zero_point is None else torch.tensor([zero_point])
+    x = _layouts()["nchw"] * 4
+    x.view(-1)[-3:] = torch.tensor([0.025, 0.075, 127.5 * 0.05])  # ties of the rounding and the top code
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    upstream.view(-1)[:2] = torch.tensor([float("inf"), float("nan")])  # × a zero mask: NaN, as torch's grad * mask
+    if layout == "channels_last":
+        upstream = upstream.contiguous(memory_format=torch.channels_last)
+
+    def run():
+        out = fake_quantize(x, scale, zp, -128, 127, None)
+        (grad,) = torch.autograd.grad(out, x, upstream)
+        return out, grad
+
+    native = run()
+    monkeypatch.setenv(native_kernels.NATIVE_ACTIVATIONS_ENV, "0")
+    native_kernels.activation_kernels.cache_clear()
+    try:
+        reference = run()
+    finally:
+        native_kernels.activation_kernels.cache_clear()
+    for ours, theirs in zip(native, reference):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+    assert native[0].stride() == x.stride()

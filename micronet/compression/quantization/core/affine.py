@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from micronet.compression.quantization.core.native import activation_kernels, native_ready
 from micronet.errors import QuantizationError
 
 EPS = torch.finfo(torch.float32).eps
@@ -53,8 +54,17 @@ def affine_qparams(
 
 def _quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                          quant_min: int, quant_max: int, with_mask: bool):
-    """One new float tensor, the rest in place: large fresh allocations cost page faults on the CPU."""
-    q = torch.mul(x, 1.0 / scale).round_()
+    """Per tensor on a dense float32 CPU tensor: one pass of the C++ kernel (same float operations, same
+    order). Otherwise torch's chain with one new float tensor, the rest in place: large fresh allocations
+    cost page faults on the CPU."""
+    inverse = 1.0 / scale
+    if scale.numel() == 1 and (zero_point is None or zero_point.numel() == 1) and native_ready(x):
+        kernels = activation_kernels()
+        if kernels is not None:
+            z = 0.0 if zero_point is None else float(zero_point)
+            out, mask = kernels.affine_forward(x, float(inverse), float(scale), z, quant_min, quant_max, with_mask)
+            return out, (mask if with_mask else None)
+    q = torch.mul(x, inverse).round_()
     if zero_point is not None:
         q.add_(zero_point)
     mask = q.ge(quant_min).logical_and_(q.le(quant_max)) if with_mask else None
@@ -76,7 +86,9 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None
+        kernels = activation_kernels() if native_ready(grad) and grad.stride() == mask.stride() else None
+        product = kernels.masked_product(grad, mask) if kernels is not None else grad * mask
+        return product, None, None, None, None
 
 
 def fake_quantize(

@@ -39,45 +39,24 @@ Decisions (where they differ from the original micronet):
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from micronet.compression.quantization.core.native import activation_kernels, native_ready
 from micronet.compression.quantization.core.quantizers import ActivationGrid, Quantizer, WeightCodes
 from micronet.errors import QuantizationError
-from micronet.native import NativeKernelWarning, load_extension
 
 ROUNDING_MODES = ("half_even", "half_away")
 TERNARY_THRESHOLD = 0.7  # Δ = 0.7 · mean|W| (Li & Liu, Ternary Weight Networks)
 
 
 # ------------------------------------------------------------------------------------------ STEs
-_ACTIVATION_SOURCE = Path(__file__).with_name("csrc") / "activation_ste.cpp"
-NATIVE_ACTIVATIONS_ENV = "MICRONET_NATIVE_ACTIVATIONS"  # "0": always the pure-torch activations
-
-
-@functools.lru_cache(maxsize=None)
-def _activation_kernels() -> Any | None:
-    """The one-pass C++ kernels of the sign and DoReFa activations, or ``None`` (pure torch, the same values)."""
-    if os.environ.get(NATIVE_ACTIVATIONS_ENV, "").strip() == "0":
-        return None
-    return load_extension("lowbit_activations", _ACTIVATION_SOURCE, NativeKernelWarning,
-                          "the pure-torch sign and DoReFa activations (identical values, slower training steps)")
-
-
-def _native_ready(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32
-               and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)) for t in tensors)
-
-
 def sign_and_mask(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sign(x) with sign(0) = +1, the bool mask |x| < 1): one pass of the C++ kernel where it is built and x
     is a dense float32 CPU tensor, else torch's four passes; the values are identical."""
-    kernels = _activation_kernels() if _native_ready(x) else None
+    kernels = activation_kernels() if native_ready(x) else None
     if kernels is not None:
         out, inside = kernels.sign_forward(x)
         return out, inside
@@ -141,7 +120,7 @@ class _ClampRoundSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, pre_scale: float, levels: int, rounding: str) -> torch.Tensor:  # type: ignore[override]
         ctx.pre_scale, ctx.levels = pre_scale, levels
-        kernels = _activation_kernels() if _native_ready(x) else None
+        kernels = activation_kernels() if native_ready(x) else None
         if kernels is not None:
             out, inside = kernels.clamp_round_forward(x, pre_scale, levels, rounding == "half_away")
             ctx.save_for_backward(inside)
@@ -154,7 +133,7 @@ class _ClampRoundSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         (inside,) = ctx.saved_tensors
-        kernels = _activation_kernels() if _native_ready(grad) and grad.stride() == inside.stride() else None
+        kernels = activation_kernels() if native_ready(grad) and grad.stride() == inside.stride() else None
         if kernels is not None:
             return kernels.clamp_round_backward(grad, inside, ctx.pre_scale, ctx.levels), None, None, None
         through = (grad / ctx.levels).mul_(ctx.levels)

@@ -71,10 +71,55 @@ torch::Tensor clamp_round_backward(torch::Tensor grad, torch::Tensor inside, dou
   return out;
 }
 
+// Per-tensor affine quantize-dequantize, as micronet's torch chain computes it:
+// q = clamp(nearbyint(x · inv_scale) + z, lo, hi), x̂ = (q − z) · scale, and the clip-STE mask
+// lo ≤ nearbyint(x · inv_scale) + z ≤ hi (NaN: outside; torch.clamp keeps NaN, as the comparisons do).
+std::vector<torch::Tensor> affine_forward(torch::Tensor x, double inv_scale, double scale, double zero_point,
+                                          double quant_min, double quant_max, bool with_mask) {
+  check_dense_float(x, "x");
+  auto out = torch::empty_like(x);
+  auto inside = with_mask ? torch::empty_like(x, x.options().dtype(torch::kBool)) : torch::Tensor();
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  uint8_t* mask = with_mask ? reinterpret_cast<uint8_t*>(inside.data_ptr<bool>()) : nullptr;
+  const float inv = static_cast<float>(inv_scale), s = static_cast<float>(scale), z = static_cast<float>(zero_point);
+  const float lo = static_cast<float>(quant_min), hi = static_cast<float>(quant_max);
+  at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float q = std::nearbyint(src[i] * inv) + z;
+      const float clamped = q < lo ? lo : (q > hi ? hi : q);
+      dst[i] = (clamped - z) * s;
+    }
+    if (mask != nullptr)
+      for (int64_t i = begin; i < end; ++i) {
+        const float q = std::nearbyint(src[i] * inv) + z;
+        mask[i] = static_cast<uint8_t>((q >= lo) & (q <= hi));
+      }
+  });
+  return {out, inside};
+}
+
+// The clip-STE gradient grad · mask, as torch's grad * mask computes it (0 · inf and 0 · NaN stay NaN).
+torch::Tensor masked_product(torch::Tensor grad, torch::Tensor inside) {
+  check_dense_float(grad, "grad");
+  TORCH_CHECK(inside.scalar_type() == torch::kBool && inside.strides() == grad.strides() &&
+              inside.sizes() == grad.sizes(), "mask and gradient must share shape and layout");
+  auto out = torch::empty_like(grad);
+  const float* g = grad.data_ptr<float>();
+  const uint8_t* mask = reinterpret_cast<const uint8_t*>(inside.data_ptr<bool>());
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, grad.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) dst[i] = g[i] * static_cast<float>(mask[i]);
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_forward", &sign_forward, "sign(x) and the mask |x| < 1, one pass");
   m.def("clamp_round_forward", &clamp_round_forward, "DoReFa activation and its clamp mask, one pass");
+  m.def("affine_forward", &affine_forward, "per-tensor affine fake-quant and its clip mask, one pass");
+  m.def("masked_product", &masked_product, "grad * mask, one pass");
   m.def("clamp_round_backward", &clamp_round_backward, "DoReFa activation's gradient, one pass");
 }
