@@ -30,7 +30,8 @@ def activation_kernels() -> Any | None:
     if os.environ.get(NATIVE_ACTIVATIONS_ENV, "").strip() == "0":
         return None
     return load_extension("fake_quant_activations", _SOURCE, NativeKernelWarning,
-                          "the pure-torch activations (identical values, slower training steps)")
+                          "the pure-torch activations (identical values, slower training steps)",
+                          extra_cflags=("-ffp-contract=off", "-fno-trapping-math"))  # no FMA; if-convert selects
 
 
 def native_ready(*tensors: torch.Tensor) -> bool:

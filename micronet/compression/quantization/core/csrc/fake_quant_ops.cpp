@@ -1,56 +1,128 @@
-// The binary activation's forward in one pass: sign(x) (sign(0) = +1, NaN -> -1) and the hardtanh
-// straight-through mask |x| < 1, in x's own dense layout (NCHW or channels-last). torch needs four passes
-// (abs, lt, ge, where) and three temporaries for the same two tensors. (The backward, one torch.where, is
-// already one vectorised pass: a scalar loop here was slower.)
+// One-pass forward (and, where torch's own is not one vectorised pass, backward) kernels of the fake-quant
+// activations: the sign with its hardtanh straight-through mask, DoReFa's clamp-round with its clip mask, and
+// the per-tensor affine quantize-dequantize with its clip-STE mask. Each performs torch's float operations in
+// torch's order, so values and gradients are bit-identical to the torch chains in micronet. Elements are
+// visited in storage order: any dense layout (NCHW or channels-last) works, the Python side checks that
+// tensors read together share their layout.
+//
+// The loops are plain, branch-free C++ that GCC vectorises; on x86-64 each is compiled for AVX-512, AVX2 and
+// the baseline and the loader picks the widest this CPU runs (target_clones), so one build serves every CPU.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdint>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MICRONET_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MICRONET_VECTOR_CLONES
+#endif
 
 namespace {
 
 constexpr int64_t kGrain = 1 << 14;
 
+// nearbyint (half to even) without a libm call, so that the loops vectorise: below 2^23, adding and
+// subtracting 2^23 rounds the fraction away in the (to-nearest-even) rounding mode; from 2^23 on every float
+// is an integer already. copysign keeps -0.0 and NaN passes through.
+inline float round_half_even(float v) {
+  const float a = std::fabs(v);
+  const float r = a < 8388608.0f ? (a + 8388608.0f) - 8388608.0f : a;
+  return std::copysign(r, v);
+}
+
+// floor of a non-negative (or NaN) float, from the rounding above.
+inline float floor_nonnegative(float w) {
+  const float r = round_half_even(w);
+  return r > w ? r - 1.0f : r;
+}
+
+// torch.clamp(v, lo, hi): NaN stays NaN (both comparisons are false).
+inline float clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// ------------------------------------------------------------------------------------------- loops
+MICRONET_VECTOR_CLONES
+void sign_loop(const float* src, float* dst, uint8_t* mask, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i] >= 0.0f ? 1.0f : -1.0f;  // sign(0) = +1, NaN -> -1
+  for (int64_t i = 0; i < n; ++i) mask[i] = static_cast<uint8_t>((src[i] > -1.0f) & (src[i] < 1.0f));
+}
+
+MICRONET_VECTOR_CLONES
+void clamp_round_loop(const float* src, float* dst, uint8_t* mask, int64_t n, float p, float levels, bool half_away) {
+  for (int64_t i = 0; i < n; ++i) {  // clamp(x·p, 0, 1) == x·p
+    const float scaled = src[i] * p;
+    mask[i] = static_cast<uint8_t>((scaled >= 0.0f) & (scaled <= 1.0f));
+  }
+  if (half_away) {  // sign(v)·floor(|v| + 0.5) = floor(v + 0.5) for v >= 0 or NaN
+    for (int64_t i = 0; i < n; ++i) dst[i] = floor_nonnegative(clamp(src[i] * p, 0.0f, 1.0f) * levels + 0.5f) / levels;
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = round_half_even(clamp(src[i] * p, 0.0f, 1.0f) * levels) / levels;
+  }
+}
+
+MICRONET_VECTOR_CLONES
+void clamp_round_backward_loop(const float* g, const uint8_t* mask, float* dst, int64_t n, float p, float levels) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = (mask[i] ? (g[i] / levels) * levels : 0.0f) * p;
+}
+
+MICRONET_VECTOR_CLONES
+void affine_loop(const float* src, float* dst, uint8_t* mask, int64_t n, float inv, float s, float z, float lo,
+                 float hi) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = (clamp(round_half_even(src[i] * inv) + z, lo, hi) - z) * s;
+  if (mask != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float q = round_half_even(src[i] * inv) + z;
+      mask[i] = static_cast<uint8_t>((q >= lo) & (q <= hi));
+    }
+  }
+}
+
+MICRONET_VECTOR_CLONES
+void masked_product_loop(const float* g, const uint8_t* mask, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = g[i] * static_cast<float>(mask[i]);  // 0·inf, 0·NaN: NaN, as torch
+}
+
+// ------------------------------------------------------------------------------------------- ops
 void check_dense_float(const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, what, " must be a float32 CPU tensor");
   TORCH_CHECK(t.is_non_overlapping_and_dense(), what, " must be dense");
 }
 
+void check_mask(const torch::Tensor& mask, const torch::Tensor& grad) {
+  TORCH_CHECK(mask.scalar_type() == torch::kBool && mask.strides() == grad.strides() && mask.sizes() == grad.sizes(),
+              "mask and gradient must share shape and layout");
+}
+
+torch::Tensor bool_like(const torch::Tensor& x) { return torch::empty_like(x, x.options().dtype(torch::kBool)); }
+uint8_t* bytes(torch::Tensor& mask) { return reinterpret_cast<uint8_t*>(mask.data_ptr<bool>()); }
+const uint8_t* bytes(const torch::Tensor& mask) { return reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()); }
+
+// sign(x) and the hardtanh straight-through mask |x| < 1 (torch: abs, lt, ge, where and three temporaries).
 std::vector<torch::Tensor> sign_forward(torch::Tensor x) {
   check_dense_float(x, "x");
   auto out = torch::empty_like(x);
-  auto inside = torch::empty_like(x, x.options().dtype(torch::kBool));
+  auto inside = bool_like(x);
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  uint8_t* mask = reinterpret_cast<uint8_t*>(inside.data_ptr<bool>());
+  uint8_t* mask = bytes(inside);
   at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    // branch-free bodies (bitwise &, a select), so that the compiler vectorises both loops
-    for (int64_t i = begin; i < end; ++i) dst[i] = src[i] >= 0.0f ? 1.0f : -1.0f;
-    for (int64_t i = begin; i < end; ++i) mask[i] = static_cast<uint8_t>((src[i] > -1.0f) & (src[i] < 1.0f));
+    sign_loop(src + begin, dst + begin, mask + begin, end - begin);
   });
   return {out, inside};
 }
 
-// DoReFa's activation, round(clamp(x·p, 0, 1)·n) / n, and the mask of the clamp's linear range, in one pass;
-// each float operation is the one torch's chain performs, in the same order, so the values are identical
-// (torch.clamp keeps NaN, as the comparisons below do; torch.round is nearbyint; half_away is
-// sign(v)·floor(|v| + 0.5), which for v >= 0 or NaN is floor(v + 0.5)).
+// DoReFa's activation round(clamp(x·p, 0, 1)·n) / n and the mask of the clamp's linear range.
 std::vector<torch::Tensor> clamp_round_forward(torch::Tensor x, double pre_scale, int64_t levels, bool half_away) {
   check_dense_float(x, "x");
   auto out = torch::empty_like(x);
-  auto inside = torch::empty_like(x, x.options().dtype(torch::kBool));
+  auto inside = bool_like(x);
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  uint8_t* mask = reinterpret_cast<uint8_t*>(inside.data_ptr<bool>());
+  uint8_t* mask = bytes(inside);
   const float p = static_cast<float>(pre_scale), n = static_cast<float>(levels);
   at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float scaled = src[i] * p;
-      const float clipped = scaled < 0.0f ? 0.0f : (scaled > 1.0f ? 1.0f : scaled);
-      mask[i] = static_cast<uint8_t>(clipped == scaled);
-      const float v = clipped * n;
-      dst[i] = (half_away ? std::floor(v + 0.5f) : std::nearbyint(v)) / n;
-    }
+    clamp_round_loop(src + begin, dst + begin, mask + begin, end - begin, p, n, half_away);
   });
   return {out, inside};
 }
@@ -58,58 +130,46 @@ std::vector<torch::Tensor> clamp_round_forward(torch::Tensor x, double pre_scale
 // Its gradient: ((g / n) · n where the mask is set, else 0) · p, as torch's chain computes it.
 torch::Tensor clamp_round_backward(torch::Tensor grad, torch::Tensor inside, double pre_scale, int64_t levels) {
   check_dense_float(grad, "grad");
-  TORCH_CHECK(inside.scalar_type() == torch::kBool && inside.strides() == grad.strides() &&
-              inside.sizes() == grad.sizes(), "mask and gradient must share shape and layout");
+  check_mask(inside, grad);
   auto out = torch::empty_like(grad);
   const float* g = grad.data_ptr<float>();
-  const uint8_t* mask = reinterpret_cast<const uint8_t*>(inside.data_ptr<bool>());
+  const uint8_t* mask = bytes(inside);
   float* dst = out.data_ptr<float>();
   const float p = static_cast<float>(pre_scale), n = static_cast<float>(levels);
   at::parallel_for(0, grad.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) dst[i] = (mask[i] ? (g[i] / n) * n : 0.0f) * p;
+    clamp_round_backward_loop(g + begin, mask + begin, dst + begin, end - begin, p, n);
   });
   return out;
 }
 
-// Per-tensor affine quantize-dequantize, as micronet's torch chain computes it:
-// q = clamp(nearbyint(x · inv_scale) + z, lo, hi), x̂ = (q − z) · scale, and the clip-STE mask
-// lo ≤ nearbyint(x · inv_scale) + z ≤ hi (NaN: outside; torch.clamp keeps NaN, as the comparisons do).
+// Per-tensor affine quantize-dequantize, (clamp(round(x · inv_scale) + z, lo, hi) − z) · scale, and the
+// clip-STE mask lo ≤ round(x · inv_scale) + z ≤ hi.
 std::vector<torch::Tensor> affine_forward(torch::Tensor x, double inv_scale, double scale, double zero_point,
                                           double quant_min, double quant_max, bool with_mask) {
   check_dense_float(x, "x");
   auto out = torch::empty_like(x);
-  auto inside = with_mask ? torch::empty_like(x, x.options().dtype(torch::kBool)) : torch::Tensor();
+  auto inside = with_mask ? bool_like(x) : torch::Tensor();
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  uint8_t* mask = with_mask ? reinterpret_cast<uint8_t*>(inside.data_ptr<bool>()) : nullptr;
+  uint8_t* mask = with_mask ? bytes(inside) : nullptr;
   const float inv = static_cast<float>(inv_scale), s = static_cast<float>(scale), z = static_cast<float>(zero_point);
   const float lo = static_cast<float>(quant_min), hi = static_cast<float>(quant_max);
   at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float q = std::nearbyint(src[i] * inv) + z;
-      const float clamped = q < lo ? lo : (q > hi ? hi : q);
-      dst[i] = (clamped - z) * s;
-    }
-    if (mask != nullptr)
-      for (int64_t i = begin; i < end; ++i) {
-        const float q = std::nearbyint(src[i] * inv) + z;
-        mask[i] = static_cast<uint8_t>((q >= lo) & (q <= hi));
-      }
+    affine_loop(src + begin, dst + begin, mask ? mask + begin : nullptr, end - begin, inv, s, z, lo, hi);
   });
   return {out, inside};
 }
 
-// The clip-STE gradient grad · mask, as torch's grad * mask computes it (0 · inf and 0 · NaN stay NaN).
+// The clip-STE gradient grad · mask, as torch's grad * mask computes it.
 torch::Tensor masked_product(torch::Tensor grad, torch::Tensor inside) {
   check_dense_float(grad, "grad");
-  TORCH_CHECK(inside.scalar_type() == torch::kBool && inside.strides() == grad.strides() &&
-              inside.sizes() == grad.sizes(), "mask and gradient must share shape and layout");
+  check_mask(inside, grad);
   auto out = torch::empty_like(grad);
   const float* g = grad.data_ptr<float>();
-  const uint8_t* mask = reinterpret_cast<const uint8_t*>(inside.data_ptr<bool>());
+  const uint8_t* mask = bytes(inside);
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, grad.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) dst[i] = g[i] * static_cast<float>(mask[i]);
+    masked_product_loop(g + begin, mask + begin, dst + begin, end - begin);
   });
   return out;
 }
@@ -119,7 +179,7 @@ torch::Tensor masked_product(torch::Tensor grad, torch::Tensor inside) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_forward", &sign_forward, "sign(x) and the mask |x| < 1, one pass");
   m.def("clamp_round_forward", &clamp_round_forward, "DoReFa activation and its clamp mask, one pass");
+  m.def("clamp_round_backward", &clamp_round_backward, "DoReFa activation's gradient, one pass");
   m.def("affine_forward", &affine_forward, "per-tensor affine fake-quant and its clip mask, one pass");
   m.def("masked_product", &masked_product, "grad * mask, one pass");
-  m.def("clamp_round_backward", &clamp_round_backward, "DoReFa activation's gradient, one pass");
 }
