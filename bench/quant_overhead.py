@@ -21,6 +21,10 @@ cross-entropy, backward, SGD-momentum step — of these configurations, all buil
 
 ``--configs`` picks a subset (``fp32`` is always timed: every ratio is to it).
 
+Like the ``micronet`` command, the script first makes glibc keep freed memory
+(:func:`micronet.allocator.retain_freed_memory`), so no configuration pays page faults for its
+activations each step; ``--default-allocator`` measures with the C library's default instead.
+
 Noise control: pinned threads, warm-up steps, configurations interleaved
 round-robin (A B C D A B C D ...) so machine noise hits all alike, medians and p90 over the timed steps,
 ratios to FP32 of the same model, and the CPU capability, load average and torch version logged.
@@ -56,6 +60,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from micronet.allocator import retain_freed_memory  # noqa: E402
 from micronet.models import build_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -406,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--channels-last", action="store_true", help="models and input in channels_last")
     ap.add_argument("--wait-idle", type=float, default=60.0, metavar="S",
                     help="before each model, wait up to S seconds for the CPUs to be <25%% busy (0: don't wait)")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="leave glibc's malloc as it is (default: retain freed memory, as the micronet command does)")
     ap.add_argument("--json", metavar="PATH", help="write the results (with every step's time) as JSON")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failing configurations")
     args = ap.parse_args(argv)
@@ -417,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown configuration(s) {', '.join(unknown)}: choose from {', '.join(CONFIGS)}")
     args.configs = tuple(c for c in CONFIGS if c == "fp32" or c in picked)
 
+    retained = False if args.default_allocator else retain_freed_memory()
     torch.set_num_threads(args.threads)
     try:
         torch.set_num_interop_threads(1)
@@ -431,11 +439,12 @@ def main(argv: list[str] | None = None) -> int:
         "input": "random 3x32x32, 10 classes",
         "step": "forward + cross-entropy (+ distillation term) + backward + SGD(momentum 0.9)",
         "configs": list(args.configs),
+        "allocator": "freed memory retained" if retained else "C library default",
     }
     print(f"# quant_overhead  {meta['date']}")
     print(machine_header(meta))
     print(f"batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps per configuration, round-robin, "
-          f"{'channels_last' if args.channels_last else 'NCHW'}")
+          f"{'channels_last' if args.channels_last else 'NCHW'}, allocator: {meta['allocator']}")
 
     results = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:

@@ -85,10 +85,12 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from micronet.allocator import retain_freed_memory
     from micronet.errors import MicronetError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    retain_freed_memory()  # training steps stop re-faulting their activations' pages
     try:
         return _dispatch(args, argv)
     except MicronetError as exc:

@@ -252,3 +252,66 @@ def test_native_affine_fake_quant_gives_the_torch_chains_values_and_gradients(la
     for ours, theirs in zip(native, reference):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
     assert native[0].stride() == x.stride()
+
+
+def _observed_state(quantizer, batches, shared):
+    outputs = []
+    for batch in batches:
+        outputs += quantizer.forward_shared(batch, batch * -0.5 + 1) if shared else [quantizer(batch)]
+    state = {k: v.clone() for k, v in quantizer.state_dict().items()}
+    return state, outputs
+
+
+@pytest.mark.parametrize("observer,options", [("moving_average", {"momentum": 0.1}), ("minmax", {"running": True}),
+                                              ("minmax", {"running": False})])
+@pytest.mark.parametrize("symmetric,signed", [(True, None), (False, None), (True, False), (False, True)])
+@pytest.mark.parametrize("shared", [False, True])
+def test_native_per_tensor_observation_gives_the_tensor_paths_state_bit_for_bit(observer, options, symmetric, signed,
+                                                                                 shared, monkeypatch):
+    """Per-tensor observers take the batch extremes from one C++ pass and update in float32 scalars: every
+    buffer (range, scale, zero point, signedness) and every output equals the tensor path's, over batches
+    that widen, shrink and change sign (odd sizes exercise the kernel's tail)."""
+    from micronet.compression.quantization.core.observers import build_observer
+    from micronet.compression.quantization.core.quantizers import AffineQuantizer
+
+    assert native_kernels.activation_kernels() is not None
+    g = torch.Generator().manual_seed(7)
+    batches = [torch.rand(3, 5, 7, 11, generator=g) * 3, torch.randn(1013, generator=g) * 0.7 - 0.2,
+               torch.rand(2, 3, 9, 9, generator=g) + 0.5, torch.tensor([-0.0, 0.0, 1e-30, 2.5]),
+               torch.randn(4, 16, 6, 6, generator=g).contiguous(memory_format=torch.channels_last) * 40]
+
+    def run():
+        torch.manual_seed(0)
+        quantizer = AffineQuantizer(8, build_observer(observer, **options), symmetric=symmetric, signed=signed).train()
+        return _observed_state(quantizer, batches, shared)
+
+    assert build_observer(observer, **options).observe_extremes(batches[0]) is not None  # the native path runs
+    native_state, native_out = run()
+    monkeypatch.setenv(native_kernels.NATIVE_ACTIVATIONS_ENV, "0")
+    native_kernels.activation_kernels.cache_clear()
+    try:
+        assert build_observer(observer, **options).observe_extremes(batches[0]) is None
+        torch_state, torch_out = run()
+    finally:
+        native_kernels.activation_kernels.cache_clear()
+    assert native_state.keys() == torch_state.keys()
+    for key in native_state:
+        assert torch.equal(native_state[key], torch_state[key]), key
+    assert all(torch.equal(a, b) for a, b in zip(native_out, torch_out))
+
+
+@pytest.mark.parametrize("bad,kind", [(float("nan"), "NaN"), (float("inf"), "infinite"), (float("-inf"), "infinite")])
+def test_native_observation_names_non_finite_inputs(bad, kind):
+    from micronet.compression.quantization.core.observers import build_observer
+    from micronet.compression.quantization.core.quantizers import AffineQuantizer
+    from micronet.errors import QuantizationError
+
+    quantizer = AffineQuantizer(8, build_observer("moving_average")).train()
+    quantizer.qualified_name = "features.3.input_quantizer"
+    x = torch.randn(2, 4, 5, 5)
+    quantizer(x)
+    x.view(-1)[37] = bad
+    with pytest.raises(QuantizationError, match=rf"features\.3\.input_quantizer received {kind} values"):
+        quantizer(x)
+    *_, finite = native_kernels.activation_kernels().min_max(x)
+    assert finite is False

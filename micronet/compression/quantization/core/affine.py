@@ -13,6 +13,7 @@ integer reference agree bit for bit:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from micronet.compression.quantization.core.native import activation_kernels, native_ready
@@ -52,19 +53,35 @@ def affine_qparams(
     return scale, zero_point
 
 
+def affine_qparams_scalar(lo: float, hi: float, quant_min: int, quant_max: int,
+                          symmetric: bool) -> tuple[float, int]:
+    """:func:`affine_qparams` of one per-tensor range, in float32 scalar arithmetic (the same operations in the
+    same order, so the same bits) without a dozen tensor operations' dispatch: a quantizer that observes
+    every training step pays that per call."""
+    f32 = np.float32
+    with np.errstate(over="ignore"):
+        lo32, hi32 = min(f32(lo), f32(0.0)), max(f32(hi), f32(0.0))
+        if symmetric:
+            return float(max(max(abs(lo32), hi32) / f32(quant_max), f32(EPS))), 0
+        scale = max((hi32 - lo32) / f32(quant_max - quant_min), f32(EPS))
+        zero_point = f32(quant_min) - np.rint(lo32 / scale)
+        return float(scale), int(min(max(zero_point, f32(quant_min)), f32(quant_max)))
+
+
 def _quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                          quant_min: int, quant_max: int, with_mask: bool):
     """Per tensor on a dense float32 CPU tensor: one pass of the C++ kernel (same float operations, same
     order). Otherwise torch's chain with one new float tensor, the rest in place: large fresh allocations
     cost page faults on the CPU."""
-    inverse = 1.0 / scale
     if scale.numel() == 1 and (zero_point is None or zero_point.numel() == 1) and native_ready(x):
         kernels = activation_kernels()
         if kernels is not None:
+            step = np.float32(scale.item())
+            inverse = float(np.float32(1.0) / step)  # torch's 1.0 / scale: a float32 reciprocal
             z = 0.0 if zero_point is None else float(zero_point)
-            out, mask = kernels.affine_forward(x, float(inverse), float(scale), z, quant_min, quant_max, with_mask)
+            out, mask = kernels.affine_forward(x, inverse, float(step), z, quant_min, quant_max, with_mask)
             return out, (mask if with_mask else None)
-    q = torch.mul(x, inverse).round_()
+    q = torch.mul(x, 1.0 / scale).round_()
     if zero_point is not None:
         q.add_(zero_point)
     mask = q.ge(quant_min).logical_and_(q.le(quant_max)) if with_mask else None

@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from micronet.compression.quantization.core.affine import affine_qparams
+from micronet.compression.quantization.core.native import activation_kernels, native_ready
 from micronet.errors import QuantizationError
 
 
@@ -117,6 +119,41 @@ class Observer(nn.Module):
     def update(self, x: torch.Tensor) -> None:
         raise NotImplementedError
 
+    #: Whether the class implements :meth:`update_extremes` (per-tensor statistics that are a function of the
+    #: batch extremes alone).
+    updates_from_extremes = False
+
+    @torch.no_grad()
+    def observe_extremes(self, x: torch.Tensor | Sequence[torch.Tensor]) -> tuple[float, float] | None:
+        """Observe ``x`` like :meth:`forward` through one C++ min/max pass per tensor and float scalar updates,
+        and return the new (min, max); ``None`` (nothing done) where that path does not apply: per-channel or
+        other statistics, DDP, no kernels, tensors the kernels do not read, nothing to observe. A training step
+        observes dozens of activations, and the tensor path's small operations cost more than the data."""
+        if not self.updates_from_extremes or self.ch_axis is not None or _distributed():
+            return None
+        tensors = [x] if isinstance(x, torch.Tensor) else list(x)
+        kernels = activation_kernels()
+        if kernels is None or not tensors or not all(t.numel() for t in tensors) or not native_ready(*tensors):
+            return None
+        lo, hi = math.inf, -math.inf
+        for t in tensors:
+            t_lo, t_hi, finite = kernels.min_max(t.detach())
+            if not finite:
+                raise NonFiniteInputError("NaN" if bool(torch.isnan(t).any()) else "infinite")
+            lo, hi = min(lo, t_lo), max(hi, t_hi)
+        lo, hi = self.update_extremes(lo, hi)
+        self.initialized.fill_(1)
+        return lo, hi
+
+    def update_extremes(self, lo: float, hi: float) -> tuple[float, float]:
+        """Update from the batch extremes (float32 values); return the new (min, max)."""
+        raise NotImplementedError
+
+    def _store(self, lo: float, hi: float) -> tuple[float, float]:
+        self.min_val.fill_(lo)
+        self.max_val.fill_(hi)
+        return float(lo), float(hi)
+
     def range(self, quant_min: int, quant_max: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The (min, max) float range to map onto [quant_min, quant_max]."""
         return self.min_val, self.max_val
@@ -153,6 +190,13 @@ class MinMaxObserver(Observer):
         self.min_val.copy_(lo)
         self.max_val.copy_(hi)
 
+    updates_from_extremes = True
+
+    def update_extremes(self, lo: float, hi: float) -> tuple[float, float]:
+        if self.running and self.is_initialized:
+            lo, hi = min(self.min_val.item(), lo), max(self.max_val.item(), hi)
+        return self._store(lo, hi)
+
 
 class MovingAverageMinMaxObserver(Observer):
     """Exponential moving average of batch extremes (the first batch is copied)."""
@@ -170,6 +214,16 @@ class MovingAverageMinMaxObserver(Observer):
             hi = self.max_val + self.momentum * (hi - self.max_val)
         self.min_val.copy_(lo)
         self.max_val.copy_(hi)
+
+    updates_from_extremes = True
+
+    def update_extremes(self, lo: float, hi: float) -> tuple[float, float]:
+        if not self.is_initialized:
+            return self._store(lo, hi)
+        f32, momentum = np.float32, np.float32(self.momentum)  # torch casts the Python scalar to float32
+        old_lo, old_hi = f32(self.min_val.item()), f32(self.max_val.item())
+        with np.errstate(over="ignore"):
+            return self._store(old_lo + momentum * (f32(lo) - old_lo), old_hi + momentum * (f32(hi) - old_hi))
 
 
 class PercentileObserver(Observer):

@@ -19,7 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from micronet.compression.quantization.core.affine import affine_qparams, fake_quantize, quant_range
+from micronet.compression.quantization.core.affine import (
+    affine_qparams,
+    affine_qparams_scalar,
+    fake_quantize,
+    quant_range,
+)
 from micronet.compression.quantization.core.observers import NonFiniteInputError, Observer
 from micronet.errors import QuantizationError
 
@@ -200,8 +205,18 @@ class AffineQuantizer(Quantizer):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        self.observer(x)
-        self.calculate_qparams()
+        extremes = self.observer.observe_extremes(x)
+        if extremes is None:
+            self.observer(x)
+            self.calculate_qparams()
+            return
+        lo, hi = extremes  # per tensor: the same parameters in scalar arithmetic
+        if self.signed_policy is None:
+            self.signed.fill_(int(lo < 0))
+        quant_min, quant_max = self.quant_min_max
+        scale, zero_point = affine_qparams_scalar(lo, hi, quant_min, quant_max, self.symmetric)
+        self.scale.fill_(scale)
+        self.zero_point.fill_(zero_point)
 
     @torch.no_grad()
     def calculate_qparams(self) -> None:

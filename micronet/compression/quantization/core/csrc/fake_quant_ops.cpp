@@ -5,16 +5,20 @@
 // visited in storage order: any dense layout (NCHW or channels-last) works, the Python side checks that
 // tensors read together share their layout.
 //
-// The loops are plain, branch-free C++ that GCC vectorises; on x86-64 each is compiled for AVX-512, AVX2 and
-// the baseline and the loader picks the widest this CPU runs (target_clones), so one build serves every CPU.
+// The loops are plain, branch-free C++ that GCC vectorises; on x86-64 each is compiled for AVX-512 (x86-64-v4:
+// F, BW, DQ, VL; byte masks need BW to stay in 512-bit registers), AVX2 and the baseline, and the loader picks
+// the widest this CPU runs (target_clones), so one build serves every CPU.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
+#include <tuple>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MICRONET_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define MICRONET_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define MICRONET_VECTOR_CLONES
 #endif
@@ -69,13 +73,34 @@ void clamp_round_backward_loop(const float* g, const uint8_t* mask, float* dst, 
 MICRONET_VECTOR_CLONES
 void affine_loop(const float* src, float* dst, uint8_t* mask, int64_t n, float inv, float s, float z, float lo,
                  float hi) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = (clamp(round_half_even(src[i] * inv) + z, lo, hi) - z) * s;
-  if (mask != nullptr) {
-    for (int64_t i = 0; i < n; ++i) {
-      const float q = round_half_even(src[i] * inv) + z;
-      mask[i] = static_cast<uint8_t>((q >= lo) & (q <= hi));
-    }
+  if (mask == nullptr) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = (clamp(round_half_even(src[i] * inv) + z, lo, hi) - z) * s;
+    return;
   }
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = round_half_even(src[i] * inv) + z;
+    dst[i] = (clamp(q, lo, hi) - z) * s;
+    mask[i] = static_cast<uint8_t>((q >= lo) & (q <= hi));
+  }
+}
+
+// Extremes of a chunk, and whether every element is finite (x − x is 0 exactly for finite x). A simd
+// reduction (-fopenmp-simd) may take the elements in any order: min and max of finite floats do not depend
+// on it, and callers use the extremes only when every element is finite.
+MICRONET_VECTOR_CLONES
+void min_max_loop(const float* src, int64_t n, float* lo_out, float* hi_out, bool* finite_out) {
+  float lo = src[0], hi = src[0];
+  int32_t finite = 1;
+#pragma omp simd reduction(min : lo) reduction(max : hi) reduction(& : finite)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = src[i];
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
+    finite &= static_cast<int32_t>(v - v == 0.0f);
+  }
+  *lo_out = lo;
+  *hi_out = hi;
+  *finite_out = finite != 0;
 }
 
 MICRONET_VECTOR_CLONES
@@ -160,6 +185,33 @@ std::vector<torch::Tensor> affine_forward(torch::Tensor x, double inv_scale, dou
   return {out, inside};
 }
 
+// (min, max, all finite) of a dense float32 tensor with at least one element, one read. The extremes are
+// meaningful only when every element is finite (callers check the flag first).
+std::tuple<double, double, bool> min_max(torch::Tensor x) {
+  check_dense_float(x, "x");
+  TORCH_CHECK(x.numel() > 0, "min_max of an empty tensor");
+  const float* src = x.data_ptr<float>();
+  const int64_t chunks = (x.numel() + kGrain - 1) / kGrain;
+  std::vector<float> lows(chunks), highs(chunks);
+  std::vector<char> finite(chunks, 1);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t start = c * kGrain, count = std::min(kGrain, x.numel() - start);
+      bool ok = true;
+      min_max_loop(src + start, count, &lows[c], &highs[c], &ok);
+      finite[c] = ok;
+    }
+  });
+  float lo = lows[0], hi = highs[0];
+  bool all_finite = true;
+  for (int64_t c = 0; c < chunks; ++c) {
+    lo = std::min(lo, lows[c]);
+    hi = std::max(hi, highs[c]);
+    all_finite = all_finite && finite[c];
+  }
+  return {lo, hi, all_finite};
+}
+
 // The clip-STE gradient grad · mask, as torch's grad * mask computes it.
 torch::Tensor masked_product(torch::Tensor grad, torch::Tensor inside) {
   check_dense_float(grad, "grad");
@@ -181,5 +233,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("clamp_round_forward", &clamp_round_forward, "DoReFa activation and its clamp mask, one pass");
   m.def("clamp_round_backward", &clamp_round_backward, "DoReFa activation's gradient, one pass");
   m.def("affine_forward", &affine_forward, "per-tensor affine fake-quant and its clip mask, one pass");
+  m.def("min_max", &min_max, "(min, max, all finite) in one read");
   m.def("masked_product", &masked_product, "grad * mask, one pass");
 }
