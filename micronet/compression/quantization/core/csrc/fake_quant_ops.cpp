@@ -48,20 +48,26 @@ inline float clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ?
 // ------------------------------------------------------------------------------------------- loops
 MICRONET_VECTOR_CLONES
 void sign_loop(const float* src, float* dst, uint8_t* mask, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = src[i] >= 0.0f ? 1.0f : -1.0f;  // sign(0) = +1, NaN -> -1
-  for (int64_t i = 0; i < n; ++i) mask[i] = static_cast<uint8_t>((src[i] > -1.0f) & (src[i] < 1.0f));
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = src[i] >= 0.0f ? 1.0f : -1.0f;  // sign(0) = +1, NaN -> -1
+    mask[i] = static_cast<uint8_t>((src[i] > -1.0f) & (src[i] < 1.0f));
+  }
 }
 
 MICRONET_VECTOR_CLONES
 void clamp_round_loop(const float* src, float* dst, uint8_t* mask, int64_t n, float p, float levels, bool half_away) {
-  for (int64_t i = 0; i < n; ++i) {  // clamp(x·p, 0, 1) == x·p
-    const float scaled = src[i] * p;
-    mask[i] = static_cast<uint8_t>((scaled >= 0.0f) & (scaled <= 1.0f));
-  }
   if (half_away) {  // sign(v)·floor(|v| + 0.5) = floor(v + 0.5) for v >= 0 or NaN
-    for (int64_t i = 0; i < n; ++i) dst[i] = floor_nonnegative(clamp(src[i] * p, 0.0f, 1.0f) * levels + 0.5f) / levels;
+    for (int64_t i = 0; i < n; ++i) {
+      const float scaled = src[i] * p;
+      mask[i] = static_cast<uint8_t>((scaled >= 0.0f) & (scaled <= 1.0f));  // clamp(x·p, 0, 1) == x·p
+      dst[i] = floor_nonnegative(clamp(scaled, 0.0f, 1.0f) * levels + 0.5f) / levels;
+    }
   } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = round_half_even(clamp(src[i] * p, 0.0f, 1.0f) * levels) / levels;
+    for (int64_t i = 0; i < n; ++i) {
+      const float scaled = src[i] * p;
+      mask[i] = static_cast<uint8_t>((scaled >= 0.0f) & (scaled <= 1.0f));
+      dst[i] = round_half_even(clamp(scaled, 0.0f, 1.0f) * levels) / levels;
+    }
   }
 }
 
