@@ -225,6 +225,15 @@ def test_resident_binary_weights_are_a_32nd_of_fp32_when_channels_fill_words():
     assert weights * 32 == fp32
 
 
+def test_taps_share_words_where_channels_fill_half_so_the_pipeline_nin_is_25x_smaller():
+    packed = compile_packed(binary("nin", [64, 48, 32, 64, 64, 64, 128, 128]), isa="reference")
+    convs = {name: m for name, m in packed.graph_module.named_modules() if isinstance(m, PackedConv2d)}
+    five_by_five = convs["features.4.conv"]  # 32 input channels, 25 taps: 13 words per output channel
+    assert five_by_five.weight_words.shape == (8, 13, 1, 8)
+    weights, fp32 = packed.resident_binary_weight_bytes()
+    assert fp32 / weights >= 25 and fp32 / packed.resident_binary_bytes() >= 25
+
+
 def test_layers_the_kernels_do_not_cover_stay_in_torch_and_are_listed():
     model = binary("nin", SMALL_NIN)
     ternary = randomize_batchnorm(wbwtab.prepare(build_model("nin", 10, 1, SMALL_NIN), A=2, W=3)).eval()
@@ -310,8 +319,10 @@ def test_pack_and_unpack_agree_with_the_reference_in_both_layouts(channels):
     g = torch.Generator().manual_seed(channels)
     x = torch.randn(2, channels, 5, 3, generator=g)
     x[0, 0, 0, 0] = 0.0  # sign(0) = +1
+    x[1, -1, 0, 0] = float("nan")  # NaN -> -1 (bit 0), as the reference's x >= 0
     reference = kernels.ReferenceKernels()
     expected = reference.pack_sign(x)
+    assert not kernels.bits_from_words(expected.words, channels)[1, 0, 0, -1]
     for isa in ISA_PATHS:
         ops = kernels.kernels_for(isa)
         for layout in (torch.contiguous_format, torch.channels_last):
@@ -321,25 +332,42 @@ def test_pack_and_unpack_agree_with_the_reference_in_both_layouts(channels):
             assert torch.equal(ops.unpack(expected, channels_last), torch.where(x >= 0, 1.0, -1.0)), isa
 
 
-def random_packed_conv(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1,
+@pytest.mark.parametrize("kernel, stride, padding", [(2, 2, 0), (3, 2, 1), (3, 1, 1), (2, 1, 1)])
+def test_max_pool_on_bits_is_the_float_max_pool_of_the_signs(kernel, stride, padding):
+    x = torch.randn(2, 100, 9, 7, generator=torch.Generator().manual_seed(kernel + stride + padding))
+    expected = torch.nn.functional.max_pool2d(torch.where(x >= 0, 1.0, -1.0), kernel, stride, padding)
+    out_size = tuple(expected.shape[2:])
+    for isa in ISA_PATHS:
+        ops = kernels.kernels_for(isa)
+        pooled = ops.max_pool(ops.pack_sign(x), (kernel, kernel), (stride, stride), (padding, padding), out_size)
+        assert torch.equal(ops.unpack(pooled), expected), isa
+
+
+def random_packed_conv(cin: int, cout: int, kernel: int | tuple[int, int], stride: int = 1,
+                       padding: int | tuple[int, int] = 0, dilation: int = 1,
                        groups: int = 1, bits_out: bool = True, seed: int = 0) -> PackedConv2d:
     """A packed conv with random ±1 weights and a random epilogue: thresholds around the dot products'
     range (some never met, some always), some flipped channels; or α on the float16 grid and a bias."""
     g = torch.Generator().manual_seed(seed)
     conv = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups)
-    signs = torch.rand(cout, cin // groups, kernel, kernel, generator=g) < 0.5
-    reach = (cin // groups) * kernel * kernel
+    kh, kw = nn.modules.utils._pair(kernel)
+    signs = torch.rand(cout, cin // groups, kh, kw, generator=g) < 0.5
+    reach = (cin // groups) * kh * kw
     alpha = (torch.rand(cout, generator=g) + 0.1).half().float()
     bias = torch.randn(cout, generator=g)
     threshold = torch.randint(-reach - 2, reach + 3, (cout,), generator=g) if bits_out else None
     flip = torch.rand(cout, generator=g) < 0.3 if bits_out else None
-    return PackedConv2d(conv, signs, alpha, bias, threshold, flip)
+    layer = PackedConv2d(conv, signs, alpha, bias, threshold, flip)
+    assert torch.equal(layer.reference_weight(), signs.float() * 2 - 1)  # the packed words hold every sign
+    return layer
 
 
 CONV_GEOMETRIES = {  # (cin, cout, kernel, stride, padding, dilation, groups, batch, height, width)
     "1x1 one word": (64, 48, 1, 1, 0, 1, 1, 3, 6, 5),
     "1x1 odd channels": (37, 19, 1, 1, 0, 1, 1, 2, 7, 3),
     "5x5 padded, half a word": (32, 64, 5, 1, 2, 1, 1, 2, 9, 9),
+    "2x2 stride 2, paired taps, odd channels": (19, 40, 2, 2, 1, 1, 1, 2, 7, 8),
+    "1x3 dilated, paired taps with a lone last tap": (8, 16, (1, 3), 1, (0, 2), 2, 1, 2, 5, 9),
     "3x3 K not a multiple of 512": (130, 72, 3, 1, 1, 1, 1, 2, 7, 7),
     "3x3 stride 2 odd size": (64, 24, 3, 2, 1, 1, 1, 2, 9, 11),
     "3x3 wide, many blocks": (200, 128, 3, 1, 1, 1, 1, 1, 6, 9),
@@ -356,7 +384,7 @@ CONV_GEOMETRIES = {  # (cin, cout, kernel, stride, padding, dilation, groups, ba
 @pytest.mark.parametrize("case", list(CONV_GEOMETRIES))
 def test_every_kernel_path_computes_each_conv_geometry_exactly(case, bits_out):
     cin, cout, k, s, p, d, groups, n, h, w = CONV_GEOMETRIES[case]
-    layer = random_packed_conv(cin, cout, k, s, p, d, groups, bits_out, seed=cin * cout + k)
+    layer = random_packed_conv(cin, cout, k, s, p, d, groups, bits_out, seed=cin * cout + h * w)
     x = torch.randn(n, cin, h, w, generator=torch.Generator().manual_seed(3))
     reference = kernels.ReferenceKernels()
     packed = reference.pack_sign(x)

@@ -110,7 +110,8 @@ class PackedConv2d(_PackedModule):
         self.register_buffer("weight_words", words)
         self.register_buffer("word_start", start)
         self.register_buffer("group_mask", mask)
-        padded = math.ceil(self.out_channels / 64) * 64
+        # Each epilogue keeps only its own numbers (the other pair stays empty).
+        padded = math.ceil(self.out_channels / 64) * 64 if self.bits_out else 0
         fill = torch.full((padded,), INT32_MAX, dtype=torch.int32)  # padding channels: bit never set
         flips = torch.zeros(padded, dtype=torch.uint8)
         if threshold is not None:
@@ -118,8 +119,9 @@ class PackedConv2d(_PackedModule):
             flips[: self.out_channels] = flip.to(torch.uint8)
         self.register_buffer("threshold", fill)
         self.register_buffer("flip", flips)
-        self.register_buffer("alpha", alpha.detach().reshape(-1).float().clone())
-        self.register_buffer("bias", bias.detach().reshape(-1).float().clone())
+        keep = not self.bits_out
+        self.register_buffer("alpha", alpha.detach().reshape(-1).float().clone() if keep else torch.empty(0))
+        self.register_buffer("bias", bias.detach().reshape(-1).float().clone() if keep else torch.empty(0))
         self._reference_weight: torch.Tensor | None = None
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
@@ -134,8 +136,7 @@ class PackedConv2d(_PackedModule):
 
     def resident_bytes(self) -> int:
         """Bytes this layer keeps for inference on the native path (weights, offsets, masks, epilogue)."""
-        names = ("weight_words", "word_start", "group_mask", "alpha", "bias")
-        names += ("threshold", "flip") if self.bits_out else ()
+        names = ("weight_words", "word_start", "group_mask", "alpha", "bias", "threshold", "flip")
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
 
     def forward(self, x: PackedBits | torch.Tensor) -> PackedBits | torch.Tensor:
@@ -158,9 +159,29 @@ def _group_words(in_channels: int, groups: int) -> tuple[list[int], int]:
     return [min(f, total - width) for f in first], width
 
 
+def _paired_taps(in_channels: int, groups: int, taps: int) -> bool:
+    """Whether two taps share each weight word (the kernels' paired layout): one group of at most 32 input
+    channels would leave half of every word empty."""
+    return groups == 1 and in_channels <= 32 and taps > 1
+
+
+def _pair_taps(words: torch.Tensor) -> torch.Tensor:
+    """(out, taps, 1) words of at most 32 bits → (out, ceil(taps/2), 1): tap 2t in the low half of word t,
+    tap 2t + 1 in the high half."""
+    out, taps, _ = words.shape
+    words = torch.nn.functional.pad(words, (0, 0, 0, taps % 2)).view(out, -1, 2, 1)
+    return words[:, :, 0] | (words[:, :, 1] << 32)
+
+
+def _unpair_taps(words: torch.Tensor, taps: int) -> torch.Tensor:
+    low, high = words & 0xFFFFFFFF, (words >> 32) & 0xFFFFFFFF
+    return torch.stack((low, high), dim=2).reshape(words.shape[0], -1, 1)[:, :taps]
+
+
 def _pack_weight(signs: torch.Tensor, in_channels: int, groups: int) -> tuple[torch.Tensor, ...]:
     """``signs`` (out, in/groups, kh, kw) bool (True = +1) → weight words (blocks, kh·kw, width, LANES), each
-    group's bits at their position in the input's words; the first word of each group's window; its mask."""
+    group's bits at their position in the input's words (``(blocks, ceil(kh·kw/2), 1, LANES)`` with paired
+    taps); the first word of each group's window; its mask."""
     out, per_group, kh, kw = signs.shape
     starts, width = _group_words(in_channels, groups)
     per_out = out // groups
@@ -172,9 +193,11 @@ def _pack_weight(signs: torch.Tensor, in_channels: int, groups: int) -> tuple[to
         bits[g * per_out:(g + 1) * per_out, :, offset:offset + per_group] = taps[g * per_out:(g + 1) * per_out]
         mask[g, offset:offset + per_group] = True
     words = words_from_bits(bits)  # (out, taps, width)
+    if _paired_taps(in_channels, groups, kh * kw):
+        words = _pair_taps(words)
     blocks = math.ceil(out / LANES)
     words = torch.nn.functional.pad(words, (0, 0, 0, 0, 0, blocks * LANES - out))
-    words = words.view(blocks, LANES, kh * kw, width).permute(0, 2, 3, 1).contiguous()
+    words = words.view(blocks, LANES, words.shape[1], width).permute(0, 2, 3, 1).contiguous()
     return words, torch.tensor(starts, dtype=torch.int64), words_from_bits(mask).contiguous()
 
 
@@ -182,8 +205,10 @@ def _unpack_weight(layer: PackedConv2d) -> torch.Tensor:
     out, groups = layer.out_channels, layer.groups
     per_group, per_out = layer.in_channels // groups, out // groups
     kh, kw = layer.kernel_size
-    blocks, taps, width, _ = layer.weight_words.shape
-    words = layer.weight_words.permute(0, 3, 1, 2).reshape(blocks * LANES, taps, width)[:out]
+    blocks, terms, width, _ = layer.weight_words.shape
+    words = layer.weight_words.permute(0, 3, 1, 2).reshape(blocks * LANES, terms, width)[:out]
+    if _paired_taps(layer.in_channels, groups, kh * kw):
+        words = _unpair_taps(words, kh * kw)
     bits = bits_from_words(words, width * 64)  # (out, taps, width·64)
     pieces = []
     for g in range(groups):

@@ -52,10 +52,19 @@ struct ConvGeometry {
   int64_t KH, KW, sh, sw, ph, pw, dh, dw;
   int64_t cout, cin_per_group, groups, cout_per_group, nwg, blocks;
   const uint64_t* x;
-  const uint64_t* weight;        // (blocks, KH*KW, nwg, kLanes)
+  bool paired;                   // two taps per weight word (see the tiled kernels)
+  const uint64_t* weight;        // (blocks, KH*KW, nwg, kLanes), paired: (blocks, ceil(KH*KW / 2), 1, kLanes)
   const int64_t* word_start;     // (groups)
   const uint64_t* mask;          // (groups, nwg)
 };
+
+// Tap k's weight bits (word j, lane l of block blk) in the low bits of a word, paired or not.
+inline uint64_t tap_weight_word(const ConvGeometry& g, int64_t blk, int64_t k, int64_t j, int l) {
+  const int64_t taps = g.KH * g.KW;
+  if (!g.paired) return g.weight[((blk * taps + k) * g.nwg + j) * kLanes + l];
+  const uint64_t word = g.weight[(blk * ((taps + 1) / 2) + k / 2) * kLanes + l];
+  return k % 2 ? word >> 32 : word & 0xFFFFFFFFULL;
+}
 
 // Valid taps of one output pixel: their index in the kernel and the input pixel's first word.
 struct Taps {
@@ -108,43 +117,80 @@ __attribute__((always_inline)) inline void block_scalar(const ConvGeometry& g, c
 // pixels and each input word B blocks (a register tile). The input is zero-padded beforehand, so the
 // loops have no bounds checks: a padded (zero) word against a weight counts popcount(weight) mismatches,
 // which the epilogue takes back out (see Corrections).
+//
+// Paired taps: where a group has at most 32 input channels, half of each 64-bit word would be empty, so two
+// consecutive taps share one word (the second in the high half) in the weight and, shifted there on the fly,
+// in the input word the tile computes: half the weight memory and half the popcounts.
 constexpr int kTilePixels = 4;
 
 struct TilePlan {
-  int64_t taps, nwg;
-  const int64_t* tap_offset;  // words from a pixel's window corner to each tap's first word
-  const uint64_t* weight;     // (blocks, taps, nwg, kLanes)
-  int64_t block_stride;       // taps * nwg * kLanes
+  int64_t terms, nwg;         // weight words per block and output channel: terms × nwg
+  const int64_t* lo_offset;   // words from a pixel's window corner to each term's (first) tap
+  const int64_t* hi_offset;   // paired: the second tap (= lo for a lone last tap, masked off); unpaired: unused
+  const uint64_t* term_mask;  // paired: each term's input mask; unpaired: nullptr (the group's masks)
+  const uint64_t* weight;     // (blocks, terms, nwg, kLanes)
+  int64_t block_stride;       // terms * nwg * kLanes
   int64_t mm_stride;          // int64 counters per pixel in the output buffer (blocks * kLanes)
 };
 
-// px[p]: pixel p's window corner (group start included); mask: the group's word masks; the counts of
-// block blk0 + b, lane l, pixel p go to mm[p * mm_stride + (blk0 + b) * kLanes + l].
-using TileFn = void (*)(const TilePlan&, const uint64_t* const*, const uint64_t*, int64_t, int64_t*);
+// The input word of term k, word j for one pixel (window corner `px`).
+template <bool Paired>
+__attribute__((always_inline)) inline uint64_t term_word(const TilePlan& t, const uint64_t* px, const uint64_t* mask,
+                                                         int64_t k, int64_t j) {
+  if constexpr (Paired) return (px[t.lo_offset[k]] | (px[t.hi_offset[k]] << 32)) & t.term_mask[k];
+  return px[t.lo_offset[k] + j] & mask[j];
+}
 
-template <int P, int B>
+// Where a bits-out tile writes: output bit o of pixel p is (mismatches_o ≤ limit[p][o]) XOR flip_o, one byte
+// per block of kLanes channels (see the limits in conv).
+struct TileBits {
+  const int64_t* limit[kTilePixels];  // the pixel's per-channel limits (its padding class)
+  uint8_t* bytes[kTilePixels];        // the pixel's output bytes
+  const uint8_t* flip;                // per block
+};
+
+// px[p]: pixel p's window corner (group start included); mask: the group's word masks. With `bits`, the
+// tile compares its counts with the limits and writes output bytes; without, the counts of block blk0 + b,
+// lane l, pixel p go to mm[p * mm_stride + (blk0 + b) * kLanes + l] for the float epilogue.
+using TileFn = void (*)(const TilePlan&, const uint64_t* const*, const uint64_t*, int64_t, int64_t*, const TileBits*);
+
+// The output byte of one block from its counts in memory (the tiles whose counts end up there).
+inline uint8_t bits_byte_scalar(const int64_t* counts, const int64_t* limit, uint8_t flip) {
+  uint8_t byte = 0;
+  for (int l = 0; l < kLanes; ++l) byte |= static_cast<uint8_t>(counts[l] <= limit[l]) << l;
+  return byte ^ flip;
+}
+
+template <int P, int B, bool Paired>
 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq")))
 void tile_avx512_vpopcnt(const TilePlan& t, const uint64_t* const* px, const uint64_t* mask, int64_t blk0,
-                         int64_t* mm) {
+                         int64_t* mm, const TileBits* bits) {
   __m512i acc[P][B];
 #pragma GCC unroll 16
   for (int i = 0; i < P * B; ++i) acc[i / B][i % B] = _mm512_setzero_si512();
   const uint64_t* w0 = t.weight + blk0 * t.block_stride;
-  for (int64_t k = 0; k < t.taps; ++k) {
-    const int64_t off = t.tap_offset[k];
+  for (int64_t k = 0; k < t.terms; ++k) {
     for (int64_t j = 0; j < t.nwg; ++j) {
       const uint64_t* w = w0 + (k * t.nwg + j) * kLanes;
       __m512i wv[B];
 #pragma GCC unroll 4
       for (int b = 0; b < B; ++b) wv[b] = _mm512_loadu_si512(w + b * t.block_stride);
-      const uint64_t m = mask[j];
 #pragma GCC unroll 4
       for (int p = 0; p < P; ++p) {
-        const __m512i xv = _mm512_set1_epi64(static_cast<long long>(px[p][off + j] & m));
+        const __m512i xv = _mm512_set1_epi64(static_cast<long long>(term_word<Paired>(t, px[p], mask, k, j)));
 #pragma GCC unroll 4
         for (int b = 0; b < B; ++b) acc[p][b] = _mm512_add_epi64(acc[p][b], _mm512_popcnt_epi64(_mm512_xor_si512(xv, wv[b])));
       }
     }
+  }
+  if (bits) {  // the epilogue on the counts in registers
+#pragma GCC unroll 16
+    for (int i = 0; i < P * B; ++i) {
+      const int p = i / B, blk = blk0 + i % B;
+      const __mmask8 met = _mm512_cmple_epi64_mask(acc[p][i % B], _mm512_loadu_si512(bits->limit[p] + blk * kLanes));
+      bits->bytes[p][blk] = static_cast<uint8_t>(met) ^ bits->flip[blk];
+    }
+    return;
   }
 #pragma GCC unroll 16
   for (int i = 0; i < P * B; ++i)
@@ -164,9 +210,10 @@ inline void flush_bytes_avx512(__m512i* bytes, int64_t* const* out) {
   }
 }
 
-template <int P, int B>
+template <int P, int B, bool Paired>
 __attribute__((target("avx512f,avx512bw")))
-void tile_avx512(const TilePlan& t, const uint64_t* const* px, const uint64_t* mask, int64_t blk0, int64_t* mm) {
+void tile_avx512(const TilePlan& t, const uint64_t* const* px, const uint64_t* mask, int64_t blk0, int64_t* mm,
+                 const TileBits* bits) {
   // No 64-bit popcount in AVX-512BW: nibble lookup (vpshufb) into byte counters.
   const __m512i lut = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);
   const __m512i low = _mm512_set1_epi8(0x0F);
@@ -181,17 +228,15 @@ void tile_avx512(const TilePlan& t, const uint64_t* const* px, const uint64_t* m
   }
   const uint64_t* w0 = t.weight + blk0 * t.block_stride;
   int pending = 0;
-  for (int64_t k = 0; k < t.taps; ++k) {
-    const int64_t off = t.tap_offset[k];
+  for (int64_t k = 0; k < t.terms; ++k) {
     for (int64_t j = 0; j < t.nwg; ++j) {
       const uint64_t* w = w0 + (k * t.nwg + j) * kLanes;
       __m512i wv[B];
 #pragma GCC unroll 4
       for (int b = 0; b < B; ++b) wv[b] = _mm512_loadu_si512(w + b * t.block_stride);
-      const uint64_t m = mask[j];
 #pragma GCC unroll 4
       for (int p = 0; p < P; ++p) {
-        const __m512i xv = _mm512_set1_epi64(static_cast<long long>(px[p][off + j] & m));
+        const __m512i xv = _mm512_set1_epi64(static_cast<long long>(term_word<Paired>(t, px[p], mask, k, j)));
 #pragma GCC unroll 4
         for (int b = 0; b < B; ++b) {
           const __m512i v = _mm512_xor_si512(xv, wv[b]);
@@ -207,6 +252,15 @@ void tile_avx512(const TilePlan& t, const uint64_t* const* px, const uint64_t* m
     }
   }
   flush_bytes_avx512<P * B>(&bytes[0][0], &out[0][0]);
+  if (bits) {
+#pragma GCC unroll 16
+    for (int i = 0; i < P * B; ++i) {
+      const int p = i / B, blk = blk0 + i % B;
+      const __mmask8 met = _mm512_cmple_epi64_mask(_mm512_loadu_si512(out[p][i % B]),
+                                                   _mm512_loadu_si512(bits->limit[p] + blk * kLanes));
+      bits->bytes[p][blk] = static_cast<uint8_t>(met) ^ bits->flip[blk];
+    }
+  }
 }
 
 __attribute__((target("avx2"), always_inline))
@@ -233,9 +287,10 @@ inline void flush_bytes_avx2(__m256i* lo, __m256i* hi, int64_t* const* out) {
 }
 
 // AVX2: one block is two 256-bit halves; 16 registers allow P pixels × one block.
-template <int P, int B>
+template <int P, int B, bool Paired>
 __attribute__((target("avx2")))
-void tile_avx2(const TilePlan& t, const uint64_t* const* px, const uint64_t* mask, int64_t blk0, int64_t* mm) {
+void tile_avx2(const TilePlan& t, const uint64_t* const* px, const uint64_t* mask, int64_t blk0, int64_t* mm,
+               const TileBits* bits) {
   static_assert(B == 1, "the AVX2 tile holds one block");
   const __m256i zero = _mm256_setzero_si256();
   __m256i lo[P], hi[P];
@@ -249,16 +304,14 @@ void tile_avx2(const TilePlan& t, const uint64_t* const* px, const uint64_t* mas
   }
   int pending = 0;
   const uint64_t* w0 = t.weight + blk0 * t.block_stride;
-  for (int64_t k = 0; k < t.taps; ++k) {
-    const int64_t off = t.tap_offset[k];
+  for (int64_t k = 0; k < t.terms; ++k) {
     for (int64_t j = 0; j < t.nwg; ++j) {
       const uint64_t* w = w0 + (k * t.nwg + j) * kLanes;
       const __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
       const __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 4));
-      const uint64_t m = mask[j];
 #pragma GCC unroll 8
       for (int p = 0; p < P; ++p) {
-        const __m256i xv = _mm256_set1_epi64x(static_cast<long long>(px[p][off + j] & m));
+        const __m256i xv = _mm256_set1_epi64x(static_cast<long long>(term_word<Paired>(t, px[p], mask, k, j)));
         lo[p] = _mm256_add_epi8(lo[p], popcount_bytes_avx2(_mm256_xor_si256(xv, w_lo)));
         hi[p] = _mm256_add_epi8(hi[p], popcount_bytes_avx2(_mm256_xor_si256(xv, w_hi)));
       }
@@ -269,107 +322,66 @@ void tile_avx2(const TilePlan& t, const uint64_t* const* px, const uint64_t* mas
     }
   }
   flush_bytes_avx2<P>(lo, hi, out);
+  if (bits) {
+#pragma GCC unroll 8
+    for (int p = 0; p < P; ++p) {
+      const int64_t* limit = bits->limit[p] + blk0 * kLanes;
+      int byte = 0;
+      for (int h = 0; h < 2; ++h) {  // count > limit: the bit is not set
+        const __m256i above = _mm256_cmpgt_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(out[p] + 4 * h)),
+                                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(limit + 4 * h)));
+        byte |= (~_mm256_movemask_pd(_mm256_castsi256_pd(above)) & 0xF) << (4 * h);
+      }
+      bits->bytes[p][blk0] = static_cast<uint8_t>(byte) ^ bits->flip[blk0];
+    }
+  }
 }
 
-template <int P, int B>
-void tile_scalar(const TilePlan& t, const uint64_t* const* px, const uint64_t* mask, int64_t blk0, int64_t* mm) {
+template <int P, int B, bool Paired>
+void tile_scalar(const TilePlan& t, const uint64_t* const* px, const uint64_t* mask, int64_t blk0, int64_t* mm,
+                 const TileBits* bits) {
   static_assert(B == 1, "the scalar tile holds one block");
   int64_t acc[P][kLanes] = {};
   const uint64_t* w0 = t.weight + blk0 * t.block_stride;
-  for (int64_t k = 0; k < t.taps; ++k) {
-    const int64_t off = t.tap_offset[k];
+  for (int64_t k = 0; k < t.terms; ++k) {
     for (int64_t j = 0; j < t.nwg; ++j) {
       const uint64_t* w = w0 + (k * t.nwg + j) * kLanes;
       for (int p = 0; p < P; ++p) {
-        const uint64_t xv = px[p][off + j] & mask[j];
+        const uint64_t xv = term_word<Paired>(t, px[p], mask, k, j);
         for (int l = 0; l < kLanes; ++l) acc[p][l] += popcount64(xv ^ w[l]);
       }
     }
   }
-  for (int p = 0; p < P; ++p)
-    for (int l = 0; l < kLanes; ++l) mm[p * t.mm_stride + blk0 * kLanes + l] = acc[p][l];
+  for (int p = 0; p < P; ++p) {
+    if (bits) {
+      bits->bytes[p][blk0] = bits_byte_scalar(acc[p], bits->limit[p] + blk0 * kLanes, bits->flip[blk0]);
+    } else {
+      for (int l = 0; l < kLanes; ++l) mm[p * t.mm_stride + blk0 * kLanes + l] = acc[p][l];
+    }
+  }
 }
 
 // The widest block count first; a kernel family without a B-block variant lists nullptr.
 struct TileFamily {
-  TileFn pixels[2][3];  // [P == kTilePixels][B = 4, 2, 1]
+  TileFn pixels[2][2][3];  // [paired][P == kTilePixels][B = 4, 2, 1]
 };
 
-#define TILE_FAMILY_WIDE(KERNEL)                                                                    \
-  TileFamily{{{KERNEL<1, 4>, KERNEL<1, 2>, KERNEL<1, 1>},                                           \
-              {KERNEL<kTilePixels, 4>, KERNEL<kTilePixels, 2>, KERNEL<kTilePixels, 1>}}}
-#define TILE_FAMILY_NARROW(KERNEL) \
-  TileFamily{{{nullptr, nullptr, KERNEL<1, 1>}, {nullptr, nullptr, KERNEL<kTilePixels, 1>}}}
+#define TILE_ROW_WIDE(KERNEL, P, PAIRED) {KERNEL<P, 4, PAIRED>, KERNEL<P, 2, PAIRED>, KERNEL<P, 1, PAIRED>}
+#define TILE_ROW_NARROW(KERNEL, P, PAIRED) {nullptr, nullptr, KERNEL<P, 1, PAIRED>}
+#define TILE_FAMILY(ROW, KERNEL)                                        \
+  TileFamily{{{ROW(KERNEL, 1, false), ROW(KERNEL, kTilePixels, false)}, \
+              {ROW(KERNEL, 1, true), ROW(KERNEL, kTilePixels, true)}}}
 
 const TileFamily& tile_family(int64_t isa) {
-  static const TileFamily vpopcnt = TILE_FAMILY_WIDE(tile_avx512_vpopcnt);
-  static const TileFamily avx512 = TILE_FAMILY_WIDE(tile_avx512);
-  static const TileFamily avx2 = TILE_FAMILY_NARROW(tile_avx2);
-  static const TileFamily scalar = TILE_FAMILY_NARROW(tile_scalar);
+  static const TileFamily vpopcnt = TILE_FAMILY(TILE_ROW_WIDE, tile_avx512_vpopcnt);
+  static const TileFamily avx512 = TILE_FAMILY(TILE_ROW_WIDE, tile_avx512);
+  static const TileFamily avx2 = TILE_FAMILY(TILE_ROW_NARROW, tile_avx2);
+  static const TileFamily scalar = TILE_FAMILY(TILE_ROW_NARROW, tile_scalar);
   switch (isa) {
     case kAvx512Vpopcnt: return vpopcnt;
     case kAvx512: return avx512;
     case kAvx2: return avx2;
     default: return scalar;
-  }
-}
-
-// ---------------------------------------------------------------------------------- epilogues
-// D = valid − 2·(mismatches − correction): the exact ±1 dot product over the taps inside the image
-// (valid = their count × input channels per group; correction = the mismatches the zero padding added).
-// Bits: bit o = (D_o ≥ T_o) XOR flip_o, one byte per block (channel o is bit o % 8 of byte o / 8 of the
-// pixel's little-endian words; padding lanes have T = INT32_MAX, never met).
-void epilogue_bits_scalar(const int64_t* mm, const int64_t* corr, int64_t valid, const int64_t* thr,
-                          const uint8_t* flip, int64_t blocks, uint8_t* out) {
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    uint8_t byte = 0;
-    for (int l = 0; l < kLanes; ++l) {
-      const int64_t o = blk * kLanes + l;
-      const int64_t d = valid - 2 * (mm[o] - (corr ? corr[o] : 0));
-      byte |= static_cast<uint8_t>(d >= thr[o]) << l;
-    }
-    out[blk] = byte ^ flip[blk];
-  }
-}
-
-__attribute__((target("avx2")))
-void epilogue_bits_avx2(const int64_t* mm, const int64_t* corr, int64_t valid, const int64_t* thr,
-                        const uint8_t* flip, int64_t blocks, uint8_t* out) {
-  const __m256i v = _mm256_set1_epi64x(valid);
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    int byte = 0;
-    for (int h = 0; h < 2; ++h) {
-      const int64_t o = blk * kLanes + h * 4;
-      __m256i m = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mm + o));
-      if (corr) m = _mm256_sub_epi64(m, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + o)));
-      const __m256i d = _mm256_sub_epi64(v, _mm256_slli_epi64(m, 1));
-      const __m256i below = _mm256_cmpgt_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(thr + o)), d);
-      byte |= (~_mm256_movemask_pd(_mm256_castsi256_pd(below)) & 0xF) << (4 * h);
-    }
-    out[blk] = static_cast<uint8_t>(byte) ^ flip[blk];
-  }
-}
-
-__attribute__((target("avx512f")))
-void epilogue_bits_avx512(const int64_t* mm, const int64_t* corr, int64_t valid, const int64_t* thr,
-                          const uint8_t* flip, int64_t blocks, uint8_t* out) {
-  const __m512i v = _mm512_set1_epi64(valid);
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    __m512i m = _mm512_loadu_si512(mm + blk * kLanes);
-    if (corr) m = _mm512_sub_epi64(m, _mm512_loadu_si512(corr + blk * kLanes));
-    const __m512i d = _mm512_sub_epi64(v, _mm512_slli_epi64(m, 1));
-    out[blk] = static_cast<uint8_t>(_mm512_cmpge_epi64_mask(d, _mm512_loadu_si512(thr + blk * kLanes))) ^ flip[blk];
-  }
-}
-
-using EpilogueFn = void (*)(const int64_t*, const int64_t*, int64_t, const int64_t*, const uint8_t*, int64_t, uint8_t*);
-
-EpilogueFn epilogue_function(int64_t isa) {
-  switch (isa) {
-    case kAvx512Vpopcnt:
-    case kAvx512: return epilogue_bits_avx512;
-    case kAvx2: return epilogue_bits_avx2;
-    default: return epilogue_bits_scalar;
   }
 }
 
@@ -425,6 +437,25 @@ torch::Tensor pack_sign(torch::Tensor x) {
   return out;
 }
 
+// Pixels [begin, end) of an (N, H, W, C) float tensor into sign words: 16 compares per instruction.
+__attribute__((target("avx512f")))
+void pack_sign_rows_avx512(const float* src, int64_t C, int64_t CW, int64_t begin, int64_t end, uint64_t* dst) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t p = begin; p < end; ++p) {
+    const float* v = src + p * C;
+    for (int64_t w = 0; w < CW; ++w) {
+      uint64_t word = 0;
+      const int64_t last = std::min<int64_t>(64, C - w * 64);
+      for (int64_t b = 0; b < last; b += 16) {  // NaN compares false -> -1; lanes past C are masked off
+        const __mmask16 lanes = last - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (last - b)) - 1);
+        const __mmask16 ge = _mm512_mask_cmp_ps_mask(lanes, _mm512_maskz_loadu_ps(lanes, v + w * 64 + b), zero, _CMP_GE_OQ);
+        word |= static_cast<uint64_t>(ge) << b;
+      }
+      dst[p * CW + w] = word;
+    }
+  }
+}
+
 // The same from a channels-last tensor viewed as (N, H, W, C) contiguous: one pixel's channels are adjacent.
 torch::Tensor pack_sign_nhwc(torch::Tensor x) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
@@ -433,6 +464,10 @@ torch::Tensor pack_sign_nhwc(torch::Tensor x) {
   auto out = torch::empty({N, H, W, CW}, torch::kInt64);
   const float* src = x.data_ptr<float>();
   uint64_t* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  if (isa_supported(kAvx512)) {
+    at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) { pack_sign_rows_avx512(src, C, CW, begin, end, dst); });
+    return out;
+  }
   at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const float* v = src + p * C;
@@ -494,28 +529,29 @@ torch::Tensor unpack(torch::Tensor bits, int64_t C) {
   return out;
 }
 
-// Max pooling of ±1 values is the OR of the bits over the window (padding, -inf, never wins).
+// Max pooling of ±1 values is the OR of the bits over the window (padding, -inf, never wins): each window
+// is clipped to the image once per output row and column, so the OR loops carry no bounds checks.
 torch::Tensor max_pool(torch::Tensor bits, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                        int64_t OH, int64_t OW) {
   check_words(bits, "packed bits");
   const int64_t N = bits.size(0), H = bits.size(1), W = bits.size(2), CW = bits.size(3);
-  auto out = torch::zeros({N, OH, OW, CW}, torch::kInt64);
+  auto out = torch::empty({N, OH, OW, CW}, torch::kInt64);
   const uint64_t* src = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
   uint64_t* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
   at::parallel_for(0, N * OH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / OH, oh = row % OH;
+      const int64_t ih0 = std::max<int64_t>(oh * sh - ph, 0), ih1 = std::min(oh * sh - ph + KH, H);
       for (int64_t ow = 0; ow < OW; ++ow) {
+        const int64_t iw0 = std::max<int64_t>(ow * sw - pw, 0), iw1 = std::min(ow * sw - pw + KW, W);
         uint64_t* o = dst + ((n * OH + oh) * OW + ow) * CW;
-        for (int64_t kh = 0; kh < KH; ++kh) {
-          const int64_t ih = oh * sh - ph + kh;
-          if (ih < 0 || ih >= H) continue;
-          for (int64_t kw = 0; kw < KW; ++kw) {
-            const int64_t iw = ow * sw - pw + kw;
-            if (iw < 0 || iw >= W) continue;
-            const uint64_t* s = src + ((n * H + ih) * W + iw) * CW;
-            for (int64_t w = 0; w < CW; ++w) o[w] |= s[w];
+        for (int64_t w = 0; w < CW; ++w) {
+          uint64_t word = 0;
+          for (int64_t ih = ih0; ih < ih1; ++ih) {
+            const uint64_t* s = src + ((n * H + ih) * W + iw0) * CW + w;
+            for (int64_t iw = iw0; iw < iw1; ++iw, s += CW) word |= *s;
           }
+          o[w] = word;
         }
       }
     }
@@ -612,8 +648,11 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
   g.nwg = mask.size(1);
   g.blocks = weight.size(0);
   g.CWo = (g.cout + 63) / 64;
-  TORCH_CHECK(weight.size(1) == g.KH * g.KW && weight.size(2) == g.nwg && weight.size(3) == kLanes,
-              "packed weight layout does not match the geometry");
+  g.paired = weight.size(1) != g.KH * g.KW;
+  TORCH_CHECK(weight.size(1) == (g.paired ? (g.KH * g.KW + 1) / 2 : g.KH * g.KW) && weight.size(2) == g.nwg &&
+              weight.size(3) == kLanes, "packed weight layout does not match the geometry");
+  TORCH_CHECK(!g.paired || (g.groups == 1 && g.nwg == 1 && g.cin_per_group <= 32),
+              "paired-tap weights need one group of at most 32 input channels");
   TORCH_CHECK(g.blocks * kLanes >= g.cout && word_start.size(0) == g.groups, "packed weight does not cover the channels");
   TORCH_CHECK(g.OH > 0 && g.OW > 0 && (g.OH - 1) * g.sh + (g.KH - 1) * g.dh < g.H + 2 * g.ph &&
               (g.OW - 1) * g.sw + (g.KW - 1) * g.dw < g.W + 2 * g.pw, "conv output size does not fit the input");
@@ -624,11 +663,12 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
   for (int64_t grp = 0; grp < g.groups; ++grp)
     TORCH_CHECK(g.word_start[grp] >= 0 && g.word_start[grp] + g.nwg <= g.CW, "group words outside the input");
 
-  const int64_t padded = g.CWo * 64;
+  // Each epilogue reads only its own pair: thresholds and flips (bits out) or α and bias (float out).
+  const int64_t padded = bits_out ? g.CWo * 64 : 0, channels = bits_out ? 0 : g.cout;
   TORCH_CHECK(threshold.scalar_type() == torch::kInt32 && threshold.numel() == padded, "threshold layout");
   TORCH_CHECK(flip.scalar_type() == torch::kUInt8 && flip.numel() == padded, "flip layout");
-  TORCH_CHECK(alpha.scalar_type() == torch::kFloat32 && alpha.numel() == g.cout, "alpha layout");
-  TORCH_CHECK(bias.scalar_type() == torch::kFloat32 && bias.numel() == g.cout, "bias layout");
+  TORCH_CHECK(alpha.scalar_type() == torch::kFloat32 && alpha.numel() == channels, "alpha layout");
+  TORCH_CHECK(bias.scalar_type() == torch::kFloat32 && bias.numel() == channels, "bias layout");
   const int32_t* thr = threshold.data_ptr<int32_t>();
   const uint8_t* flp = flip.data_ptr<uint8_t>();
   const float* a = alpha.data_ptr<float>();
@@ -653,9 +693,19 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
   const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw, taps = g.KH * g.KW, lanes = g.blocks * kLanes;
   std::vector<int64_t> tap_offset(taps);
   for (int64_t k = 0; k < taps; ++k) tap_offset[k] = ((k / g.KW) * g.dh * Wp + (k % g.KW) * g.dw) * g.CW;
+  // Terms: one per tap, or per pair of taps 2t and 2t + 1 (the lone last tap pairs with itself, its high
+  // half masked off).
+  const int64_t terms = g.paired ? (taps + 1) / 2 : taps;
+  std::vector<int64_t> lo_offset(terms), hi_offset(terms);
+  std::vector<uint64_t> term_mask(g.paired ? terms : 0);
+  for (int64_t k = 0; k < terms; ++k) {
+    lo_offset[k] = tap_offset[g.paired ? 2 * k : k];
+    hi_offset[k] = g.paired && 2 * k + 1 < taps ? tap_offset[2 * k + 1] : lo_offset[k];
+    if (g.paired) term_mask[k] = g.mask[0] | (2 * k + 1 < taps ? g.mask[0] << 32 : 0);
+  }
   std::vector<int64_t> thr64(lanes);
   std::vector<uint8_t> flip_bytes(g.blocks, 0);
-  for (int64_t o = 0; o < lanes; ++o) {
+  for (int64_t o = 0; bits_out && o < lanes; ++o) {
     thr64[o] = thr[o];
     flip_bytes[o / kLanes] |= static_cast<uint8_t>(flp[o] & 1) << (o % kLanes);
   }
@@ -665,7 +715,7 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
     for (int64_t k = 0; k < taps; ++k)
       for (int64_t j = 0; j < g.nwg; ++j)
         for (int l = 0; l < kLanes; ++l)
-          pad_mismatches[k * lanes + blk * kLanes + l] += popcount64(g.weight[((blk * taps + k) * g.nwg + j) * kLanes + l]);
+          pad_mismatches[k * lanes + blk * kLanes + l] += popcount64(tap_weight_word(g, blk, k, j, l));
   // The taps inside the image form a rectangle [first, last] of kernel rows × columns; output rows (and
   // columns) with the same range share one class, and each (row class, column class) its correction.
   auto classes = [](int64_t count, int64_t stride, int64_t pad, int64_t size, int64_t kernel, int64_t dilation,
@@ -705,45 +755,63 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
       class_full[id] = inside == taps;
     }
 
-  const TilePlan plan{taps, g.nwg, tap_offset.data(), g.weight, taps * g.nwg * kLanes, lanes};
+  // Bits out: bit o is (D_o ≥ T_o) XOR flip_o with D = valid − 2·(m − c), i.e. m ≤ c + floor((valid − T_o) / 2):
+  // one limit per padding class and channel, which the tiles compare with their raw counts m in registers.
+  std::vector<int64_t> limits;
+  if (bits_out) {
+    limits.resize(corrections.size());
+    for (size_t id = 0; id < class_valid.size(); ++id)
+      for (int64_t o = 0; o < lanes; ++o) {
+        const int64_t slack = class_valid[id] - thr64[o];
+        limits[id * lanes + o] = corrections[id * lanes + o] + (slack >= 0 ? slack / 2 : -((1 - slack) / 2));
+      }
+  }
+
+  const TilePlan plan{terms, g.nwg, lo_offset.data(), hi_offset.data(),
+                      g.paired ? term_mask.data() : nullptr, g.weight, terms * g.nwg * kLanes, lanes};
   const TileFamily& family = tile_family(isa);
-  const EpilogueFn epilogue = epilogue_function(isa);
   const int P = g.OW >= kTilePixels ? kTilePixels : 1;
-  const TileFn* tiles = family.pixels[P == kTilePixels ? 1 : 0];
+  const TileFn* tiles = family.pixels[g.paired ? 1 : 0][P == kTilePixels ? 1 : 0];
   const int64_t group_blocks = g.groups == 1 ? g.blocks : g.cout_per_group / kLanes;
 
   at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> mm(kTilePixels * lanes);
     const uint64_t* px[kTilePixels];
+    TileBits tile_bits{};
+    tile_bits.flip = flip_bytes.data();
+    const TileBits* bits = bits_out ? &tile_bits : nullptr;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.OH, oh = row % g.OH, top = oh * g.sh;
+      const int64_t row_id = row_class[oh] * n_cols;
       for (int64_t ow0 = 0; ow0 < g.OW; ow0 += P) {
         const int64_t first = std::min(ow0, g.OW - P);  // the last tile overlaps the one before
+        if (bits_out) {
+          for (int p = 0; p < P; ++p) {
+            tile_bits.limit[p] = limits.data() + (row_id + col_class[first + p]) * lanes;
+            tile_bits.bytes[p] = reinterpret_cast<uint8_t*>(out_bits + ((n * g.OH + oh) * g.OW + first + p) * g.CWo);
+          }
+        }
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           for (int p = 0; p < P; ++p) px[p] = x + ((n * Hp + top) * Wp + (first + p) * g.sw) * g.CW + g.word_start[grp];
           const uint64_t* group_mask = g.mask + grp * g.nwg;
           for (int64_t blk = grp * group_blocks, last = blk + group_blocks; blk < last;) {
             const int64_t left = last - blk;
             const int width = left >= 4 && tiles[0] ? 0 : left >= 2 && tiles[1] ? 1 : 2;
-            tiles[width](plan, px, group_mask, blk, mm.data());
+            tiles[width](plan, px, group_mask, blk, mm.data(), bits);
             blk += 4 >> width;
           }
         }
+        if (bits_out) continue;
         for (int p = 0; p < P; ++p) {
-          const int64_t ow = first + p, id = row_class[oh] * n_cols + col_class[ow];
+          const int64_t ow = first + p, id = row_id + col_class[ow];
           const int64_t valid = class_valid[id];
           const int64_t* correction = class_full[id] ? nullptr : corrections.data() + id * lanes;
           const int64_t* counts = mm.data() + p * lanes;
-          if (bits_out) {
-            epilogue(counts, correction, valid, thr64.data(), flip_bytes.data(), g.blocks,
-                     reinterpret_cast<uint8_t*>(out_bits + ((n * g.OH + oh) * g.OW + ow) * g.CWo));
-          } else {
-            float* dst = out_float + ((n * g.OH + oh) * g.OW + ow) * g.cout;
-            for (int64_t o = 0; o < g.cout; ++o) {
-              const int64_t dot = valid - 2 * (counts[o] - (correction ? correction[o] : 0));
-              const float product = static_cast<float>(dot) * a[o];  // exact: α on the float16 grid, |D| < 2^13
-              dst[o] = product + b[o];
-            }
+          float* dst = out_float + ((n * g.OH + oh) * g.OW + ow) * g.cout;
+          for (int64_t o = 0; o < g.cout; ++o) {
+            const int64_t dot = valid - 2 * (counts[o] - (correction ? correction[o] : 0));
+            const float product = static_cast<float>(dot) * a[o];  // exact: α on the float16 grid, |D| < 2^13
+            dst[o] = product + b[o];
           }
         }
       }
