@@ -5,11 +5,13 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from micronet.cli import main
+from micronet.compression.quantization.wqaq.iao import quantize as iao
 from micronet.data import BatchLoader, load_dataset
 from micronet.engine import TrainConfig, evaluate, fit, save_checkpoint
-from micronet.engine.distillation import Distillation, distillation_loss, load_teacher
+from micronet.engine.distillation import Distillation, distillation_loss, inference_teacher, load_teacher
 from micronet.errors import ConfigError
 from micronet.models import build_model
 
@@ -79,6 +81,60 @@ def test_distilled_student_follows_the_teacher_not_the_labels():
         agreement[weight] = _agreement(student, teacher, test)
     assert agreement[None] < 0.2
     assert agreement[5.0] > 0.8
+
+
+def _trained_looking(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_teacher_runs_folded_and_channels_last_with_the_models_logits():
+    model = _trained_looking(build_model("nin", 10, 1, [32, 24, 16, 32, 32, 32, 64, 64]))
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x)
+    hook = Distillation(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in hook.teacher.modules())  # folded into the convs
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the user's model is untouched
+    hook.on_batch(None, x, torch.zeros(8, dtype=torch.long))
+    teacher = hook._teacher_logits
+    assert hook._channels_last
+    assert torch.allclose(teacher, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+    assert torch.equal(teacher.argmax(1), expected.argmax(1))
+
+
+class _ViewHead(nn.Module):
+    """A model whose ``.view`` cannot read a channels-last conv output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).view(x.shape[0], -1))
+
+
+def test_teacher_that_cannot_run_channels_last_falls_back_to_contiguous_memory():
+    model = _ViewHead().eval()
+    x = torch.randn(5, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    hook = Distillation(model)
+    for _ in range(2):
+        hook.on_batch(None, x, torch.zeros(5, dtype=torch.long))
+        assert torch.allclose(hook._teacher_logits, expected, atol=1e-5)
+    assert not hook._channels_last
+
+
+def test_a_quantized_teacher_is_not_folded():
+    prepared = iao.prepare(_trained_looking(build_model("lenet", 10, 1)), a_bits=8, ptq=True)
+    assert inference_teacher(prepared) is prepared
 
 
 def test_hook_rejects_bad_settings_and_order():
