@@ -315,3 +315,76 @@ def test_native_observation_names_non_finite_inputs(bad, kind):
         quantizer(x)
     *_, finite = native_kernels.activation_kernels().min_max(x)
     assert finite is False
+
+
+def _channel_steps(quantizer, weights, upstream):
+    outputs, grads = [], []
+    for w in weights:
+        w = w.clone().requires_grad_(True)
+        out = quantizer(w)
+        (grad,) = torch.autograd.grad(out, w, upstream[: w.numel()].view_as(w))
+        outputs.append(out.detach())
+        grads.append(grad)
+    with torch.no_grad():
+        outputs.append(quantizer(weights[-1] * 1.5))  # and without autograd
+    return {k: v.clone() for k, v in quantizer.state_dict().items()}, outputs, grads
+
+
+@pytest.mark.parametrize("bits,narrow", [(8, False), (4, True), (2, False)])
+@pytest.mark.parametrize("symmetric,signed", [(True, None), (False, None), (True, True), (False, False)])
+@pytest.mark.parametrize("running", [False, True])
+def test_native_per_channel_weight_step_gives_the_tensor_paths_state_bit_for_bit(bits, narrow, symmetric, signed,
+                                                                                running, monkeypatch):
+    """A per-channel min/max weight quantizer observes, derives its parameters and fake-quantizes in one C++
+    call: outputs, gradients and every buffer equal the tensor path's over weights that change sign, have
+    an all-zero channel, odd sizes (the kernel's tail) or are all non-negative (auto-signed turns unsigned)."""
+    from micronet.compression.quantization.core.observers import MinMaxObserver
+    from micronet.compression.quantization.core.quantizers import AffineQuantizer
+
+    g = torch.Generator().manual_seed(bits + 2 * running)
+    first = torch.randn(6, 5, 3, 3, generator=g) * 0.2
+    first[2] = 0.0  # a dead channel: the scale's EPS floor
+    weights = [first, first * 1.3 - 0.05, torch.rand(6, 5, 3, 3, generator=g) * 0.4]  # the last: no negatives
+    upstream = torch.randn(6 * 5 * 9, generator=g)
+
+    def run():
+        quantizer = AffineQuantizer(bits, MinMaxObserver(0, 6, running=running), symmetric=symmetric, signed=signed,
+                                    narrow_range=narrow).train()
+        return quantizer, _channel_steps(quantizer, weights, upstream)
+
+    quantizer, native = run()
+    assert quantizer._observes_channels_in_one_call(weights[0])
+    monkeypatch.setenv(native_kernels.NATIVE_ACTIVATIONS_ENV, "0")
+    native_kernels.activation_kernels.cache_clear()
+    try:
+        quantizer, reference = run()
+        assert not quantizer._observes_channels_in_one_call(weights[0])
+    finally:
+        native_kernels.activation_kernels.cache_clear()
+    native_state, native_out, native_grads = native
+    torch_state, torch_out, torch_grads = reference
+    assert native_state.keys() == torch_state.keys()
+    for key in native_state:
+        assert torch.equal(native_state[key], torch_state[key]), key
+    for ours, theirs in zip(native_out + native_grads, torch_out + torch_grads):
+        assert torch.equal(ours, theirs)
+    if signed is None:  # the last weights are non-negative: unsigned unless the running extremes kept a negative
+        assert int(native_state["signed"]) == int(running)
+
+
+def test_native_per_channel_weight_step_names_non_finite_weights():
+    from micronet.compression.quantization.core.observers import MinMaxObserver
+    from micronet.compression.quantization.core.quantizers import AffineQuantizer
+    from micronet.errors import QuantizationError
+
+    quantizer = AffineQuantizer(8, MinMaxObserver(0, 4, running=False)).train()
+    quantizer.qualified_name = "layer1.0.conv1.weight_quantizer"
+    w = torch.randn(4, 3, 3, 3)
+    quantizer(w)
+    before = quantizer.scale.clone()
+    w[1, 0, 0, 0] = float("nan")
+    with pytest.raises(QuantizationError, match=r"layer1\.0\.conv1\.weight_quantizer received NaN values"):
+        quantizer(w)
+    assert torch.equal(quantizer.scale, before)  # nothing half-updated
+    with pytest.raises(QuantizationError, match="expects 4 channels"):
+        quantizer(torch.randn(5, 3, 3, 3))

@@ -21,12 +21,12 @@ from micronet.compression.quantization.core.native import activation_kernels, na
 from micronet.errors import QuantizationError
 
 
-def _distributed() -> bool:
+def in_distributed_run() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
-    if _distributed():
+    if in_distributed_run():
         reduce_op = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op]
         dist.all_reduce(tensor, op=reduce_op)
     return tensor
@@ -129,7 +129,7 @@ class Observer(nn.Module):
         and return the new (min, max); ``None`` (nothing done) where that path does not apply: per-channel or
         other statistics, DDP, no kernels, tensors the kernels do not read, nothing to observe. A training step
         observes dozens of activations, and the tensor path's small operations cost more than the data."""
-        if not self.updates_from_extremes or self.ch_axis is not None or _distributed():
+        if not self.updates_from_extremes or self.ch_axis is not None or in_distributed_run():
             return None
         tensors = [x] if isinstance(x, torch.Tensor) else list(x)
         kernels = activation_kernels()

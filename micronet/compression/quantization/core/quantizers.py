@@ -23,9 +23,16 @@ from micronet.compression.quantization.core.affine import (
     affine_qparams,
     affine_qparams_scalar,
     fake_quantize,
+    observed_channel_fake_quantize,
     quant_range,
 )
-from micronet.compression.quantization.core.observers import NonFiniteInputError, Observer
+from micronet.compression.quantization.core.native import activation_kernels, native_ready
+from micronet.compression.quantization.core.observers import (
+    MinMaxObserver,
+    NonFiniteInputError,
+    Observer,
+    in_distributed_run,
+)
 from micronet.errors import QuantizationError
 
 QAT, CALIBRATE, FROZEN = 0, 1, 2
@@ -202,6 +209,44 @@ class AffineQuantizer(Quantizer):
         zero_point = 0 if self.symmetric else int(self.zero_point.item())
         return ActivationGrid("codes", float(self.scale.detach().reshape(()).item()), zero_point, quant_min, quant_max,
                               bits=int(self.bits))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._observes_channels_in_one_call(x):
+            return self._observe_and_quantize_channels(x)
+        return super().forward(x)
+
+    def _observes_channels_in_one_call(self, x: torch.Tensor) -> bool:
+        """Per-channel min/max weights in a training (or calibration) step, where the C++ kernels run."""
+        observer, cls = self.observer, type(self)
+        own_steps = cls.observe is AffineQuantizer.observe and cls.quantize is AffineQuantizer.quantize  # not LSQ
+        return (own_steps and observer.ch_axis == 0 and type(observer) is MinMaxObserver and isinstance(x, torch.Tensor)
+                and x.dim() >= 1 and x.is_contiguous() and native_ready(x) and not in_distributed_run()
+                and activation_kernels() is not None and bool(self.enabled.item()) and self.observing)
+
+    def _observe_and_quantize_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`observe` then :meth:`quantize` as one call of the kernels (same float32 operations, same
+        state afterwards)."""
+        observer = self.observer
+        if x.shape[0] != observer.min_val.shape[0]:
+            raise QuantizationError(f"observer expects {observer.min_val.shape[0]} channels on axis 0, got {x.shape[0]}")
+        running = observer.running and observer.is_initialized
+        try:
+            out, lo, hi, scale, zero_point, signed = observed_channel_fake_quantize(
+                x, observer.min_val if running else None, observer.max_val if running else None, int(self.bits),
+                self.narrow_range, self.signed_policy, self.symmetric)
+        except NonFiniteInputError as error:
+            raise QuantizationError(
+                f"quantizer {self.qualified_name or type(self).__name__} received {error.kind} values: "
+                "fix the model or data upstream (e.g. lower the learning rate) before quantizing"
+            ) from None
+        with torch.no_grad():
+            observer.min_val.copy_(lo)
+            observer.max_val.copy_(hi)
+            observer.initialized.fill_(1)
+            self.signed.copy_(signed)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
+        return out
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:

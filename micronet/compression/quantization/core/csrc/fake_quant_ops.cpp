@@ -218,6 +218,85 @@ std::tuple<double, double, bool> min_max(torch::Tensor x) {
   return {lo, hi, all_finite};
 }
 
+// Per-channel (axis 0) affine weight quantization in one call: the extremes of each channel of `w` (merged
+// into the running ones `prev_lo` / `prev_hi` when given), the signedness (`signed_policy` -1: signed when
+// any extreme is negative), each channel's scale and zero point exactly as affine_qparams computes them in
+// float32, and the quantize-dequantize with its clip mask. Returns {out, mask, lo, hi, scale, zero_point,
+// signed}; {} (nothing computed) when `w` holds a NaN or an infinity.
+std::vector<torch::Tensor> channel_affine_forward(torch::Tensor w, torch::Tensor prev_lo, torch::Tensor prev_hi,
+                                                  std::vector<int64_t> signed_range, std::vector<int64_t> unsigned_range,
+                                                  int64_t signed_policy, bool symmetric, double eps, bool with_mask) {
+  check_dense_float(w, "w");
+  TORCH_CHECK(w.is_contiguous() && w.dim() >= 1 && w.size(0) > 0 && w.numel() > 0, "w must be contiguous, channels first");
+  TORCH_CHECK(signed_range.size() == 2 && unsigned_range.size() == 2, "code ranges are (min, max) pairs");
+  const int64_t C = w.size(0), K = w.numel() / C;
+  const bool running = prev_lo.defined() && prev_lo.numel() > 0;
+  if (running) {
+    check_dense_float(prev_lo, "prev_lo");
+    check_dense_float(prev_hi, "prev_hi");
+    TORCH_CHECK(prev_lo.numel() == C && prev_hi.numel() == C, "running extremes need one value per channel");
+  }
+  auto lo = torch::empty({C}, w.options()), hi = torch::empty({C}, w.options());
+  float* lo_p = lo.data_ptr<float>();
+  float* hi_p = hi.data_ptr<float>();
+  const float* src = w.data_ptr<float>();
+  std::vector<char> finite(C, 1);
+  const int64_t grain = std::max<int64_t>(1, kGrain / K);
+  at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      bool ok = true;
+      min_max_loop(src + c * K, K, lo_p + c, hi_p + c, &ok);
+      finite[c] = ok;
+    }
+  });
+  for (int64_t c = 0; c < C; ++c)
+    if (!finite[c]) return {};
+  if (running) {  // torch.minimum / torch.maximum with the extremes seen before
+    const float* old_lo = prev_lo.data_ptr<float>();
+    const float* old_hi = prev_hi.data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) {
+      lo_p[c] = std::min(old_lo[c], lo_p[c]);
+      hi_p[c] = std::max(old_hi[c], hi_p[c]);
+    }
+  }
+  bool is_signed = signed_policy == 1;
+  if (signed_policy < 0)
+    for (int64_t c = 0; c < C; ++c) is_signed = is_signed || lo_p[c] < 0.0f;
+  const std::vector<int64_t>& range = is_signed ? signed_range : unsigned_range;
+  const float qmin = static_cast<float>(range[0]), qmax = static_cast<float>(range[1]);
+  const float levels = static_cast<float>(range[1] - range[0]), floor_eps = static_cast<float>(eps);
+  auto scale = torch::empty({C}, w.options());
+  auto zero_point = torch::zeros({C}, w.options().dtype(torch::kInt32));
+  float* scale_p = scale.data_ptr<float>();
+  int32_t* zero_p = zero_point.data_ptr<int32_t>();
+  std::vector<float> inverse(C), zero(C, 0.0f);
+  for (int64_t c = 0; c < C; ++c) {  // affine_qparams, operation by operation in float32
+    const float l = std::min(lo_p[c], 0.0f), h = std::max(hi_p[c], 0.0f);
+    float sc;
+    if (symmetric) {
+      sc = std::max(std::abs(l), h) / qmax;
+    } else {
+      sc = (h - l) / levels;
+    }
+    sc = sc < floor_eps ? floor_eps : sc;
+    if (!symmetric) {
+      zero[c] = clamp(qmin - round_half_even(l / sc), qmin, qmax);
+      zero_p[c] = static_cast<int32_t>(zero[c]);
+    }
+    scale_p[c] = sc;
+    inverse[c] = 1.0f / sc;  // torch's 1.0 / scale: a float32 reciprocal
+  }
+  auto out = torch::empty_like(w);
+  auto inside = with_mask ? bool_like(w) : torch::Tensor();
+  float* dst = out.data_ptr<float>();
+  uint8_t* mask = with_mask ? bytes(inside) : nullptr;
+  at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c)
+      affine_loop(src + c * K, dst + c * K, mask ? mask + c * K : nullptr, K, inverse[c], scale_p[c], zero[c], qmin, qmax);
+  });
+  return {out, inside, lo, hi, scale, zero_point, torch::tensor(static_cast<uint8_t>(is_signed))};
+}
+
 // The clip-STE gradient grad · mask, as torch's grad * mask computes it.
 torch::Tensor masked_product(torch::Tensor grad, torch::Tensor inside) {
   check_dense_float(grad, "grad");
@@ -241,4 +320,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affine_forward", &affine_forward, "per-tensor affine fake-quant and its clip mask, one pass");
   m.def("min_max", &min_max, "(min, max, all finite) in one read");
   m.def("masked_product", &masked_product, "grad * mask, one pass");
+  m.def("channel_affine_forward", &channel_affine_forward,
+        "per-channel weight extremes, affine parameters and fake-quant with its clip mask, one call");
 }
