@@ -218,13 +218,16 @@ void tile_avx512(const TilePlan& t, const uint64_t* const* px, const uint64_t* m
   const __m512i lut = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);
   const __m512i low = _mm512_set1_epi8(0x0F);
   const __m512i zero = _mm512_setzero_si512();
+  // A short K (every layer of the demo NIN) never fills the byte counters: they stay in registers and
+  // vpsadbw turns them into the counts once, at the end; a longer K flushes them into int64 counters in mm.
+  const bool short_k = t.terms * t.nwg <= kByteSteps;
   __m512i bytes[P][B];
   int64_t* out[P][B];
 #pragma GCC unroll 16
   for (int i = 0; i < P * B; ++i) {
     bytes[i / B][i % B] = zero;
     out[i / B][i % B] = mm + (i / B) * t.mm_stride + (blk0 + i % B) * kLanes;
-    _mm512_storeu_si512(out[i / B][i % B], zero);
+    if (!short_k) _mm512_storeu_si512(out[i / B][i % B], zero);
   }
   const uint64_t* w0 = t.weight + blk0 * t.block_stride;
   int pending = 0;
@@ -245,20 +248,22 @@ void tile_avx512(const TilePlan& t, const uint64_t* const* px, const uint64_t* m
           bytes[p][b] = _mm512_add_epi8(bytes[p][b], counts);
         }
       }
-      if (++pending == kByteSteps) {
+      if (!short_k && ++pending == kByteSteps) {
         flush_bytes_avx512<P * B>(&bytes[0][0], &out[0][0]);
         pending = 0;
       }
     }
   }
-  flush_bytes_avx512<P * B>(&bytes[0][0], &out[0][0]);
-  if (bits) {
 #pragma GCC unroll 16
-    for (int i = 0; i < P * B; ++i) {
-      const int p = i / B, blk = blk0 + i % B;
-      const __mmask8 met = _mm512_cmple_epi64_mask(_mm512_loadu_si512(out[p][i % B]),
-                                                   _mm512_loadu_si512(bits->limit[p] + blk * kLanes));
+  for (int i = 0; i < P * B; ++i) {
+    const int p = i / B, blk = blk0 + i % B;
+    __m512i counts = _mm512_sad_epu8(bytes[p][i % B], zero);
+    if (!short_k) counts = _mm512_add_epi64(counts, _mm512_loadu_si512(out[p][i % B]));
+    if (bits) {
+      const __mmask8 met = _mm512_cmple_epi64_mask(counts, _mm512_loadu_si512(bits->limit[p] + blk * kLanes));
       bits->bytes[p][blk] = static_cast<uint8_t>(met) ^ bits->flip[blk];
+    } else {
+      _mm512_storeu_si512(out[p][i % B], counts);
     }
   }
 }
@@ -293,12 +298,14 @@ void tile_avx2(const TilePlan& t, const uint64_t* const* px, const uint64_t* mas
                const TileBits* bits) {
   static_assert(B == 1, "the AVX2 tile holds one block");
   const __m256i zero = _mm256_setzero_si256();
+  const bool short_k = t.terms * t.nwg <= kByteSteps;  // byte counters never flushed (as in tile_avx512)
   __m256i lo[P], hi[P];
   int64_t* out[P];
 #pragma GCC unroll 8
   for (int p = 0; p < P; ++p) {
     lo[p] = hi[p] = zero;
     out[p] = mm + p * t.mm_stride + blk0 * kLanes;
+    if (short_k) continue;
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[p]), zero);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[p] + 4), zero);
   }
@@ -315,25 +322,29 @@ void tile_avx2(const TilePlan& t, const uint64_t* const* px, const uint64_t* mas
         lo[p] = _mm256_add_epi8(lo[p], popcount_bytes_avx2(_mm256_xor_si256(xv, w_lo)));
         hi[p] = _mm256_add_epi8(hi[p], popcount_bytes_avx2(_mm256_xor_si256(xv, w_hi)));
       }
-      if (++pending == kByteSteps) {
+      if (!short_k && ++pending == kByteSteps) {
         flush_bytes_avx2<P>(lo, hi, out);
         pending = 0;
       }
     }
   }
-  flush_bytes_avx2<P>(lo, hi, out);
-  if (bits) {
 #pragma GCC unroll 8
-    for (int p = 0; p < P; ++p) {
-      const int64_t* limit = bits->limit[p] + blk0 * kLanes;
-      int byte = 0;
-      for (int h = 0; h < 2; ++h) {  // count > limit: the bit is not set
-        const __m256i above = _mm256_cmpgt_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(out[p] + 4 * h)),
-                                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(limit + 4 * h)));
-        byte |= (~_mm256_movemask_pd(_mm256_castsi256_pd(above)) & 0xF) << (4 * h);
-      }
-      bits->bytes[p][blk0] = static_cast<uint8_t>(byte) ^ bits->flip[blk0];
+  for (int p = 0; p < P; ++p) {
+    __m256i counts[2] = {_mm256_sad_epu8(lo[p], zero), _mm256_sad_epu8(hi[p], zero)};
+    __m256i* stored = reinterpret_cast<__m256i*>(out[p]);
+    if (!short_k)
+      for (int h = 0; h < 2; ++h) counts[h] = _mm256_add_epi64(counts[h], _mm256_loadu_si256(stored + h));
+    if (!bits) {
+      for (int h = 0; h < 2; ++h) _mm256_storeu_si256(stored + h, counts[h]);
+      continue;
     }
+    const int64_t* limit = bits->limit[p] + blk0 * kLanes;
+    int byte = 0;
+    for (int h = 0; h < 2; ++h) {  // count > limit: the bit is not set
+      const __m256i above = _mm256_cmpgt_epi64(counts[h], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(limit + 4 * h)));
+      byte |= (~_mm256_movemask_pd(_mm256_castsi256_pd(above)) & 0xF) << (4 * h);
+    }
+    bits->bytes[p][blk0] = static_cast<uint8_t>(byte) ^ bits->flip[blk0];
   }
 }
 
