@@ -228,12 +228,13 @@ class Runner:
 
     def __init__(self, name: str, model: nn.Module, lr: float, channels_last: bool,
                  teacher: nn.Module | None = None) -> None:
+        from micronet.compression.fusion import fold_for_inference
         from micronet.engine.distillation import Distillation
 
         self.name = name
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
         self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
-        self.distill = None if teacher is None else Distillation(teacher)
+        self.distill = None if teacher is None else Distillation(fold_for_inference(teacher))  # as --distill
         self.times: list[float] = []
         self.error: str | None = None
         self.last_loss = math.nan

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from micronet.cli import main
+from micronet.compression.fusion import fold_for_inference
 from micronet.compression.quantization.wqaq.iao import quantize as iao
 from micronet.data import BatchLoader, load_dataset
 from micronet.engine import TrainConfig, evaluate, fit, save_checkpoint
-from micronet.engine.distillation import Distillation, distillation_loss, inference_teacher, load_teacher
+from micronet.engine.distillation import Distillation, distillation_loss, load_teacher
 from micronet.errors import ConfigError
 from micronet.models import build_model
 
@@ -98,7 +99,7 @@ def test_teacher_runs_folded_and_channels_last_with_the_models_logits():
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         expected = model(x)
-    hook = Distillation(model)
+    hook = Distillation(fold_for_inference(model))  # what --distill builds
     assert not any(isinstance(m, nn.BatchNorm2d) for m in hook.teacher.modules())  # folded into the convs
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the user's model is untouched
     hook.on_batch(None, x, torch.zeros(8, dtype=torch.long))
@@ -134,7 +135,7 @@ def test_teacher_that_cannot_run_channels_last_falls_back_to_contiguous_memory()
 
 def test_a_quantized_teacher_is_not_folded():
     prepared = iao.prepare(_trained_looking(build_model("lenet", 10, 1)), a_bits=8, ptq=True)
-    assert inference_teacher(prepared) is prepared
+    assert fold_for_inference(prepared) is prepared
 
 
 def test_hook_rejects_bad_settings_and_order():
@@ -192,3 +193,17 @@ def test_distillation_flag_errors(tmp_path, cli_fails):
     assert _train(tmp_path / "plain") == 0
     cli_fails(["train", "--resume", str(tmp_path / "plain"), "--epochs", "2", "--distill", str(tmp_path / "teacher")],
               "not started with --distill")
+
+
+def test_the_distill_flag_runs_the_teacher_folded(tmp_path):
+    from types import SimpleNamespace
+
+    from micronet.workflows.runs import distillation_hooks
+
+    teacher = tmp_path / "teacher"
+    assert main(["train", "--model", "nin", "--cfg", "8,8,8,8,8,8,8,8", "--epochs", "1", "--data", "synthetic",
+                 "--batch-size", "32", "--out", str(teacher), "--no-progress"]) == 0
+    options = SimpleNamespace(distill=str(teacher), distill_weight=1.0, distill_temperature=4.0, resume=None)
+    (hook,) = distillation_hooks(options, None, SimpleNamespace(num_classes=10, name="synthetic"))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in hook.teacher.modules())
+    assert hook.source == str(teacher)

@@ -344,6 +344,20 @@ def _fold_qat_conv(model: nn.Module, name: str, module: nn.Module) -> FusedLayer
                       "quantizers kept)", bias_added=module.bias is None)
 
 
+def fold_for_inference(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with its BatchNorms folded into the convolutions that feed them, for a model that
+    only runs inference beside training (a distillation teacher): a copy (``model`` is untouched) that computes
+    the same outputs up to float rounding and skips one pass over each BatchNorm's activation. Folded only
+    where torch.fx traces the model (for an untraceable one the pairs would be guessed from module order) and
+    never for a quantized model (folding would change its grids): those come back as they are, in eval mode."""
+    from micronet.compression.quantization.core.quantizers import is_prepared
+
+    if is_prepared(model):
+        return model.eval()
+    folded, report = fuse(model)
+    return folded if report.traced else model.eval()
+
+
 def fuse(model: nn.Module) -> tuple[nn.Module, FusionReport]:
     """Fold every foldable BatchNorm of ``model`` into its convolution (see the module docstring).
 

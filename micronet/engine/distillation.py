@@ -9,6 +9,7 @@ The term is added to the task's cross-entropy: ``loss = CE(student, labels) + we
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from micronet.compression.quantization.core.quantizers import is_prepared
 from micronet.engine.hooks import Hook
 from micronet.errors import ConfigError
 
-__all__ = ["Distillation", "distillation_loss", "inference_teacher", "load_teacher"]
+__all__ = ["Distillation", "distillation_loss", "load_teacher"]
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -48,21 +48,6 @@ def load_teacher(path: str | Path, num_classes: int, data_name: str | None = Non
     return teacher.build_model()
 
 
-def inference_teacher(teacher: nn.Module) -> nn.Module:
-    """``teacher`` in eval mode with its BatchNorms folded into the convolutions that feed them (a copy; the
-    model itself is untouched). The teacher runs a forward on every training batch; folded, that forward
-    skips one pass over each BatchNorm's activation (on the demo NIN a quarter of distillation's cost) and
-    computes the same logits up to float rounding, which a soft target does not notice. Folding only where
-    torch.fx traces the model: for an untraceable one the pairs would be guessed from module order, so it
-    runs as it is."""
-    from micronet.compression.fusion import fuse
-
-    if is_prepared(teacher):  # a quantized teacher is what it is: folding would change its grids
-        return teacher.eval()
-    folded, report = fuse(teacher)
-    return folded if report.traced else teacher.eval()
-
-
 class Distillation(Hook):
     """Engine hook: runs ``teacher`` (eval mode, no gradients) on every training batch and adds the
     distillation term to the loss. ``source`` (the teacher's checkpoint path) is saved with the run so
@@ -75,7 +60,7 @@ class Distillation(Hook):
             raise ConfigError(f"distillation weight must be a positive number, got {weight}")
         if not (math.isfinite(temperature) and temperature > 0):
             raise ConfigError(f"distillation temperature must be a positive number, got {temperature}")
-        self.teacher = inference_teacher(teacher).requires_grad_(False).to(memory_format=torch.channels_last)
+        self.teacher = teacher.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.weight = float(weight)
         self.temperature = float(temperature)
         self.source = source
@@ -132,10 +117,14 @@ class Distillation(Hook):
         return {"kind": "distillation", "teacher": self.source, "weight": self.weight, "temperature": self.temperature}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], num_classes: int, data_name: str | None = None) -> Distillation:
-        """Rebuild the hook of a saved run (``micronet ... --resume``) from its teacher checkpoint."""
+    def from_state(cls, state: dict[str, Any], num_classes: int, data_name: str | None = None,
+                   prepare_teacher: Callable[[nn.Module], nn.Module] | None = None) -> Distillation:
+        """Rebuild the hook of a saved run (``micronet ... --resume``) from its teacher checkpoint, passed
+        through ``prepare_teacher`` (e.g. :func:`micronet.compression.fusion.fold_for_inference`) when given."""
         if not state.get("teacher"):
             raise ConfigError("the run was distilled from a teacher given as a module, not a checkpoint path: "
                               "it cannot be resumed from the command line")
         teacher = load_teacher(state["teacher"], num_classes, data_name)
+        if prepare_teacher is not None:
+            teacher = prepare_teacher(teacher)
         return cls(teacher, weight=state["weight"], temperature=state["temperature"], source=state["teacher"])

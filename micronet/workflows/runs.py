@@ -101,16 +101,18 @@ def saved_hook_states(last: Any, kind: str) -> list[dict]:
 
 def distillation_hooks(options: Any, last: Any, info: Any) -> list:
     """The distillation hook of ``--distill``, or of the resumed run ``last`` that was started with it."""
+    from micronet.compression.fusion import fold_for_inference
     from micronet.engine.distillation import Distillation, load_teacher
 
     if last is not None:
         saved = saved_hook_states(last, "distillation")
         if options.distill and not saved:
             raise ConfigError(f"{options.resume} was not started with --distill: distillation cannot be added on resume")
-        return [Distillation.from_state(state, info.num_classes, info.name) for state in saved]
+        return [Distillation.from_state(state, info.num_classes, info.name, prepare_teacher=fold_for_inference)
+                for state in saved]
     if not options.distill:
         return []
-    teacher = load_teacher(options.distill, info.num_classes, info.name)
+    teacher = fold_for_inference(load_teacher(options.distill, info.num_classes, info.name))
     return [Distillation(teacher, weight=options.distill_weight, temperature=options.distill_temperature,
                          source=options.distill)]
 

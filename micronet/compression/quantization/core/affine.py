@@ -23,6 +23,14 @@ EPS = torch.finfo(torch.float32).eps
 MIN_BITS, MAX_BITS = 2, 16
 
 
+class NonFiniteInputError(QuantizationError):
+    """An observation met NaN or infinite values (the quantizer re-raises this with its own name)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"observer received {kind} values")
+        self.kind = kind
+
+
 def quant_range(bits: int, signed: bool, narrow_range: bool = False) -> tuple[int, int]:
     """Integer code range: signed ``[-2^(b-1), 2^(b-1)-1]`` (narrow: ``-2^(b-1)+1``), unsigned ``[0, 2^b-1]``."""
     if not MIN_BITS <= int(bits) <= MAX_BITS:
@@ -113,8 +121,6 @@ def _channel_affine(w, prev_lo, prev_hi, signed_range, unsigned_range, signed_po
                                                           list(unsigned_range), signed_policy, symmetric,
                                                           float(EPS), with_mask)
     if not results:
-        from micronet.compression.quantization.core.observers import NonFiniteInputError  # observers import this module
-
         raise NonFiniteInputError("NaN" if bool(torch.isnan(w).any()) else "infinite")
     return results  # out, mask, lo, hi, scale, zero_point, signed
 

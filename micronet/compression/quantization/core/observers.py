@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from micronet.compression.quantization.core.affine import affine_qparams
+from micronet.compression.quantization.core.affine import NonFiniteInputError, affine_qparams
 from micronet.compression.quantization.core.native import activation_kernels, native_ready
 from micronet.errors import QuantizationError
 
@@ -30,14 +30,6 @@ def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
         reduce_op = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op]
         dist.all_reduce(tensor, op=reduce_op)
     return tensor
-
-
-class NonFiniteInputError(QuantizationError):
-    """An observer was shown NaN or infinite values (its quantizer re-raises this with its own name)."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__(f"observer received {kind} values")
-        self.kind = kind
 
 
 def check_finite(lo: torch.Tensor, hi: torch.Tensor, data: torch.Tensor) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from micronet.compression.quantization.core.affine import (
+    NonFiniteInputError,
     affine_qparams,
     affine_qparams_scalar,
     fake_quantize,
@@ -27,12 +28,7 @@ from micronet.compression.quantization.core.affine import (
     quant_range,
 )
 from micronet.compression.quantization.core.native import activation_kernels, native_ready
-from micronet.compression.quantization.core.observers import (
-    MinMaxObserver,
-    NonFiniteInputError,
-    Observer,
-    in_distributed_run,
-)
+from micronet.compression.quantization.core.observers import MinMaxObserver, Observer, in_distributed_run
 from micronet.errors import QuantizationError
 
 QAT, CALIBRATE, FROZEN = 0, 1, 2
