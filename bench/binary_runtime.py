@@ -69,10 +69,13 @@ def median_ms(fn, warmup: int, repeats: int) -> float:
 
 
 def round_robin(runners: dict, warmup: int, repeats: int, rounds: int = 3) -> dict[str, float]:
-    """Median over ``rounds`` of each runner's median, the runners interleaved round by round."""
+    """Median over ``rounds`` of each runner's median, the runners interleaved round by round. Each runner
+    starts after a short pause, so the thread pool of the one before (ONNX Runtime's spin, OpenMP's) has
+    parked and does not compete for the cores."""
     samples: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, fn in runners.items():
+            time.sleep(0.05)
             samples[name].append(median_ms(fn, warmup, repeats))
     return {name: statistics.median(values) for name, values in samples.items()}
 

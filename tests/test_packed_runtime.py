@@ -4,6 +4,7 @@ pure-torch reference everywhere)."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -410,3 +411,60 @@ def test_native_kernels_build_where_a_compiler_exists():
     if shutil.which("c++") is None or shutil.which("ninja") is None:
         pytest.skip("no C++ compiler or ninja: the reference path is the runtime here")
     assert "scalar" in ISA_PATHS
+
+
+NATIVE_PATHS = [isa for isa in ISA_PATHS if isa != "reference"]
+
+
+def conv_outputs(layer: PackedConv2d, isa: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(native, reference) outputs of one layer on the signs of ``x``, as comparable tensors."""
+    reference = kernels.ReferenceKernels()
+    packed = reference.pack_sign(x)
+    out, expected = kernels.kernels_for(isa).conv(packed, layer), reference.conv(packed, layer)
+    return (out.words, expected.words) if layer.bits_out else (out, expected)
+
+
+@pytest.mark.parametrize("isa", NATIVE_PATHS)
+def test_conv_plans_follow_input_sizes_and_in_place_changes(isa):
+    """Plans are cached per input size: a second size gets its own, and thresholds, flips, weights, α or
+    bias changed in place (as load_state_dict does) are read, never a stale copy."""
+    for bits_out in (True, False):
+        layer = random_packed_conv(40, 24, 3, 1, 1, bits_out=bits_out, seed=5)
+        g = torch.Generator().manual_seed(4)
+        for h, w in ((9, 9), (6, 11), (9, 9)):
+            assert torch.equal(*conv_outputs(layer, isa, torch.randn(2, 40, h, w, generator=g)))
+        assert len(layer.plans()) == 2
+        x = torch.randn(2, 40, 9, 9, generator=g)
+        before = conv_outputs(layer, isa, x)[0].clone()
+        with torch.no_grad():
+            if bits_out:
+                layer.threshold[:24] = layer.threshold[:24].flip(0)
+                layer.flip[:24] ^= 1
+            else:
+                layer.alpha.mul_(2)
+                layer.bias.add_(1)
+            layer.weight_words.bitwise_xor_(layer.group_mask[0].view(1, 1, -1, 1))  # every weight's sign
+            layer._reference_weight = None
+        after, expected = conv_outputs(layer, isa, x)
+        assert torch.equal(after, expected) and not torch.equal(after, before)
+
+
+@pytest.mark.parametrize("isa", NATIVE_PATHS)
+def test_packed_models_copy_reload_and_run_under_inference_mode(isa):
+    model = binary("nin", SMALL_NIN)
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = model(x)
+    packed = compile_packed(model, isa=isa)
+    assert torch.equal(packed(x), packed(x))  # plans built, then reused
+    twin = copy.deepcopy(packed)
+    assert all("_native_plans" not in m.__dict__ for m in twin.modules())  # plans never travel with a copy
+    assert torch.equal(twin(x), packed(x))
+    other = compile_packed(binary("nin", SMALL_NIN, seed=1), isa=isa)
+    other(x)
+    other.load_state_dict(packed.state_dict())  # in place: the plans built for the old weights go stale
+    assert torch.equal(other(x), packed(x))
+    with torch.inference_mode():
+        fresh = compile_packed(model, isa=isa)  # buffers are inference tensors: no version counters
+        assert_same_logits(fresh(x), expected)
+        assert torch.equal(fresh(x), packed(x))

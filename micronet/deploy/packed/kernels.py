@@ -140,14 +140,31 @@ class NativeKernels:
         return PackedBits(self._ops.permute_channels(packed.words, source), packed.channels)
 
     def conv(self, packed: PackedBits, layer: Any) -> torch.Tensor | PackedBits:
-        oh, ow = layer.output_size(packed.words.shape[1], packed.words.shape[2])
-        geometry = [*layer.kernel_size, *layer.stride, *layer.padding, *layer.dilation, layer.out_channels,
-                    layer.in_channels // layer.groups, layer.groups, oh, ow]
-        out = self._ops.conv(packed.words, layer.weight_words, layer.word_start, layer.group_mask, geometry,
-                             layer.threshold, layer.flip, layer.alpha, layer.bias, layer.bits_out, self._isa)
+        words = packed.words
+        out = self._ops.conv_run(self._plan(layer, words), words, self._isa)
         if layer.bits_out:
             return PackedBits(out, layer.out_channels)
         return out if layer.channels_last else out.contiguous()  # floats come channels-last
+
+    def _plan(self, layer: Any, words: torch.Tensor) -> Any:
+        """The layer's plan for this input size (padding corrections, epilogue limits, tap offsets and the
+        layer's tensors), built once: at batch 1 rebuilding it cost more than the popcounts. A plan whose
+        tensors changed in place is rebuilt; the layer drops its plans when its tensors are replaced."""
+        size = words.shape[1:]
+        plans = layer.plans()
+        plan = plans.get(size)
+        if plan is None or not plan.current():
+            height, width, count = size
+            oh, ow = layer.output_size(height, width)
+            geometry = [height, width, count, *layer.kernel_size, *layer.stride, *layer.padding, *layer.dilation,
+                        layer.out_channels, layer.in_channels // layer.groups, layer.groups, oh, ow]
+            plan = plans[size] = self._ops.conv_plan(layer.weight_words, layer.word_start, layer.group_mask,
+                                                     geometry, layer.threshold, layer.flip, layer.alpha, layer.bias,
+                                                     layer.bits_out)
+        return plan
+
+    def __deepcopy__(self, memo: dict) -> NativeKernels:
+        return self  # stateless apart from the loaded extension, which cannot be copied
 
 
 # ------------------------------------------------------------------------------------------ building

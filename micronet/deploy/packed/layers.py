@@ -124,6 +124,24 @@ class PackedConv2d(_PackedModule):
         self.register_buffer("bias", bias.detach().reshape(-1).float().clone() if keep else torch.empty(0))
         self._reference_weight: torch.Tensor | None = None
 
+    # Native kernel plans per input size (see NativeKernels.conv): derived from this layer's tensors, so
+    # dropped whenever they are replaced and never copied or pickled with the layer.
+    def plans(self) -> dict[Any, Any]:
+        return self.__dict__.setdefault("_native_plans", {})
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PackedConv2d:
+        self.__dict__.pop("_native_plans", None)
+        return super()._apply(fn, recurse)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__.pop("_native_plans", None)
+        super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state.pop("_native_plans", None)
+        return state
+
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1  # type: ignore[return-value]
                      for size, p, d, k, s in zip((h, w), self.padding, self.dilation, self.kernel_size, self.stride))

@@ -37,6 +37,13 @@ bool isa_supported(int64_t isa) {
   }
 }
 
+// Items per thread chunk so each chunk carries about kMinChunkWork units of work (a unit ≈ one vector
+// instruction): waking a second thread costs microseconds, more than a small layer at batch 1 computes.
+constexpr int64_t kMinChunkWork = 1 << 14;
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(1, work_per_item));
+}
+
 // Portable popcount: no popcnt instruction assumed (the scalar path must run on any x86-64).
 inline int popcount64(uint64_t v) {
   v = v - ((v >> 1) & 0x5555555555555555ULL);
@@ -432,7 +439,7 @@ torch::Tensor pack_sign(torch::Tensor x) {
   auto out = torch::zeros({N, H, W, CW}, torch::kInt64);
   const float* src = x.data_ptr<float>();
   uint64_t* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
-  at::parallel_for(0, N * CW, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * CW, grain_for(64 * HW), [&](int64_t begin, int64_t end) {
     std::vector<uint64_t> words(HW);
     for (int64_t nw = begin; nw < end; ++nw) {
       const int64_t n = nw / CW, w = nw % CW;
@@ -476,10 +483,12 @@ torch::Tensor pack_sign_nhwc(torch::Tensor x) {
   const float* src = x.data_ptr<float>();
   uint64_t* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
   if (isa_supported(kAvx512)) {
-    at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) { pack_sign_rows_avx512(src, C, CW, begin, end, dst); });
+    at::parallel_for(0, P, grain_for(C / 16 + 1), [&](int64_t begin, int64_t end) {
+      pack_sign_rows_avx512(src, C, CW, begin, end, dst);
+    });
     return out;
   }
-  at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, P, grain_for(C / 4 + 1), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const float* v = src + p * C;
       const __m128 zero = _mm_setzero_ps();
@@ -511,7 +520,7 @@ torch::Tensor unpack_nhwc(torch::Tensor bits, int64_t C) {
       for (int b = 0; b < 8; ++b) t[byte * 8 + b] = ((byte >> b) & 1) ? 1.0f : -1.0f;
     return t;
   }();
-  at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, P, grain_for(C / 8 + 1), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const uint8_t* bytes = reinterpret_cast<const uint8_t*>(src + p * CW);  // little-endian: channel c in byte c/8
       float* d = dst + p * C;
@@ -530,7 +539,7 @@ torch::Tensor unpack(torch::Tensor bits, int64_t C) {
   auto out = torch::empty({N, C, H, W}, torch::kFloat32);
   const uint64_t* src = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
   float* dst = out.data_ptr<float>();
-  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / C, c = nc % C;
       for (int64_t p = 0; p < HW; ++p)
@@ -549,7 +558,7 @@ torch::Tensor max_pool(torch::Tensor bits, int64_t KH, int64_t KW, int64_t sh, i
   auto out = torch::empty({N, OH, OW, CW}, torch::kInt64);
   const uint64_t* src = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
   uint64_t* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
-  at::parallel_for(0, N * OH, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * OH, grain_for(OW * KH * KW * CW), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / OH, oh = row % OH;
       const int64_t ih0 = std::max<int64_t>(oh * sh - ph, 0), ih1 = std::min(oh * sh - ph + KH, H);
@@ -579,7 +588,7 @@ torch::Tensor permute_channels(torch::Tensor bits, torch::Tensor source) {
   const uint64_t* src = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
   const int64_t* from = source.data_ptr<int64_t>();
   uint64_t* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
-  at::parallel_for(0, N * H * W, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * H * W, grain_for(C), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const uint64_t* s = src + p * CW;
       uint64_t* d = dst + p * CW;
@@ -597,7 +606,7 @@ torch::Tensor pad_bits(const torch::Tensor& bits, int64_t ph, int64_t pw) {
   auto out = torch::zeros({N, H + 2 * ph, W + 2 * pw, CW}, torch::kInt64);
   const int64_t* src = bits.data_ptr<int64_t>();
   int64_t* dst = out.data_ptr<int64_t>();
-  at::parallel_for(0, N * H, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * H, grain_for(W * CW / 8 + 1), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / H, h = r % H;
       std::memcpy(dst + ((n * (H + 2 * ph) + h + ph) * (W + 2 * pw) + pw) * CW, src + r * W * CW,
@@ -610,7 +619,8 @@ torch::Tensor pad_bits(const torch::Tensor& bits, int64_t ph, int64_t pw) {
 // Channels of several groups share a block (e.g. depthwise): one channel at a time, on the unpadded input.
 void conv_mixed_groups(const ConvGeometry& g, const int32_t* thr, const uint8_t* flp, const float* a, const float* b,
                        uint64_t* out_bits, float* out_float) {
-  at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
+  const int64_t row_work = g.OW * g.cout * g.KH * g.KW * g.nwg / kLanes;
+  at::parallel_for(0, g.N * g.OH, grain_for(row_work), [&](int64_t begin, int64_t end) {
     Taps taps;
     std::vector<uint64_t> xbuf;
     std::vector<int32_t> dot(g.CWo * 64, 0);
@@ -640,86 +650,113 @@ void conv_mixed_groups(const ConvGeometry& g, const int32_t* thr, const uint8_t*
 
 }  // namespace
 
-// Direct (im2col-free) binary convolution over packed channels, threads over output rows.
-torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_start, torch::Tensor mask,
-                   std::vector<int64_t> geometry, torch::Tensor threshold, torch::Tensor flip, torch::Tensor alpha,
-                   torch::Tensor bias, bool bits_out, int64_t isa) {
-  check_words(bits, "packed bits");
+// Everything about one convolution that depends only on its weights, epilogue and input size (not on the
+// input's values or batch): built once per input size by conv_plan and reused by every conv_run, so a
+// small batch pays for its popcounts, not for rebuilding corrections and limits.
+struct ConvPlan {
+  ConvGeometry g{};              // N and the data pointers are set per call
+  bool bits_out = false;
+  bool mixed = false;            // blocks straddle groups: the per-channel path on the unpadded input
+  int64_t Hp = 0, Wp = 0, terms = 0, lanes = 0, n_cols = 0;
+  std::vector<int64_t> lo_offset, hi_offset;
+  std::vector<uint64_t> term_mask;
+  std::vector<uint8_t> flip_bytes;
+  std::vector<int64_t> row_class, col_class;
+  std::vector<int64_t> corrections, class_valid, limits;
+  std::vector<char> class_full;
+  // The layer's tensors the plan was derived from and reads at run time, with their version counters: an
+  // in-place change of any of them makes the plan stale (current() says so; the caller rebuilds it).
+  std::vector<torch::Tensor> tensors;  // weight, word_start, mask, threshold, flip, alpha, bias
+  std::vector<int64_t> versions;
+
+  // Inference tensors (made under torch.inference_mode) keep no version counter: recorded as -1, unchecked.
+  static int64_t version_of(const torch::Tensor& t) { return t.is_inference() ? -1 : t._version(); }
+  bool current() const {
+    for (size_t i = 0; i < tensors.size(); ++i)
+      if (version_of(tensors[i]) != versions[i]) return false;
+    return true;
+  }
+};
+
+namespace {
+
+// Layouts of the weight, offsets, masks and epilogue tensors against the geometry.
+void check_layer(const ConvGeometry& g, const torch::Tensor& weight, const torch::Tensor& word_start,
+                 const torch::Tensor& mask, const torch::Tensor& threshold, const torch::Tensor& flip,
+                 const torch::Tensor& alpha, const torch::Tensor& bias, bool bits_out) {
   check_words(weight, "packed weight");
   check_words(word_start, "group word offsets");
   check_words(mask, "group masks");
-  TORCH_CHECK(geometry.size() == 13, "conv geometry needs 13 integers");
-  TORCH_CHECK(isa_supported(isa), "this CPU lacks the instructions of the requested kernel");
-  ConvGeometry g{};
-  g.N = bits.size(0); g.H = bits.size(1); g.W = bits.size(2); g.CW = bits.size(3);
-  g.KH = geometry[0]; g.KW = geometry[1]; g.sh = geometry[2]; g.sw = geometry[3]; g.ph = geometry[4];
-  g.pw = geometry[5]; g.dh = geometry[6]; g.dw = geometry[7]; g.cout = geometry[8]; g.cin_per_group = geometry[9];
-  g.groups = geometry[10]; g.OH = geometry[11]; g.OW = geometry[12];
-  g.cout_per_group = g.cout / g.groups;
-  g.nwg = mask.size(1);
-  g.blocks = weight.size(0);
-  g.CWo = (g.cout + 63) / 64;
-  g.paired = weight.size(1) != g.KH * g.KW;
-  TORCH_CHECK(weight.size(1) == (g.paired ? (g.KH * g.KW + 1) / 2 : g.KH * g.KW) && weight.size(2) == g.nwg &&
+  TORCH_CHECK(weight.size(0) == g.blocks && mask.size(0) == g.groups && mask.size(1) == g.nwg &&
+              weight.size(1) == (g.paired ? (g.KH * g.KW + 1) / 2 : g.KH * g.KW) && weight.size(2) == g.nwg &&
               weight.size(3) == kLanes, "packed weight layout does not match the geometry");
-  TORCH_CHECK(!g.paired || (g.groups == 1 && g.nwg == 1 && g.cin_per_group <= 32),
-              "paired-tap weights need one group of at most 32 input channels");
-  TORCH_CHECK(g.blocks * kLanes >= g.cout && word_start.size(0) == g.groups, "packed weight does not cover the channels");
-  TORCH_CHECK(g.OH > 0 && g.OW > 0 && (g.OH - 1) * g.sh + (g.KH - 1) * g.dh < g.H + 2 * g.ph &&
-              (g.OW - 1) * g.sw + (g.KW - 1) * g.dw < g.W + 2 * g.pw, "conv output size does not fit the input");
-  g.x = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
-  g.weight = reinterpret_cast<const uint64_t*>(weight.data_ptr<int64_t>());
-  g.word_start = word_start.data_ptr<int64_t>();
-  g.mask = reinterpret_cast<const uint64_t*>(mask.data_ptr<int64_t>());
-  for (int64_t grp = 0; grp < g.groups; ++grp)
-    TORCH_CHECK(g.word_start[grp] >= 0 && g.word_start[grp] + g.nwg <= g.CW, "group words outside the input");
-
+  TORCH_CHECK(word_start.size(0) == g.groups, "group word offsets do not match the groups");
   // Each epilogue reads only its own pair: thresholds and flips (bits out) or α and bias (float out).
   const int64_t padded = bits_out ? g.CWo * 64 : 0, channels = bits_out ? 0 : g.cout;
   TORCH_CHECK(threshold.scalar_type() == torch::kInt32 && threshold.numel() == padded, "threshold layout");
   TORCH_CHECK(flip.scalar_type() == torch::kUInt8 && flip.numel() == padded, "flip layout");
   TORCH_CHECK(alpha.scalar_type() == torch::kFloat32 && alpha.numel() == channels, "alpha layout");
   TORCH_CHECK(bias.scalar_type() == torch::kFloat32 && bias.numel() == channels, "bias layout");
-  const int32_t* thr = threshold.data_ptr<int32_t>();
-  const uint8_t* flp = flip.data_ptr<uint8_t>();
-  const float* a = alpha.data_ptr<float>();
-  const float* b = bias.data_ptr<float>();
+}
 
-  // Bytes past the last block (channels never computed) must read 0.
-  // Floats are written (N, OH, OW, cout): one contiguous run per pixel; returned as an NCHW view (channels-last).
-  torch::Tensor out = !bits_out ? torch::empty({g.N, g.OH, g.OW, g.cout}, torch::kFloat32)
-                      : g.blocks == g.CWo * 8 ? torch::empty({g.N, g.OH, g.OW, g.CWo}, torch::kInt64)
-                                              : torch::zeros({g.N, g.OH, g.OW, g.CWo}, torch::kInt64);
-  uint64_t* out_bits = bits_out ? reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()) : nullptr;
-  float* out_float = bits_out ? nullptr : out.data_ptr<float>();
+}  // namespace
 
-  if (g.groups > 1 && g.cout_per_group % kLanes != 0) {  // a block would straddle two groups
-    conv_mixed_groups(g, thr, flp, a, b, out_bits, out_float);
-    return bits_out ? out : out.permute({0, 3, 1, 2});
-  }
+// The plan of one conv layer for inputs of H × W pixels and CW words.
+std::shared_ptr<ConvPlan> conv_plan(torch::Tensor weight, torch::Tensor word_start, torch::Tensor mask,
+                                    std::vector<int64_t> geometry, torch::Tensor threshold, torch::Tensor flip,
+                                    torch::Tensor alpha, torch::Tensor bias, bool bits_out) {
+  TORCH_CHECK(geometry.size() == 16, "conv geometry needs 16 integers");
+  auto plan = std::make_shared<ConvPlan>();
+  ConvGeometry& g = plan->g;
+  g.H = geometry[0]; g.W = geometry[1]; g.CW = geometry[2];
+  g.KH = geometry[3]; g.KW = geometry[4]; g.sh = geometry[5]; g.sw = geometry[6]; g.ph = geometry[7];
+  g.pw = geometry[8]; g.dh = geometry[9]; g.dw = geometry[10]; g.cout = geometry[11]; g.cin_per_group = geometry[12];
+  g.groups = geometry[13]; g.OH = geometry[14]; g.OW = geometry[15];
+  TORCH_CHECK(g.groups > 0 && g.cout % g.groups == 0 && weight.dim() == 4 && mask.dim() == 2,
+              "conv geometry does not match the packed weight");
+  g.cout_per_group = g.cout / g.groups;
+  g.nwg = mask.size(1);
+  g.blocks = weight.size(0);
+  g.CWo = (g.cout + 63) / 64;
+  g.paired = weight.size(1) != g.KH * g.KW;
+  check_layer(g, weight, word_start, mask, threshold, flip, alpha, bias, bits_out);
+  TORCH_CHECK(!g.paired || (g.groups == 1 && g.nwg == 1 && g.cin_per_group <= 32),
+              "paired-tap weights need one group of at most 32 input channels");
+  TORCH_CHECK(g.blocks * kLanes >= g.cout, "packed weight does not cover the channels");
+  TORCH_CHECK(g.OH > 0 && g.OW > 0 && (g.OH - 1) * g.sh + (g.KH - 1) * g.dh < g.H + 2 * g.ph &&
+              (g.OW - 1) * g.sw + (g.KW - 1) * g.dw < g.W + 2 * g.pw, "conv output size does not fit the input");
+  const int64_t* start = word_start.data_ptr<int64_t>();
+  for (int64_t grp = 0; grp < g.groups; ++grp)
+    TORCH_CHECK(start[grp] >= 0 && start[grp] + g.nwg <= g.CW, "group words outside the input");
+  plan->bits_out = bits_out;
+  plan->tensors = {weight, word_start, mask, threshold, flip, alpha, bias};
+  for (const auto& t : plan->tensors) plan->versions.push_back(ConvPlan::version_of(t));
+  plan->mixed = g.groups > 1 && g.cout_per_group % kLanes != 0;  // a block would straddle two groups
+  if (plan->mixed) return plan;
 
-  // The tiled path on a zero-padded input.
-  const torch::Tensor source = g.ph || g.pw ? pad_bits(bits, g.ph, g.pw) : bits;
-  const uint64_t* x = reinterpret_cast<const uint64_t*>(source.data_ptr<int64_t>());
+  g.weight = reinterpret_cast<const uint64_t*>(weight.data_ptr<int64_t>());
+  g.mask = reinterpret_cast<const uint64_t*>(mask.data_ptr<int64_t>());
   const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw, taps = g.KH * g.KW, lanes = g.blocks * kLanes;
+  plan->Hp = Hp; plan->Wp = Wp; plan->lanes = lanes;
   std::vector<int64_t> tap_offset(taps);
   for (int64_t k = 0; k < taps; ++k) tap_offset[k] = ((k / g.KW) * g.dh * Wp + (k % g.KW) * g.dw) * g.CW;
   // Terms: one per tap, or per pair of taps 2t and 2t + 1 (the lone last tap pairs with itself, its high
   // half masked off).
   const int64_t terms = g.paired ? (taps + 1) / 2 : taps;
-  std::vector<int64_t> lo_offset(terms), hi_offset(terms);
-  std::vector<uint64_t> term_mask(g.paired ? terms : 0);
+  plan->terms = terms;
+  plan->lo_offset.resize(terms);
+  plan->hi_offset.resize(terms);
+  plan->term_mask.resize(g.paired ? terms : 0);
   for (int64_t k = 0; k < terms; ++k) {
-    lo_offset[k] = tap_offset[g.paired ? 2 * k : k];
-    hi_offset[k] = g.paired && 2 * k + 1 < taps ? tap_offset[2 * k + 1] : lo_offset[k];
-    if (g.paired) term_mask[k] = g.mask[0] | (2 * k + 1 < taps ? g.mask[0] << 32 : 0);
+    plan->lo_offset[k] = tap_offset[g.paired ? 2 * k : k];
+    plan->hi_offset[k] = g.paired && 2 * k + 1 < taps ? tap_offset[2 * k + 1] : plan->lo_offset[k];
+    if (g.paired) plan->term_mask[k] = g.mask[0] | (2 * k + 1 < taps ? g.mask[0] << 32 : 0);
   }
-  std::vector<int64_t> thr64(lanes);
-  std::vector<uint8_t> flip_bytes(g.blocks, 0);
-  for (int64_t o = 0; bits_out && o < lanes; ++o) {
-    thr64[o] = thr[o];
-    flip_bytes[o / kLanes] |= static_cast<uint8_t>(flp[o] & 1) << (o % kLanes);
-  }
+  const int32_t* thr = threshold.data_ptr<int32_t>();
+  const uint8_t* flp = flip.data_ptr<uint8_t>();
+  plan->flip_bytes.assign(g.blocks, 0);
+  for (int64_t o = 0; bits_out && o < lanes; ++o)
+    plan->flip_bytes[o / kLanes] |= static_cast<uint8_t>(flp[o] & 1) << (o % kLanes);
   // Mismatches a zero (padded) input word adds at tap k: the popcount of the weight's bits there.
   std::vector<int64_t> pad_mismatches(taps * lanes, 0);
   for (int64_t blk = 0; blk < g.blocks; ++blk)
@@ -742,13 +779,14 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
       if (found == ranges.end()) ranges.push_back(range);
     }
   };
-  std::vector<int64_t> row_class, col_class;
   std::vector<std::pair<int64_t, int64_t>> row_ranges, col_ranges;
-  classes(g.OH, g.sh, g.ph, g.H, g.KH, g.dh, row_class, row_ranges);
-  classes(g.OW, g.sw, g.pw, g.W, g.KW, g.dw, col_class, col_ranges);
-  const int64_t n_cols = col_ranges.size();
-  std::vector<int64_t> corrections(row_ranges.size() * n_cols * lanes, 0), class_valid(row_ranges.size() * n_cols);
-  std::vector<char> class_full(row_ranges.size() * n_cols);
+  classes(g.OH, g.sh, g.ph, g.H, g.KH, g.dh, plan->row_class, row_ranges);
+  classes(g.OW, g.sw, g.pw, g.W, g.KW, g.dw, plan->col_class, col_ranges);
+  const int64_t n_cols = col_ranges.size(), n_classes = row_ranges.size() * n_cols;
+  plan->n_cols = n_cols;
+  plan->corrections.assign(n_classes * lanes, 0);
+  plan->class_valid.assign(n_classes, 0);
+  plan->class_full.assign(n_classes, 0);
   for (size_t rc = 0; rc < row_ranges.size(); ++rc)
     for (int64_t cc = 0; cc < n_cols; ++cc) {
       const int64_t id = rc * n_cols + cc;
@@ -759,46 +797,89 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
             kw <= col_ranges[cc].second) {
           ++inside;
         } else {
-          for (int64_t o = 0; o < lanes; ++o) corrections[id * lanes + o] += pad_mismatches[k * lanes + o];
+          for (int64_t o = 0; o < lanes; ++o) plan->corrections[id * lanes + o] += pad_mismatches[k * lanes + o];
         }
       }
-      class_valid[id] = inside * g.cin_per_group;
-      class_full[id] = inside == taps;
+      plan->class_valid[id] = inside * g.cin_per_group;
+      plan->class_full[id] = inside == taps;
     }
 
   // Bits out: bit o is (D_o ≥ T_o) XOR flip_o with D = valid − 2·(m − c), i.e. m ≤ c + floor((valid − T_o) / 2):
   // one limit per padding class and channel, which the tiles compare with their raw counts m in registers.
-  std::vector<int64_t> limits;
   if (bits_out) {
-    limits.resize(corrections.size());
-    for (size_t id = 0; id < class_valid.size(); ++id)
+    plan->limits.resize(plan->corrections.size());
+    for (int64_t id = 0; id < n_classes; ++id)
       for (int64_t o = 0; o < lanes; ++o) {
-        const int64_t slack = class_valid[id] - thr64[o];
-        limits[id * lanes + o] = corrections[id * lanes + o] + (slack >= 0 ? slack / 2 : -((1 - slack) / 2));
+        const int64_t slack = plan->class_valid[id] - thr[o];
+        plan->limits[id * lanes + o] =
+            plan->corrections[id * lanes + o] + (slack >= 0 ? slack / 2 : -((1 - slack) / 2));
       }
   }
+  g.weight = nullptr;  // the plan keeps numbers, never pointers into tensors it does not own
+  g.mask = nullptr;
+  return plan;
+}
 
-  const TilePlan plan{terms, g.nwg, lo_offset.data(), hi_offset.data(),
-                      g.paired ? term_mask.data() : nullptr, g.weight, terms * g.nwg * kLanes, lanes};
+// Direct (im2col-free) binary convolution over packed channels, threads over output rows; `plan` comes
+// from conv_plan for this layer and this input size, and holds the layer's tensors.
+torch::Tensor conv_run(const ConvPlan& plan, torch::Tensor bits, int64_t isa) {
+  check_words(bits, "packed bits");
+  TORCH_CHECK(isa_supported(isa), "this CPU lacks the instructions of the requested kernel");
+  TORCH_CHECK(plan.current(), "the conv plan is stale: a tensor it was built from changed in place");
+  const bool bits_out = plan.bits_out;
+  ConvGeometry g = plan.g;
+  TORCH_CHECK(bits.size(1) == g.H && bits.size(2) == g.W && bits.size(3) == g.CW,
+              "packed bits do not match the conv plan's input size");
+  const torch::Tensor& weight = plan.tensors[0];
+  g.N = bits.size(0);
+  g.x = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
+  g.weight = reinterpret_cast<const uint64_t*>(weight.data_ptr<int64_t>());
+  g.word_start = plan.tensors[1].data_ptr<int64_t>();
+  g.mask = reinterpret_cast<const uint64_t*>(plan.tensors[2].data_ptr<int64_t>());
+  const int32_t* thr = plan.tensors[3].data_ptr<int32_t>();
+  const uint8_t* flp = plan.tensors[4].data_ptr<uint8_t>();
+  const float* a = plan.tensors[5].data_ptr<float>();
+  const float* b = plan.tensors[6].data_ptr<float>();
+
+  // Bytes past the last block (channels never computed) must read 0.
+  // Floats are written (N, OH, OW, cout): one contiguous run per pixel; returned as an NCHW view (channels-last).
+  torch::Tensor out = !bits_out ? torch::empty({g.N, g.OH, g.OW, g.cout}, torch::kFloat32)
+                      : g.blocks == g.CWo * 8 ? torch::empty({g.N, g.OH, g.OW, g.CWo}, torch::kInt64)
+                                              : torch::zeros({g.N, g.OH, g.OW, g.CWo}, torch::kInt64);
+  uint64_t* out_bits = bits_out ? reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()) : nullptr;
+  float* out_float = bits_out ? nullptr : out.data_ptr<float>();
+
+  if (plan.mixed) {
+    conv_mixed_groups(g, thr, flp, a, b, out_bits, out_float);
+    return bits_out ? out : out.permute({0, 3, 1, 2});
+  }
+
+  // The tiled path on a zero-padded input.
+  const torch::Tensor source = g.ph || g.pw ? pad_bits(bits, g.ph, g.pw) : bits;
+  const uint64_t* x = reinterpret_cast<const uint64_t*>(source.data_ptr<int64_t>());
+  const int64_t Hp = plan.Hp, Wp = plan.Wp, lanes = plan.lanes, n_cols = plan.n_cols;
+  const TilePlan tile_plan{plan.terms, g.nwg, plan.lo_offset.data(), plan.hi_offset.data(),
+                           g.paired ? plan.term_mask.data() : nullptr, g.weight, plan.terms * g.nwg * kLanes, lanes};
   const TileFamily& family = tile_family(isa);
   const int P = g.OW >= kTilePixels ? kTilePixels : 1;
   const TileFn* tiles = family.pixels[g.paired ? 1 : 0][P == kTilePixels ? 1 : 0];
   const int64_t group_blocks = g.groups == 1 ? g.blocks : g.cout_per_group / kLanes;
 
-  at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
+  const int64_t row_work = g.OW * g.groups * group_blocks * plan.terms * g.nwg;
+  at::parallel_for(0, g.N * g.OH, grain_for(row_work), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> mm(kTilePixels * lanes);
     const uint64_t* px[kTilePixels];
     TileBits tile_bits{};
-    tile_bits.flip = flip_bytes.data();
-    const TileBits* bits = bits_out ? &tile_bits : nullptr;
+    tile_bits.flip = plan.flip_bytes.data();
+    const TileBits* tile_out = bits_out ? &tile_bits : nullptr;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.OH, oh = row % g.OH, top = oh * g.sh;
-      const int64_t row_id = row_class[oh] * n_cols;
+      const int64_t row_id = plan.row_class[oh] * n_cols;
       for (int64_t ow0 = 0; ow0 < g.OW; ow0 += P) {
         const int64_t first = std::min(ow0, g.OW - P);  // the last tile overlaps the one before
         if (bits_out) {
           for (int p = 0; p < P; ++p) {
-            tile_bits.limit[p] = limits.data() + (row_id + col_class[first + p]) * lanes;
+            tile_bits.limit[p] = plan.limits.data() + (row_id + plan.col_class[first + p]) * lanes;
             tile_bits.bytes[p] = reinterpret_cast<uint8_t*>(out_bits + ((n * g.OH + oh) * g.OW + first + p) * g.CWo);
           }
         }
@@ -808,15 +889,15 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
           for (int64_t blk = grp * group_blocks, last = blk + group_blocks; blk < last;) {
             const int64_t left = last - blk;
             const int width = left >= 4 && tiles[0] ? 0 : left >= 2 && tiles[1] ? 1 : 2;
-            tiles[width](plan, px, group_mask, blk, mm.data(), bits);
+            tiles[width](tile_plan, px, group_mask, blk, mm.data(), tile_out);
             blk += 4 >> width;
           }
         }
         if (bits_out) continue;
         for (int p = 0; p < P; ++p) {
-          const int64_t ow = first + p, id = row_id + col_class[ow];
-          const int64_t valid = class_valid[id];
-          const int64_t* correction = class_full[id] ? nullptr : corrections.data() + id * lanes;
+          const int64_t ow = first + p, id = row_id + plan.col_class[ow];
+          const int64_t valid = plan.class_valid[id];
+          const int64_t* correction = plan.class_full[id] ? nullptr : plan.corrections.data() + id * lanes;
           const int64_t* counts = mm.data() + p * lanes;
           float* dst = out_float + ((n * g.OH + oh) * g.OW + ow) * g.cout;
           for (int64_t o = 0; o < g.cout; ++o) {
@@ -832,6 +913,8 @@ torch::Tensor conv(torch::Tensor bits, torch::Tensor weight, torch::Tensor word_
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<ConvPlan, std::shared_ptr<ConvPlan>>(m, "ConvPlan")
+      .def("current", &ConvPlan::current, "whether no tensor the plan was built from changed since");
   m.def("supported_isas", &supported_isas, "kernels this CPU can run, slowest first");
   m.def("pack_sign", &pack_sign, "float NCHW -> packed sign bits (N, H, W, ceil(C/64))");
   m.def("unpack", &unpack, "packed bits -> float ±1 NCHW");
@@ -839,5 +922,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpack_nhwc", &unpack_nhwc, "packed bits -> float ±1 NHWC");
   m.def("max_pool", &max_pool, "max pooling of ±1 values on packed bits (OR)");
   m.def("permute_channels", &permute_channels, "channel permutation on packed bits");
-  m.def("conv", &conv, "binary XNOR-popcount convolution with a fused epilogue");
+  m.def("conv_plan", &conv_plan, "a binary conv's per-input-size plan (corrections, limits, offsets)");
+  m.def("conv_run", &conv_run, "binary XNOR-popcount convolution with a fused epilogue, on a plan");
 }
