@@ -139,6 +139,32 @@ def test_relu6_pairs_are_equalized_without_moving_the_clip():
     assert spread(layers["3"].weight) < spread(folded["3"].weight) / 4  # measured 14.1 → 2.3
 
 
+def test_relu6_bounds_come_from_calibration_data_when_batchnorm_statistics_understate_them():
+    """BatchNorm statistics of narrow data, inputs 4× wider: β + 3γ understates the pre-activations, so
+    scaling by it alone moves the ReLU6 clip; the maxima seen on calibration data keep the function."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8, momentum=1.0), nn.ReLU6(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8, momentum=1.0), nn.ReLU6(),
+        nn.Conv2d(8, 6, 1))
+    with torch.no_grad():
+        model[1].weight.copy_(10 ** torch.linspace(-1, 0, 8))
+        model[1].bias.fill_(0.5)
+        model[3].weight.mul_((10 ** torch.linspace(1, -1.5, 8)).reshape(-1, 1, 1, 1))
+        model.train()(torch.randn(64, 3, 8, 8))
+    model.eval()
+    x = 4 * torch.randn(64, 3, 8, 8)
+    with torch.no_grad():
+        reference = model(x)
+        data_free = equalize(model, absorb_high_bias=False)[0](x)
+        bounded_model, report = equalize(model, absorb_high_bias=False, calibration=[x[:32], x[32:]])
+        bounded = bounded_model(x)
+    assert report.pairs == [("0", "3"), ("3", "6")]
+    scale = float(reference.abs().mean())
+    assert float((data_free - reference).abs().mean()) > 1e-2 * scale  # the clip moved
+    assert float((bounded - reference).abs().mean()) <= 1e-5 * scale
+
+
 def test_relu6_pairs_without_batchnorm_are_left_alone():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU6(), nn.Conv2d(4, 4, 1))
     equalized, report = equalize(model)

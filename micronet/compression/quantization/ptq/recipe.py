@@ -20,7 +20,7 @@ from micronet.compression.quantization.ptq.adaround import AdaRoundOptions
 from micronet.compression.quantization.ptq.adaround import adaround as learn_rounding
 from micronet.compression.quantization.ptq.bias_correction import correct_bias
 from micronet.compression.quantization.ptq.equalize import equalize as equalize_layers
-from micronet.compression.quantization.ptq.layers import layer_units
+from micronet.compression.quantization.ptq.layers import batches, layer_units
 from micronet.errors import QuantizationError
 
 
@@ -89,7 +89,7 @@ def post_training_quantize(
     started = time.perf_counter()
     recipe: dict[str, Any] = {"equalize": equalize, "bias_correction": bias_correction, "adaround": adaround}
     if equalize:
-        float_model, report = equalize_layers(model)
+        float_model, report = equalize_layers(model, calibration=batches(data, num_batches))
         recipe["equalization"] = report.to_json()
         timings["equalize_s"] = time.perf_counter() - started
     else:
