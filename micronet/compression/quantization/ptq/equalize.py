@@ -37,6 +37,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from micronet.compression.quantization.core.scheme import QuantScheme
+from micronet.compression.quantization.ptq.noise_scales import InputStatistics, noise_minimizing_scale
+from micronet.errors import QuantizationError
+
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -51,10 +55,12 @@ class EqualizationReport:
     absorbed: list[tuple[str, str]] = field(default_factory=list)
     folded_bn: int = 0
     iterations: int = 0
+    objective: str = "ranges"  # "ranges": classic equalization; "noise": per-channel weights (noise_scales)
     held_by_clip: list[tuple[str, int]] = field(default_factory=list)  # (layer, channels that reach a ReLU6 clip)
 
     def summary(self) -> str:
-        line = (f"cross-layer equalization: {len(self.pairs)} layer pairs equalized in {self.iterations} sweeps, "
+        how = f"in {self.iterations} sweeps" if self.objective == "ranges" else "for the least rounding noise"
+        line = (f"cross-layer equalization: {len(self.pairs)} layer pairs equalized {how}, "
                 f"{self.folded_bn} BatchNorms folded first, high bias absorbed into {len(self.absorbed)} layers")
         held = [f"  {name}: {count} channels reach the ReLU6 clip and keep their scale" for name, count in self.held_by_clip]
         return "\n".join([line] + held + [f"  not equalized: {name} ({reason})" for name, reason in self.skipped])
@@ -62,6 +68,7 @@ class EqualizationReport:
     def to_json(self) -> dict:
         return {"pairs": [list(p) for p in self.pairs], "absorbed": [list(p) for p in self.absorbed],
                 "skipped": [list(p) for p in self.skipped], "folded_bn": self.folded_bn, "iterations": self.iterations,
+                "objective": self.objective,
                 "held_by_clip": [list(p) for p in self.held_by_clip]}
 
 
@@ -202,28 +209,47 @@ def _clips(passed: list[nn.Module]) -> list[float]:
 
 
 @torch.no_grad()
-def _observed_maxima(model: nn.Module, names: list[str], inputs: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The largest output of each named layer per channel (float64) over ``inputs``."""
+def _observe(model: nn.Module, outputs_of: list[str], inputs_of: list[str],
+             data: Iterable[torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, InputStatistics]]:
+    """Over ``data``: the largest output per channel of each layer in ``outputs_of`` and the per-channel
+    statistics of the input of each layer in ``inputs_of`` (float64)."""
     layers = dict(model.named_modules())
     maxima: dict[str, torch.Tensor] = {}
+    sums: dict[str, list[torch.Tensor]] = {}  # high, low, sum of squares, count
 
-    def record(name: str):
+    def channels(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().transpose(0, 1).reshape(t.shape[1], -1).double()
+
+    def record_output(name: str):
         def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-            peak = output.detach().transpose(0, 1).reshape(output.shape[1], -1).amax(dim=1).double()
+            peak = channels(output).amax(dim=1)
             maxima[name] = peak if name not in maxima else torch.maximum(maxima[name], peak)
         return hook
 
-    handles = [layers[name].register_forward_hook(record(name)) for name in names]
+    def record_input(name: str):
+        def hook(_module: nn.Module, inputs: Any) -> None:
+            x = channels(inputs[0])
+            seen = [x.amax(dim=1).clamp_min(0), x.amin(dim=1).clamp_max(0), x.pow(2).sum(dim=1),
+                    torch.tensor(float(x.shape[1]), dtype=torch.float64)]
+            if name in sums:
+                old = sums[name]
+                seen = [torch.maximum(old[0], seen[0]), torch.minimum(old[1], seen[1]), old[2] + seen[2], old[3] + seen[3]]
+            sums[name] = seen
+        return hook
+
+    handles = [layers[name].register_forward_hook(record_output(name)) for name in outputs_of]
+    handles += [layers[name].register_forward_pre_hook(record_input(name)) for name in inputs_of]
     training = model.training
     model.eval()
     try:
-        for x in inputs:
+        for x in data:
             model(x)
     finally:
         model.train(training)
         for handle in handles:
             handle.remove()
-    return maxima
+    statistics = {name: InputStatistics(high, low, total / count) for name, (high, low, total, count) in sums.items()}
+    return maxima, statistics
 
 
 def _clip_limits(pairs, stats, report: EqualizationReport,
@@ -258,30 +284,9 @@ def _within_clip(s: torch.Tensor, total: torch.Tensor, reaches: torch.Tensor, lo
     return wanted / total
 
 
-@torch.no_grad()
-def equalize(model: nn.Module, *, max_sweeps: int = 100, tolerance: float = 1e-6,
-             absorb_high_bias: bool = True,
-             calibration: Iterable[torch.Tensor] | None = None) -> tuple[nn.Module, EqualizationReport]:
-    """A float copy of ``model`` with BatchNorms folded, weights equalized across layer pairs and high
-    biases absorbed; its function is unchanged (up to float rounding, and to the rare pre-activations that
-    high-bias absorption assumes above β − 3γ or that exceed a ReLU6 channel's bound). ``calibration``
-    (input batches) raises those ReLU6 bounds to what the data reaches. The copy carries ``fusion_record``
-    (checkpoints rebuild the folded structure) and ``model`` is not modified."""
-    from micronet.compression.fusion import fuse
-
-    report = EqualizationReport()
-    stats = _bn_statistics(model)
-    fused, fusion = fuse(model)
-    report.folded_bn = len(fusion.fused)
-    folded = {layer.conv for layer in fusion.fused}
-    stats = {name: value for name, value in stats.items() if name in folded}
-    pairs = _pairs(fused, report)
-    clipped = [first for first, _, passed in pairs if _clips(passed) and first in stats]
-    observed = _observed_maxima(fused, clipped, calibration) if calibration is not None and clipped else {}
-    limits = _clip_limits(pairs, stats, report, observed)
-    pairs = [pair for pair in pairs if pair[0] in limits or not _clips(pair[2])]
-    layers = dict(fused.named_modules())
-    scales = {name: torch.ones(_out_channels(layers[name]), dtype=torch.float64) for name, _, _ in pairs}
+def _equalize_ranges(pairs, layers, limits, scales, report: EqualizationReport, max_sweeps: int,
+                     tolerance: float) -> None:
+    """Classic equalization: sweep the pairs until the scales settle (module docstring)."""
     for sweep in range(1, max_sweeps + 1):
         report.iterations = sweep
         largest = 0.0
@@ -294,6 +299,59 @@ def equalize(model: nn.Module, *, max_sweeps: int = 100, tolerance: float = 1e-6
             largest = max(largest, float(s.log().abs().max()))
         if largest < tolerance:
             break
+
+
+def _minimize_noise(pairs, layers, limits, scales, statistics: dict[str, InputStatistics], scheme: QuantScheme,
+                    report: EqualizationReport) -> None:
+    """Per-channel weights: each pair scaled once by :func:`.noise_scales.noise_minimizing_scale`."""
+    report.iterations = 1
+    report.objective = "noise"
+    for first_name, second_name, _ in pairs:
+        first, second = layers[first_name], layers[second_name]
+        fixed, lowest = limits.get(first_name, (None, None))
+        s = noise_minimizing_scale(_grouped(second), statistics[second_name], _equalization_scale(first, second),
+                                   w_bits=scheme.weight.bits, a_bits=scheme.activation.bits,
+                                   w_symmetric=scheme.weight.symmetric, fixed=fixed, lowest=lowest)
+        _scale_pair(first, second, s)
+        scales[first_name] *= s
+
+
+@torch.no_grad()
+def equalize(model: nn.Module, *, max_sweeps: int = 100, tolerance: float = 1e-6,
+             absorb_high_bias: bool = True, calibration: Iterable[torch.Tensor] | None = None,
+             scheme: QuantScheme | None = None) -> tuple[nn.Module, EqualizationReport]:
+    """A float copy of ``model`` with BatchNorms folded, weights equalized across layer pairs and high
+    biases absorbed; its function is unchanged (up to float rounding, and to the rare pre-activations that
+    high-bias absorption assumes above β − 3γ or that exceed a ReLU6 channel's bound). ``calibration``
+    (input batches) raises those ReLU6 bounds to what the data reaches. Given the ``scheme`` the model will be
+    quantized with and per-channel weights, the scales minimise the pair's rounding noise on ``calibration``
+    (:mod:`.noise_scales`) instead of evening out weight ranges. The copy carries ``fusion_record``
+    (checkpoints rebuild the folded structure) and ``model`` is not modified."""
+    from micronet.compression.fusion import fuse
+
+    by_noise = scheme is not None and scheme.weight.per_channel
+    if by_noise and calibration is None:
+        raise QuantizationError("equalization for per-channel weights chooses its scales from the data: pass "
+                                "calibration batches, or a scheme with per-tensor weights")
+    report = EqualizationReport()
+    stats = _bn_statistics(model)
+    fused, fusion = fuse(model)
+    report.folded_bn = len(fusion.fused)
+    folded = {layer.conv for layer in fusion.fused}
+    stats = {name: value for name, value in stats.items() if name in folded}
+    pairs = _pairs(fused, report)
+    clipped = [first for first, _, passed in pairs if _clips(passed) and first in stats]
+    observed, inputs = {}, {}
+    if calibration is not None and (clipped or by_noise):
+        observed, inputs = _observe(fused, clipped, [second for _, second, _ in pairs] if by_noise else [], calibration)
+    limits = _clip_limits(pairs, stats, report, observed)
+    pairs = [pair for pair in pairs if pair[0] in limits or not _clips(pair[2])]
+    layers = dict(fused.named_modules())
+    scales = {name: torch.ones(_out_channels(layers[name]), dtype=torch.float64) for name, _, _ in pairs}
+    if by_noise:
+        _minimize_noise(pairs, layers, limits, scales, inputs, scheme, report)
+    else:
+        _equalize_ranges(pairs, layers, limits, scales, report, max_sweeps, tolerance)
     report.pairs = [(a, b) for a, b, _ in pairs]
     if absorb_high_bias:
         for first_name, second_name, passed in pairs:

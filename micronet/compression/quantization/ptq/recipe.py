@@ -89,7 +89,7 @@ def post_training_quantize(
     started = time.perf_counter()
     recipe: dict[str, Any] = {"equalize": equalize, "bias_correction": bias_correction, "adaround": adaround}
     if equalize:
-        float_model, report = equalize_layers(model, calibration=batches(data, num_batches))
+        float_model, report = equalize_layers(model, calibration=batches(data, num_batches), scheme=scheme)
         recipe["equalization"] = report.to_json()
         timings["equalize_s"] = time.perf_counter() - started
     else:
