@@ -79,13 +79,24 @@ def machine_header(meta: dict) -> str:
             + ("?" if busy is None else f"{100 * busy:.0f}%") + " busy now (load avg lags by a minute or more)")
 
 
-def finish(meta: dict, results: list, json_path: str | None) -> None:
-    """Print the closing load average and, with ``json_path``, write the meta data and results as JSON."""
+def write_results(meta: dict, results: list, json_path: str | None, *, complete: bool = False) -> None:
+    """Write the meta data and the results so far as JSON (atomically), marked ``complete`` or not: a run cut
+    off by a time limit keeps the rows it finished."""
     import json
 
+    if not json_path:
+        return
+    path = Path(json_path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"meta": meta, "complete": complete, "results": results}, indent=1))
+    partial.replace(path)
+
+
+def finish(meta: dict, results: list, json_path: str | None) -> None:
+    """Print the closing load average and, with ``json_path``, write the meta data and results as JSON."""
     end = os.getloadavg()
     print(f"\nload avg at end {end[0]:.2f} {end[1]:.2f} {end[2]:.2f}")
     if json_path:
         meta["loadavg_end"] = end
-        Path(json_path).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        write_results(meta, results, json_path, complete=True)
         print(f"wrote {json_path}")

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import finish, machine_header, machine_meta  # noqa: E402
+from _machine import finish, machine_header, machine_meta, write_results  # noqa: E402
 
 from micronet.compression.quantization import post_training_quantize  # noqa: E402
 from micronet.data import BatchLoader, load_dataset  # noqa: E402
@@ -188,10 +188,12 @@ def main() -> int:
                         traceback.print_exc()
                     print(f"| {name} | {bits} | {label} | – ({reason}) | – | – |", flush=True)
                     results.append({"model": name, "bits": bits, "row": label, "error": reason})
+                    write_results(meta, results, args.json)
                     continue
                 print(f"| {name} | {bits} | {label} | {acc * 100:.2f} | {(fp32 - acc) * 100:.2f} | {seconds:.1f} |", flush=True)
                 results.append({"model": name, "bits": bits, "row": label, "acc": acc, "fp32": fp32, "seconds": seconds,
                                 "load": os.getloadavg()[0]})
+                write_results(meta, results, args.json)
     finish(meta, results, args.json)
     return 0
 

@@ -126,14 +126,24 @@ def test_equalization_for_per_channel_weights_lowers_the_rounding_noise_classic_
     assert noise["for the scheme"] <= 0.5 * min(noise["identity"], noise["classic"]), noise
 
 
-def test_post_training_quantize_picks_the_equalization_for_its_weights():
-    model, calibration = _toy(), _data(2, 2)
-    for q_level, objective in ((0, "noise"), (1, "ranges")):
-        quantized = post_training_quantize(model, calibration, w_bits=4, a_bits=8, num_batches=2, equalize=True,
-                                           q_level=q_level)
-        assert quantized.ptq_recipe["equalization"]["objective"] == objective
+def test_post_training_quantize_keeps_the_equalization_with_the_least_output_error():
+    """Candidates: classic scales, noise scales (per-channel weights only) and none; the one kept leaves the
+    least output error on the calibration data, so equalizing never does worse there than plain PTQ."""
+    from micronet.compression.quantization.ptq.recipe import output_error
     from micronet.compression.quantization.wqaq.iao.quantize import iao_scheme
 
+    model, calibration = _toy(), _data(2, 2)
+    for q_level, candidates in ((0, {"ranges", "noise", "none"}), (1, {"ranges", "none"})):
+        quantized = post_training_quantize(model, calibration, w_bits=4, a_bits=8, num_batches=2, equalize=True,
+                                           q_level=q_level)
+        record = quantized.ptq_recipe["equalization"]
+        errors = record["output_errors"]
+        assert set(errors) == candidates and errors[record["chosen"]] == min(errors.values())
+        plain = post_training_quantize(model, calibration, w_bits=4, a_bits=8, num_batches=2, q_level=q_level)
+        got = output_error(quantized, model, calibration, 2)
+        assert got == pytest.approx(errors[record["chosen"]], rel=1e-4)
+        assert got <= output_error(plain, model, calibration, 2) * (1 + 1e-6)
+        assert "chosen by the quantized model's output error" in quantized.equalization_report.summary()
     with pytest.raises(QuantizationError, match="calibration"):
         equalize(model, scheme=iao_scheme(w_bits=4, ptq=True, q_level=0))
 

@@ -58,8 +58,9 @@ class QuantizeOptions(DistillOptions, DeviceOptions, TrainingOptions, DataFromCh
                                                   "activations only), then binarize the weights too (two-stage "
                                                   "training)")
     equalize: bool = option(False, "--equalize", action="store_true",
-                            help="with --ptq: fold BatchNorm, equalize weight ranges across layer pairs and absorb "
-                                 "high biases first")
+                            help="with --ptq: fold BatchNorm, rescale layer pairs per channel (per-tensor weights: even "
+                                 "weight ranges; per-channel: least rounding noise on the calibration data) and "
+                                 "absorb high biases first")
     bias_correction: bool = option(False, "--bias-correction", action="store_true",
                                    help="with --ptq: remove the mean output shift quantization leaves in each layer "
                                         "(measured on the calibration data)")

@@ -55,20 +55,28 @@ class EqualizationReport:
     absorbed: list[tuple[str, str]] = field(default_factory=list)
     folded_bn: int = 0
     iterations: int = 0
-    objective: str = "ranges"  # "ranges": classic equalization; "noise": per-channel weights (noise_scales)
+    objective: str = "ranges"  # "ranges": classic; "noise": for per-channel weights (noise_scales); "none"
+    chosen: str | None = None  # post_training_quantize: the scaling kept ("ranges", "noise" or "none")
+    output_errors: dict[str, float] = field(default_factory=dict)  # ... and each one's error on calibration data
     held_by_clip: list[tuple[str, int]] = field(default_factory=list)  # (layer, channels that reach a ReLU6 clip)
 
     def summary(self) -> str:
+        choice = ""
+        if self.output_errors:
+            errors = ", ".join(f"{name} {error:.3g}" for name, error in self.output_errors.items())
+            choice = f"\n  chosen by the quantized model's output error on the calibration data: {errors}"
+        if self.chosen == "none":
+            return "cross-layer equalization: not applied, plain PTQ left the least error" + choice
         how = f"in {self.iterations} sweeps" if self.objective == "ranges" else "for the least rounding noise"
         line = (f"cross-layer equalization: {len(self.pairs)} layer pairs equalized {how}, "
-                f"{self.folded_bn} BatchNorms folded first, high bias absorbed into {len(self.absorbed)} layers")
+                f"{self.folded_bn} BatchNorms folded first, high bias absorbed into {len(self.absorbed)} layers") + choice
         held = [f"  {name}: {count} channels reach the ReLU6 clip and keep their scale" for name, count in self.held_by_clip]
         return "\n".join([line] + held + [f"  not equalized: {name} ({reason})" for name, reason in self.skipped])
 
     def to_json(self) -> dict:
         return {"pairs": [list(p) for p in self.pairs], "absorbed": [list(p) for p in self.absorbed],
                 "skipped": [list(p) for p in self.skipped], "folded_bn": self.folded_bn, "iterations": self.iterations,
-                "objective": self.objective,
+                "objective": self.objective, "chosen": self.chosen, "output_errors": self.output_errors,
                 "held_by_clip": [list(p) for p in self.held_by_clip]}
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from micronet.compression.quantization.core.scheme import QuantScheme
@@ -19,6 +20,7 @@ from micronet.compression.quantization.core.workflow import calibrate, is_prepar
 from micronet.compression.quantization.ptq.adaround import AdaRoundOptions
 from micronet.compression.quantization.ptq.adaround import adaround as learn_rounding
 from micronet.compression.quantization.ptq.bias_correction import correct_bias
+from micronet.compression.quantization.ptq.equalize import EqualizationReport
 from micronet.compression.quantization.ptq.equalize import equalize as equalize_layers
 from micronet.compression.quantization.ptq.layers import batches, layer_units
 from micronet.errors import QuantizationError
@@ -50,6 +52,55 @@ def _scheme_and_adaround_options(w_bits: int | None, a_bits: int, adaround: bool
         raise QuantizationError("AdaRound learns the rounding of affine integer weights: drop learned scales (--lsq) "
                                 "or AdaRound")
     return scheme, options
+
+
+def _calibrated(float_model: nn.Module, data: Iterable[Any], num_batches: int | None, scheme: QuantScheme,
+                skip: Iterable[str]) -> nn.Module:
+    quantized = prepare(float_model, scheme, skip=skip)
+    if not any(True for _ in layer_units(quantized)):
+        raise QuantizationError("the model has no conv or linear layer that IAO quantizes (or all were skipped): "
+                                "nothing to post-training quantize")
+    calibrate(quantized, data, num_batches=num_batches)
+    return quantized
+
+
+@torch.no_grad()
+def output_error(quantized: nn.Module, reference: nn.Module, data: Iterable[Any], num_batches: int | None) -> float:
+    """Mean squared difference of the two models' outputs over the reference's mean square, on ``data``."""
+    error = power = 0.0
+    for x in batches(data, num_batches):
+        expected = reference(x)
+        error += float((quantized(x) - expected).double().pow(2).sum())
+        power += float(expected.double().pow(2).sum())
+    return error / max(power, 1e-300)
+
+
+def _best_equalization(model: nn.Module, data: Iterable[Any], num_batches: int | None, scheme: QuantScheme,
+                       skip: Iterable[str]) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """The float model, its calibrated quantized copy and the record of the equalization that leaves the
+    least output error on the calibration data, among: classic scales (even weight ranges), scales for the
+    least rounding noise (per-channel weights only) and none. Which scaling helps depends on the network
+    (measured at 4 bits: the noise scales rescue a MobileNetV2 the classic ones break, and the classic ones
+    do better on a NIN), so it is measured rather than assumed; a user asking for equalization never gets a
+    model that is worse on the calibration data than plain PTQ."""
+    reference = copy.deepcopy(model).eval()
+    candidates: dict[str, tuple[nn.Module, Any]] = {"ranges": equalize_layers(model, calibration=batches(data, num_batches))}
+    if scheme.weight.per_channel:
+        candidates["noise"] = equalize_layers(model, calibration=batches(data, num_batches), scheme=scheme)
+    candidates["none"] = (copy.deepcopy(model).eval(), None)
+    errors: dict[str, float] = {}
+    best: tuple[str, nn.Module, nn.Module] | None = None
+    for name, (float_model, _) in candidates.items():
+        float_model.eval()
+        quantized = _calibrated(float_model, data, num_batches, scheme, skip)
+        errors[name] = output_error(quantized, reference, data, num_batches)
+        if best is None or errors[name] < errors[best[0]]:
+            best = (name, float_model, quantized)
+    name, float_model, quantized = best
+    report = candidates[name][1] or EqualizationReport(objective="none")
+    report.chosen, report.output_errors = name, {k: float(f"{v:.6g}") for k, v in errors.items()}
+    float_model.equalization_report = report
+    return float_model, quantized, report.to_json()
 
 
 def post_training_quantize(
@@ -89,19 +140,12 @@ def post_training_quantize(
     started = time.perf_counter()
     recipe: dict[str, Any] = {"equalize": equalize, "bias_correction": bias_correction, "adaround": adaround}
     if equalize:
-        float_model, report = equalize_layers(model, calibration=batches(data, num_batches), scheme=scheme)
-        recipe["equalization"] = report.to_json()
+        float_model, quantized, recipe["equalization"] = _best_equalization(model, data, num_batches, scheme, skip)
         timings["equalize_s"] = time.perf_counter() - started
     else:
-        float_model = copy.deepcopy(model)
-    float_model.eval()
-    quantized = prepare(float_model, scheme, skip=skip)
-    if not any(True for _ in layer_units(quantized)):
-        raise QuantizationError("the model has no conv or linear layer that IAO quantizes (or all were skipped): "
-                                "nothing to post-training quantize")
-    mark = time.perf_counter()
-    calibrate(quantized, data, num_batches=num_batches)
-    timings["calibrate_s"] = time.perf_counter() - mark
+        float_model = copy.deepcopy(model).eval()
+        quantized = _calibrated(float_model, data, num_batches, scheme, skip)
+        timings["calibrate_s"] = time.perf_counter() - started
     if adaround:
         mark = time.perf_counter()
         ada = learn_rounding(quantized, float_model, data, num_batches=num_batches, options=options, progress=progress)
@@ -115,7 +159,7 @@ def post_training_quantize(
         recipe["bias_corrected"] = corrected.to_json()
         timings["bias_correction_s"] = time.perf_counter() - mark
         quantized.bias_correction_report = corrected
-    if equalize:
+    if getattr(float_model, "equalization_report", None) is not None:
         quantized.equalization_report = float_model.equalization_report
     fusion = getattr(float_model, "fusion_record", None)
     if fusion:
