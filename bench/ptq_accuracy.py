@@ -190,9 +190,11 @@ def main() -> int:
                     results.append({"model": name, "bits": bits, "row": label, "error": reason})
                     write_results(meta, results, args.json)
                     continue
-                print(f"| {name} | {bits} | {label} | {acc * 100:.2f} | {(fp32 - acc) * 100:.2f} | {seconds:.1f} |", flush=True)
+                chosen = getattr(quantized, "ptq_recipe", {}).get("equalization", {}).get("chosen")
+                shown = f"{label} ({chosen} kept)" if chosen else label
+                print(f"| {name} | {bits} | {shown} | {acc * 100:.2f} | {(fp32 - acc) * 100:.2f} | {seconds:.1f} |", flush=True)
                 results.append({"model": name, "bits": bits, "row": label, "acc": acc, "fp32": fp32, "seconds": seconds,
-                                "load": os.getloadavg()[0]})
+                                "load": os.getloadavg()[0], **({"equalization_kept": chosen} if chosen else {})})
                 write_results(meta, results, args.json)
     finish(meta, results, args.json)
     return 0
