@@ -190,11 +190,13 @@ def main() -> int:
                     results.append({"model": name, "bits": bits, "row": label, "error": reason})
                     write_results(meta, results, args.json)
                     continue
-                chosen = getattr(quantized, "ptq_recipe", {}).get("equalization", {}).get("chosen")
+                equalization = getattr(quantized, "ptq_recipe", {}).get("equalization", {})
+                chosen = equalization.get("chosen")
                 shown = f"{label} ({chosen} kept)" if chosen else label
                 print(f"| {name} | {bits} | {shown} | {acc * 100:.2f} | {(fp32 - acc) * 100:.2f} | {seconds:.1f} |", flush=True)
+                kept = {"equalization_kept": chosen, "equalization_errors": equalization.get("output_errors")}
                 results.append({"model": name, "bits": bits, "row": label, "acc": acc, "fp32": fp32, "seconds": seconds,
-                                "load": os.getloadavg()[0], **({"equalization_kept": chosen} if chosen else {})})
+                                "load": os.getloadavg()[0], **(kept if chosen else {})})
                 write_results(meta, results, args.json)
     finish(meta, results, args.json)
     return 0
