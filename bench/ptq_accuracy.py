@@ -61,10 +61,12 @@ BITS = {
 }
 MICRONET_ROWS = {
     "micronet PTQ": {},
+    "micronet + range search": {"range_search": True},
     "micronet + equalize": {"equalize": True},
     "micronet + bias correction": {"bias_correction": True},
     "micronet + AdaRound": {"adaround": True},
     "micronet all three": {"equalize": True, "bias_correction": True, "adaround": True},
+    "micronet all four": {"range_search": True, "equalize": True, "bias_correction": True, "adaround": True},
 }
 
 
@@ -190,13 +192,16 @@ def main() -> int:
                     results.append({"model": name, "bits": bits, "row": label, "error": reason})
                     write_results(meta, results, args.json)
                     continue
-                equalization = getattr(quantized, "ptq_recipe", {}).get("equalization", {})
-                chosen = equalization.get("chosen")
-                shown = f"{label} ({chosen} kept)" if chosen else label
+                recipe = getattr(quantized, "ptq_recipe", {})
+                choices = {step: recipe[key] for step, key in (("ranges", "ranges"), ("equalization", "equalization"))
+                           if recipe.get(key, {}).get("chosen")}
+                kept = "; ".join(f"{step}: {record['chosen']}" for step, record in choices.items())
+                shown = f"{label} ({kept} kept)" if kept else label
                 print(f"| {name} | {bits} | {shown} | {acc * 100:.2f} | {(fp32 - acc) * 100:.2f} | {seconds:.1f} |", flush=True)
-                kept = {"equalization_kept": chosen, "equalization_errors": equalization.get("output_errors")}
+                measured = {f"{step}_{what}": record[field] for step, record in choices.items()
+                            for what, field in (("kept", "chosen"), ("errors", "output_errors"))}
                 results.append({"model": name, "bits": bits, "row": label, "acc": acc, "fp32": fp32, "seconds": seconds,
-                                "load": os.getloadavg()[0], **(kept if chosen else {})})
+                                "load": os.getloadavg()[0], **measured})
                 write_results(meta, results, args.json)
     finish(meta, results, args.json)
     return 0

@@ -148,6 +148,72 @@ def test_post_training_quantize_keeps_the_equalization_with_the_least_output_err
         equalize(model, scheme=iao_scheme(w_bits=4, ptq=True, q_level=0))
 
 
+# ------------------------------------------------------------------------------------------ range search
+def _heavy_tailed(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A few weights of each conv 20x the rest: the outliers that make min/max weight ranges coarse."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.view(-1)[torch.randint(0, m.weight.numel(), (2,), generator=g)] *= 20
+    return model
+
+
+@pytest.mark.parametrize("q_level", [1, 0])
+def test_range_search_keeps_the_setting_with_the_least_output_error(q_level):
+    """Four settings (activations percentile / histogram, weights min/max / MSE); the one kept leaves the least
+    output error on the calibration data, never more than plain PTQ's, and the model is that setting's."""
+    from micronet.compression.quantization.ptq.recipe import output_error
+
+    model, calibration = _heavy_tailed(_toy(1), 1), _data(2, 3)
+    quantized = post_training_quantize(model, calibration, w_bits=4, a_bits=4, num_batches=2, range_search=True,
+                                       q_level=q_level)
+    record = quantized.ptq_recipe["ranges"]
+    errors = record["output_errors"]
+    assert len(errors) == 4 and errors[record["chosen"]] == min(errors.values())
+    got = output_error(quantized, model, calibration, 2)
+    assert got == pytest.approx(errors[record["chosen"]], rel=1e-4)
+    plain = post_training_quantize(model, calibration, w_bits=4, a_bits=4, num_batches=2, q_level=q_level)
+    assert errors["activations percentile, weights minmax"] == pytest.approx(output_error(plain, model, calibration, 2),
+                                                                              rel=1e-4)
+    assert got <= output_error(plain, model, calibration, 2) * (1 + 1e-6)
+    activation, weight = record["chosen"].removeprefix("activations ").split(", weights ")
+    kinds = {type(q.observer).__name__ for name, q in quantized.named_modules() if name.endswith("weight_quantizer")}
+    assert kinds == {"MSEObserver" if weight == "mse" else "MinMaxObserver"}
+    assert "range search: kept" in quantized.range_search_report.summary()
+
+
+def test_range_search_tries_only_what_the_options_leave_open():
+    model, calibration = _toy(), _data(2, 4)
+    quantized = post_training_quantize(model, calibration, w_bits=8, num_batches=2, range_search=True,
+                                       activation_observer="histogram")
+    assert set(quantized.ptq_recipe["ranges"]["output_errors"]) == {"activations histogram, weights minmax",
+                                                                    "activations histogram, weights mse"}
+    quantized = post_training_quantize(model, calibration, w_bits=8, num_batches=2, range_search=True,
+                                       activation_observer="minmax", weight_range="mse")
+    assert list(quantized.ptq_recipe["ranges"]["output_errors"]) == ["activations minmax, weights mse"]
+
+
+def test_mse_weight_ranges_survive_a_checkpoint(tmp_path):
+    from micronet.engine import load_checkpoint, save_checkpoint
+    from micronet.models import build_model
+
+    torch.manual_seed(2)
+    nin = build_model("nin", num_classes=10, in_channels=1, cfg=[8, 8, 8, 8, 8, 8, 16, 16])
+    model, calibration = _heavy_tailed(_randomize_bn(nin), 2), _data(2, 5, shape=(1, 16, 16))
+    quantized = post_training_quantize(model, calibration, w_bits=4, a_bits=8, num_batches=2, q_level=1,
+                                       weight_range="mse", activation_observer="histogram")
+    clipped = [unit.layer.weight_quantizer for unit in layer_units(quantized)]
+    extremes = [float(unit.layer.weight.abs().max()) / 7 for unit in layer_units(quantized)]
+    assert any(float(q.scale) < 0.9 * bound for q, bound in zip(clipped, extremes))  # outliers clipped
+    save_checkpoint(tmp_path / "ckpt", quantized)
+    checkpoint = load_checkpoint(tmp_path / "ckpt")
+    reloaded = checkpoint.load_into(checkpoint.build_model()).eval()
+    x = torch.cat(_data(2, 6, shape=(1, 16, 16)))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), quantized.eval()(x))
+
+
 def test_high_bias_absorption_moves_the_bias_and_keeps_the_function():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6, momentum=1.0), nn.ReLU(), nn.Conv2d(6, 5, 1))
@@ -378,6 +444,8 @@ def test_cli_refuses_recipes_it_cannot_apply(tmp_path, cli_fails):
     cli_fails(base + ["--ptq", "--adaround", "--adaround-iters", "0"], "--adaround-iters must be at least 1")
     cli_fails(base + ["--ptq", "--adaround-iters", "5"], "add --adaround")
     cli_fails(base + ["--ptq", "--adaround", "--lsq"], "drop one")
+    cli_fails(base + ["--range-search"], "post-training recipes (--range-search) calibrate instead of training")
+    cli_fails(base + ["--weight-range", "mse"], "weight_range 'mse' searches the range of trained weights once")
     cli_fails(base + ["--ptq", "--adaround", "--ptq_batch", "1", "--batch-size", "8", "--no-progress"],
               "AdaRound draws 32 calibration images per iteration but only 8")
     assert not (tmp_path / "q").exists()

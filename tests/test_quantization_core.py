@@ -12,6 +12,7 @@ from micronet.compression.quantization.core import (
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
+    MSEObserver,
     PercentileObserver,
     QuantizerSpec,
     affine_qparams,
@@ -211,6 +212,73 @@ def test_histogram_rebins_when_the_range_grows():
     obs(torch.linspace(0, 4, 1000))
     assert obs.min_val.item() == 0.0 and obs.max_val.item() == 4.0
     assert obs.histogram.sum().item() == 2000
+
+
+def _rounding_error(weight, bound, bits=8):
+    """Squared error of symmetric narrow-range quantization of ``weight`` onto [-bound, bound], per row
+    (``bound`` one value per row of ``weight``)."""
+    quant_min, quant_max = quant_range(bits, True, True)
+    rows = weight.reshape(weight.shape[0], -1)
+    scale = (bound / quant_max).reshape(-1, 1)
+    return ((torch.clamp(torch.round(rows / scale), quant_min, quant_max) * scale - rows) ** 2).sum(1)
+
+
+def _best_on_a_fine_grid(weight, bits):
+    """Brute force: the least per-row error over 2,000 clipping ratios of each row's largest magnitude."""
+    extremes = weight.reshape(weight.shape[0], -1).abs().amax(1)
+    return torch.stack([_rounding_error(weight, extremes * ratio, bits)
+                        for ratio in torch.linspace(0.0005, 1.0, 2000)]).amin(0)
+
+
+def _heavy_tailed_weight(rows):
+    """Student-t (3 degrees of freedom) weights: tails like trained layers', a different size per row."""
+    sizes = torch.linspace(0.01, 0.2, rows).reshape(-1, 1, 1, 1)
+    return torch.distributions.StudentT(3.0).sample((rows, 16, 3, 3)) * sizes
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_mse_observer_finds_the_least_rounding_error_range_per_tensor(bits):
+    torch.manual_seed(bits)
+    weight = _heavy_tailed_weight(32)
+    mse = MSEObserver()
+    mse(weight)
+    quant_min, quant_max = quant_range(bits, True, True)
+    lo, hi = mse.range(quant_min, quant_max, True)
+    whole = weight.reshape(1, -1)
+    extremes = whole.abs().max().reshape(1)
+    assert lo.item() == -hi.item() and 0 < hi.item() < extremes.item()
+    searched = _rounding_error(whole, hi.reshape(1), bits)
+    assert searched <= _rounding_error(whole, extremes, bits)
+    assert searched <= 1.01 * _best_on_a_fine_grid(whole, bits)  # 100 candidates: within 1% of the optimum
+    if bits == 4:  # coarse grids pay most for spending their range on rare large weights
+        assert searched < 0.5 * _rounding_error(whole, extremes, bits)
+    # the searched range is stored, so a checkpoint (state dict) reproduces it without the tensor
+    reloaded = MSEObserver()
+    reloaded.load_state_dict(mse.state_dict())
+    assert torch.equal(reloaded.range(quant_min, quant_max, True)[1], hi)
+
+
+def test_mse_observer_per_channel_finds_each_rows_least_error_range():
+    torch.manual_seed(3)
+    weight = _heavy_tailed_weight(12)
+    mse = MSEObserver(ch_axis=0, num_channels=12)
+    mse(weight)
+    extremes = weight.reshape(12, -1).abs().amax(1)
+    lo, hi = mse.range(-7, 7, True)
+    assert torch.equal(lo, -hi) and torch.all(hi <= extremes) and torch.all(hi > 0)
+    searched = _rounding_error(weight, hi, bits=4)
+    assert torch.all(searched <= _rounding_error(weight, extremes, bits=4))
+    assert torch.all(searched <= 1.01 * _best_on_a_fine_grid(weight, 4))
+
+
+def test_mse_weight_range_is_for_post_training_quantization_only():
+    assert iao_scheme(ptq=True, weight_range="mse").weight.observer == "mse"
+    with pytest.raises(QuantizationError, match="post-training"):
+        iao_scheme(weight_range="mse")
+    with pytest.raises(QuantizationError, match="post-training"):
+        iao_scheme(ptq=True, weight_range="mse", weight_observer=1)
+    with pytest.raises(QuantizationError, match="weight_range must be one of minmax, mse"):
+        iao_scheme(ptq=True, weight_range="entropy")
 
 
 # ----------------------------------------------------------------------------------- modes and flow

@@ -57,6 +57,10 @@ class QuantizeOptions(DistillOptions, DeviceOptions, TrainingOptions, DataFromCh
                                              help="wbwtab --W 2/3: train the first N epochs with float weights (binary "
                                                   "activations only), then binarize the weights too (two-stage "
                                                   "training)")
+    range_search: bool = option(False, "--range-search", action="store_true",
+                                help="with --ptq: calibrate with each range setting --activation-observer and "
+                                     "--weight-range leave open (percentile or histogram activations, min/max or "
+                                     "MSE weights) and keep the one nearest the float model on the calibration data")
     equalize: bool = option(False, "--equalize", action="store_true",
                             help="with --ptq: fold BatchNorm, rescale layer pairs per channel (per-tensor weights: even "
                                  "weight ranges; per-channel: least rounding noise on the calibration data) and "
@@ -178,7 +182,8 @@ def ptq_model(options: QuantizeOptions, model, splits, device, *, log: Log = say
     from micronet.compression.quantization.ptq import describe, post_training_quantize
 
     model = post_training_quantize(model.to(device), calibration, w_bits=options.w_bits, a_bits=options.a_bits,
-                                   num_batches=options.ptq_batch, equalize=options.equalize,
+                                   num_batches=options.ptq_batch, range_search=options.range_search,
+                                   equalize=options.equalize,
                                    bias_correction=options.bias_correction, adaround=options.adaround,
                                    adaround_iterations=options.adaround_iters, skip=skip_list(options.skip),
                                    progress=options.progress, **iao_options(options))
@@ -245,8 +250,9 @@ def _training_hooks(options: QuantizeOptions, last) -> list[Any]:
 
 def ptq_recipes(options: QuantizeOptions) -> list[str]:
     """The post-training recipe flags given, after refusing the combinations that cannot work."""
-    recipes = [flag for flag, on in (("--equalize", options.equalize), ("--bias-correction", options.bias_correction),
-                                     ("--adaround", options.adaround)) if on]
+    recipes = [flag for flag, on in (("--range-search", options.range_search), ("--equalize", options.equalize),
+                                     ("--bias-correction", options.bias_correction), ("--adaround", options.adaround))
+               if on]
     if options.adaround_iters is not None and not options.adaround:
         raise ConfigError("--adaround-iters sets AdaRound's iterations: add --adaround or drop it")
     if not recipes:

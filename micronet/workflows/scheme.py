@@ -37,6 +37,9 @@ class SchemeOptions:
     q_level: int = option(0, "--q-level", type=int, choices=[0, 1], help="0 per-channel weights, 1 per-layer")
     weight_observer: int = option(0, "--weight-observer", type=int, choices=[0, 1],
                                   help="0 min/max of current weights, 1 moving average")
+    weight_range: str | None = option(None, "--weight-range", choices=["minmax", "mse"],
+                                      help="--ptq: each weight tensor's range: minmax (its extremes) or mse (the "
+                                           "clipping with the least squared rounding error); default: minmax")
     activation_observer: str | None = option(None, "--activation-observer",
                                              choices=["minmax", "moving_average", "percentile", "histogram"],
                                              help="override the activation observer (default: moving_average for "
@@ -121,7 +124,7 @@ def iao_options(options: SchemeOptions) -> dict[str, Any]:
                 bn_fuse=options.bn_fuse, bn_fuse_calib=options.bn_fuse_calib, pretrained_model=True,
                 percentile=options.percentile, activation_observer=options.activation_observer,
                 bn_fold_method=options.bn_fold_method, learned_scale=options.lsq,
-                signed_activations=options.signed_activations, target=options.target)
+                signed_activations=options.signed_activations, target=options.target, weight_range=options.weight_range)
 
 
 def build_scheme(options: SchemeOptions, lowbit: Any, *, ptq: bool):

@@ -45,6 +45,25 @@ def _check_flags(q_type: int, q_level: int, weight_observer: int, percentile: fl
         raise QuantizationError("signed_activations needs symmetric quantization: use q_type 0")
 
 
+WEIGHT_RANGES = ("minmax", "mse")
+
+
+def _weight_observer(weight_observer: int, weight_range: str | None, ptq: bool, learned_scale: bool) -> str:
+    """The weight observer's kind: ``weight_range`` "mse" searches each weight tensor's (per-channel: each
+    row's) clipping range for the least squared rounding error, once, after training; "minmax" takes the
+    extremes. None: minmax."""
+    if weight_range is None:
+        weight_range = "minmax"
+    if weight_range not in WEIGHT_RANGES:
+        raise QuantizationError(f"weight_range must be one of {', '.join(WEIGHT_RANGES)} (got {weight_range!r})")
+    if weight_range == "mse":
+        if not ptq or learned_scale or weight_observer != 0:
+            raise QuantizationError("weight_range 'mse' searches the range of trained weights once: use it with "
+                                    "post-training quantization (--ptq), min/max weight observer and no --lsq")
+        return "mse"
+    return "minmax" if weight_observer == 0 else "moving_average"
+
+
 def iao_scheme(
     a_bits: int = 8,
     w_bits: int | None = None,
@@ -61,6 +80,7 @@ def iao_scheme(
     learned_scale: bool = False,
     signed_activations: bool = False,
     target: str = DEFAULT_TARGET,
+    weight_range: str | None = None,
 ) -> QuantScheme:
     """The :class:`QuantScheme` the original's flags describe, for the deployment ``target``.
 
@@ -82,6 +102,7 @@ def iao_scheme(
     _check_flags(q_type, q_level, weight_observer, percentile, learned_scale, signed_activations)
     symmetric = q_type == 0
     family = "lsq" if learned_scale else "affine"
+    weight_kind = _weight_observer(weight_observer, weight_range, ptq, learned_scale)
     weight = QuantizerSpec(
         family=family,
         bits=w_bits,
@@ -89,8 +110,8 @@ def iao_scheme(
         per_channel=q_level == 0,
         narrow_range=symmetric,
         signed=True if symmetric else None,
-        observer="minmax" if weight_observer == 0 else "moving_average",
-        observer_options={"running": False} if weight_observer == 0 else {},
+        observer=weight_kind,
+        observer_options={"running": False} if weight_kind == "minmax" else {},
     )
     observer = activation_observer or ("percentile" if ptq else "histogram" if learned_scale else "moving_average")
     activation = QuantizerSpec(
