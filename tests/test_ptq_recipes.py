@@ -465,10 +465,11 @@ steps:
   - name: ptq_w4a8
     run: quantize
     from: fp32
-    args: {method: iao, ptq: true, w_bits: 4, equalize: true, bias-correction: true, adaround: true, adaround-iters: 300}
+    args: {method: iao, ptq: true, w_bits: 4, range-search: true, equalize: true, bias-correction: true, adaround: true,
+           adaround-iters: 300}
     row: W4A8 PTQ + recipes
 """)
     config = load_config(path)
     argv = step_argv(config, next(step for step in config.steps if step.name == "ptq_w4a8"))
-    for words in (["--equalize"], ["--bias-correction"], ["--adaround"], ["--adaround-iters", "300"]):
+    for words in (["--range-search"], ["--equalize"], ["--bias-correction"], ["--adaround"], ["--adaround-iters", "300"]):
         assert any(argv[i:i + len(words)] == words for i in range(len(argv))), argv
