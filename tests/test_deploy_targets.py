@@ -9,6 +9,8 @@ on any x86 CPU): ONNX Runtime's u8s8 kernels there add pairs of uint8 × int8 pr
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import pytest
@@ -20,7 +22,7 @@ from micronet.compression.quantization.core.workflow import calibrate
 from micronet.compression.quantization.wqaq.iao import quantize as iao
 from micronet.data import BatchLoader, load_dataset
 from micronet.deploy.onnx import GraphView, export, load_model, read_metadata
-from micronet.deploy.onnxruntime import build_session, run
+from micronet.deploy.onnxruntime import SaturatingKernelWarning, build_session, run
 from micronet.deploy.targets import PORTABLE_WEIGHT_CODE_MAX, TARGETS, get_target
 from micronet.errors import ConfigError
 from micronet.models import build_model
@@ -103,10 +105,38 @@ def test_eight_bit_weights_follow_the_target_not_the_cpu(tmp_path, monkeypatch, 
         assert read_metadata(report.path)["micronet.target"] == target
         outputs.append(report.path.read_bytes())
     assert outputs[0] == outputs[1]
+    monkeypatch.undo()  # from here on, this machine's real CPU
     with torch.no_grad():
         reference = model(data["test"]).argmax(1).numpy()
-    got = run(build_session(report.path), data["test"].numpy()).argmax(1)
-    assert (got == reference).mean() >= 0.995
+    emulated = run(build_session(report.path, optimization="basic"), data["test"].numpy()).argmax(1)
+    assert (emulated == reference).mean() >= 0.995  # the Q/DQ nodes computed in float, on every CPU
+    if get_target(target).needs_vnni and not micronet.machine.cpu_has_vnni():
+        with pytest.warns(SaturatingKernelWarning, match="--target vnni"):
+            build_session(report.path)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SaturatingKernelWarning)
+        got = run(build_session(report.path), data["test"].numpy()).argmax(1)
+    assert (got == reference).mean() >= 0.995  # on this CPU's int8 kernels
+
+
+@pytest.mark.parametrize("target", ["portable", "vnni"])
+def test_int8_kernels_without_vnni_warn_for_the_vnni_target_only(tmp_path, monkeypatch, data, trained_nin, target):
+    """A vnni-target file would run on saturating u8s8 kernels on a CPU without VNNI: opening it there at an
+    optimization level that fuses the int8 kernels warns; at ``basic`` (float Q/DQ), on a VNNI CPU or for the
+    portable target nothing is said."""
+    path = export(_ptq(trained_nin, data, w_bits=8), tmp_path / "m.onnx", data["test"][:1], exporter="legacy",
+                  target=target).path
+    for vnni, optimization in ((False, "all"), (False, "extended"), (False, "basic"), (True, "all")):
+        _machine(monkeypatch, vnni)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build_session(path, optimization=optimization)
+        said = [str(w.message) for w in caught if issubclass(w.category, SaturatingKernelWarning)]
+        expected = target == "vnni" and not vnni and optimization != "basic"
+        assert len(said) == int(expected), (vnni, optimization, said)
+        if expected:
+            assert "has no VNNI" in said[0] and "--target portable" in said[0]
 
 
 def test_tensorrt_target_writes_signed_activations(tmp_path, data, trained_nin):

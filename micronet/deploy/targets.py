@@ -38,6 +38,11 @@ class Target:
     activation_dtype: str  # "uint8" (ONNX Runtime's u8s8 kernels) or "int8" (TensorRT)
     summary: str
 
+    @property
+    def needs_vnni(self) -> bool:
+        """Whether ONNX Runtime's u8s8 kernels sum this target's weights exactly only on VNNI/AMX CPUs."""
+        return self.activation_dtype == "uint8" and self.weight_code_max > PORTABLE_WEIGHT_CODE_MAX
+
 
 PORTABLE_WEIGHT_CODE_MAX = 63  # 2·255·63 = 32130 ≤ 32767: no int16 saturation in vpmaddubsw
 TARGETS: dict[str, Target] = {

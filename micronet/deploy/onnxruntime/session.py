@@ -8,12 +8,15 @@ takes every core, which makes timings on a shared machine meaningless and hides 
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from micronet.deploy.onnx.export import TARGET_KEY
 from micronet.deploy.onnx.graph import load_model
+from micronet.deploy.targets import TARGETS
 from micronet.errors import ConfigError, DeployError
 
 OPTIMIZATION_LEVELS = {
@@ -25,14 +28,39 @@ OPTIMIZATION_LEVELS = {
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto
 
 
-def _source_bytes_or_path(model: ModelSource) -> tuple[str | bytes, str]:
-    """(what ORT opens, a name for messages); a path is checked first for a clear missing/not-ONNX error."""
+INT8_KERNEL_LEVELS = ("extended", "all")  # the levels at which ORT fuses Q/DQ pairs into its int8 kernels
+
+
+class SaturatingKernelWarning(UserWarning):
+    """A file exported for VNNI CPUs runs on ONNX Runtime's int8 kernels on a CPU without VNNI."""
+
+
+def _source_bytes_or_path(model: ModelSource) -> tuple[str | bytes, str, onnx.ModelProto]:
+    """(what ORT opens, a name for messages, the parsed model); a path is checked first for a clear
+    missing/not-ONNX error."""
     if isinstance(model, onnx.ModelProto):
-        return model.SerializeToString(), "the ONNX model"
+        return model.SerializeToString(), "the ONNX model", model
     if isinstance(model, bytes):
-        return model, "the ONNX model"
-    load_model(model, check=False)  # raises DeployError naming a missing file or one that is not ONNX
-    return str(model), str(model)
+        return model, "the ONNX model", onnx.ModelProto.FromString(model)
+    proto = load_model(model, check=False)  # raises DeployError naming a missing file or one that is not ONNX
+    return str(model), str(model), proto
+
+
+def warn_if_saturating(proto: onnx.ModelProto, label: str, optimization: str) -> None:
+    """Warn when a file exported for ``--target vnni`` (8-bit weights) is about to run on ONNX Runtime's
+    int8 kernels on a CPU without VNNI: there its u8s8 kernels add pairs of uint8×int8 products in
+    saturating int16, and the outputs are no longer those of the quantized model (on an AVX2 machine a
+    W8A8 NIN's top-1 class changed on 9% of test images). The Q/DQ nodes computed in float (``basic``) are
+    exact on every CPU."""
+    from micronet import machine
+
+    name = next((entry.value for entry in proto.metadata_props if entry.key == TARGET_KEY), None)
+    target = TARGETS.get(name)
+    if target is not None and target.needs_vnni and optimization in INT8_KERNEL_LEVELS and not machine.cpu_has_vnni():
+        warnings.warn(f"{label} was exported with --target {name} (8-bit weights) but this CPU "
+                      f"({machine.cpu_class()}) has no VNNI: ONNX Runtime's int8 kernels saturate here and the outputs "
+                      "differ from the quantized model's; export with --target portable, which is exact on every CPU",
+                      SaturatingKernelWarning, stacklevel=3)
 
 
 def build_session(model: ModelSource, threads: int = 1, optimization: str = "all",
@@ -58,7 +86,8 @@ def build_session(model: ModelSource, threads: int = 1, optimization: str = "all
         if not isinstance(model, (str, os.PathLike)):
             raise ConfigError("OpenVINO reads ONNX files: pass the model as a path")
         return OpenVINOSession(model, threads)
-    source, label = _source_bytes_or_path(model)
+    source, label, proto = _source_bytes_or_path(model)
+    warn_if_saturating(proto, label, optimization)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
