@@ -66,7 +66,10 @@ def test_equalization_keeps_the_function_and_balances_the_ranges():
         r2 = w2.abs().amax(dim=(1, 2, 3)) if layers[second].groups > 1 else w2.abs().transpose(0, 1).flatten(1).amax(1)
         assert torch.allclose(r1, r2, rtol=1e-3), (first, second)
     # the depthwise layer's channel ranges were spread over ~3 decades by the BatchNorms, and no longer are
-    spread = lambda w: float(w.detach().abs().flatten(1).amax(1).max() / w.abs().flatten(1).amax(1).min())  # noqa: E731
+    def spread(w: torch.Tensor) -> float:
+        ranges = w.detach().abs().flatten(1).amax(1)
+        return float(ranges.max() / ranges.min())
+
     from micronet.compression.fusion import fuse
 
     folded = dict(fuse(model)[0].named_modules())
