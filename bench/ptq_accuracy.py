@@ -7,7 +7,8 @@ micronet's ``vnni`` target), W8A8-tensor (one weight scale per layer), W7A8 (mic
 target, 7-bit weights; ORT's ``reduce_range``), W4A8 and W4A4:
 
 * micronet ``post_training_quantize``: plain (percentile observer), ``--range-search``, ``--equalize``,
-  ``--bias-correction``, ``--adaround``, all three (no range search), all four; accuracy of the fake-quant
+  ``--bias-correction``, ``--adaround`` (layer by layer, and with ``--adaround-blocks``), all three (no range
+  search), all four (and all four with block reconstruction); accuracy of the fake-quant
   model in PyTorch (which adds the int32 biases the export writes, so it is the deployed accuracy: exported ==
   fake-quant is tested elsewhere);
 * NNCF ``nncf.quantize`` (ONNX backend, on micronet's FP32 export, evaluated in ORT; its torch backend
@@ -81,8 +82,11 @@ MICRONET_ROWS = {
     "micronet + equalize": {"equalize": True},
     "micronet + bias correction": {"bias_correction": True},
     "micronet + AdaRound": {"adaround": True},
+    "micronet + AdaRound blocks": {"adaround": True, "adaround_blocks": True},
     "micronet all three": {"equalize": True, "bias_correction": True, "adaround": True},
     "micronet all four": {"range_search": True, "equalize": True, "bias_correction": True, "adaround": True},
+    "micronet all four, blocks": {"range_search": True, "equalize": True, "bias_correction": True, "adaround": True,
+                                  "adaround_blocks": True},
 }
 
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from micronet.base_module.op import Add
 from micronet.compression.quantization import post_training_quantize
 from micronet.compression.quantization.core.integer_bias import folded_channel_scale
 from micronet.compression.quantization.ptq import AdaRoundOptions, equalize, output_shift
-from micronet.compression.quantization.ptq.adaround import rectified_sigmoid
+from micronet.compression.quantization.ptq.adaround import reconstruction_steps, rectified_sigmoid
 from micronet.compression.quantization.ptq.layers import layer_units
 from micronet.errors import QuantizationError
 
@@ -207,7 +208,7 @@ def test_mse_weight_ranges_survive_a_checkpoint(tmp_path):
     quantized = post_training_quantize(model, calibration, w_bits=4, a_bits=8, num_batches=2, q_level=1,
                                        weight_range="mse", activation_observer="histogram")
     clipped = [unit.layer.weight_quantizer for unit in layer_units(quantized)]
-    extremes = [float(unit.layer.weight.abs().max()) / 7 for unit in layer_units(quantized)]
+    extremes = [float(unit.layer.weight.detach().abs().max()) / 7 for unit in layer_units(quantized)]
     assert any(float(q.scale) < 0.9 * bound for q, bound in zip(clipped, extremes))  # outliers clipped
     save_checkpoint(tmp_path / "ckpt", quantized)
     checkpoint = load_checkpoint(tmp_path / "ckpt")
@@ -378,7 +379,127 @@ def test_adaround_lowers_the_held_out_error_and_only_rounds_up_or_down():
     assert [r["layer"] for r in rows] == ["0", "2"] and all(r["error_learned"] <= r["error_nearest"] for r in rows)
 
 
-def test_adaround_codes_survive_a_checkpoint_and_run_in_onnxruntime(tmp_path):
+class _Residual(nn.Module):
+    """conv → BN → ReLU → conv → BN, plus the input, then ReLU: a residual block of two quantized layers
+    (its conv called twice when ``shared``; ``functional``: torch.relu, which ``prepare`` rewrites as a graph)."""
+
+    def __init__(self, channels: int, shared: bool = False, functional: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu1 = torch.relu if functional else nn.ReLU()
+        self.conv2 = self.conv1 if shared else nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.add = Add()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu2(self.add(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))), x))
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 1)
+        self.add = Add()
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.add(self.conv2(self.relu(self.conv1(x))), skip)
+
+
+class _ResidualNet(nn.Module):
+    def __init__(self, shared: bool = False, functional: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.stem = nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.block = _Residual(8, shared, functional)
+        self.pair = _TwoInputs(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.stem(x))
+        return self.head(self.flatten(self.pool(self.pair(self.block(x), x))))
+
+
+def _steps(model: nn.Module, shape: tuple[int, ...]) -> list[tuple[str | None, list[str]]]:
+    quantized = post_training_quantize(model, _data(1, 0, batch=4, shape=shape), w_bits=4, num_batches=1)
+    return [(step.block, [unit.name for unit in step.units])
+            for step in reconstruction_steps(quantized, torch.randn(2, *shape), blocks=True)]
+
+
+def test_block_reconstruction_groups_the_layers_of_each_residual_block():
+    from micronet.models import build_model
+
+    resnet = build_model("resnet20", 10, 1, cfg=[8, 8, 8] + [4] * 9).eval()
+    assert _steps(resnet, (1, 12, 12)) == [(None, ["conv1"])] + [
+        (f"layer{stage}.{k}", [f"layer{stage}.{k}.conv1", f"layer{stage}.{k}.conv2"]
+         + ([f"layer{stage}.{k}.shortcut.0"] if k == 0 and stage > 1 else []))
+        for stage in (1, 2, 3) for k in range(3)] + [(None, ["fc"])]
+    mobilenet = build_model("mobilenetv2", 10, 1).eval()
+    steps = _steps(mobilenet, (1, 16, 16))
+    blocks = [(block, layers) for block, layers in steps if block is not None]
+    assert len(blocks) == 17 and all(len(layers) in (2, 3) for _, layers in blocks)
+    assert [len(layers) for block, layers in steps if block is None] == [1, 1, 1]  # stem, last conv, classifier
+    nin = build_model("nin", 10, 1, cfg=[8] * 8).eval()
+    assert all(block is None for block, _ in _steps(nin, (1, 12, 12)))
+    # a block taking two tensors, a layer called twice, or a block prepare rewrote as a graph: layer by layer
+    layer_by_layer = [(None, [name]) for name in ("stem", "block.conv1", "block.conv2", "pair.conv1", "pair.conv2", "head")]
+    assert _steps(_ResidualNet(functional=True).eval(), (8, 8, 8)) == layer_by_layer
+    assert _steps(_ResidualNet(shared=True).eval(), (8, 8, 8)) == [step for step in layer_by_layer
+                                                                     if step[1] != ["block.conv2"]]
+    assert _steps(_ResidualNet().eval(), (8, 8, 8)) == [
+        (None, ["stem"]), ("block", ["block.conv1", "block.conv2"]), (None, ["pair.conv1"]), (None, ["pair.conv2"]),
+        (None, ["head"])]
+
+
+def test_block_adaround_lowers_the_held_out_block_error_and_only_rounds_up_or_down():
+    model = _ResidualNet().eval()
+    calibration, held_out = _correlated(4, 5), torch.cat(_correlated(4, 6))
+    options = dict(w_bits=3, a_bits=8, num_batches=4, skip=["stem"])
+    nearest = post_training_quantize(model, calibration, **options)
+    learned = post_training_quantize(model, calibration, **options, adaround=True, adaround_iterations=150,
+                                     adaround_blocks=True, progress=False)
+
+    def block_output(m: nn.Module) -> torch.Tensor:
+        return m.eval().block(m.relu(m.stem(held_out)))
+
+    with torch.no_grad():
+        reference = block_output(model)
+        errors = [float(((block_output(m) - reference) ** 2).mean()) for m in (nearest, learned)]
+    assert errors[1] < 0.8 * errors[0], errors
+    for name in ("block.conv1", "block.conv2"):
+        float_weight = model.get_submodule(name).weight
+        layer = learned.get_submodule(name)
+        scale = layer.weight_quantizer.scale.reshape(-1, 1, 1, 1)
+        codes = layer.weight / scale
+        assert torch.allclose(codes, codes.round(), atol=1e-4)
+        assert bool(((codes.round() - float_weight / scale).abs() < 1).all())
+    rows = learned.ptq_recipe["adaround_layers"]
+    assert [(r["layer"], r.get("block_layers")) for r in rows] == [
+        ("block", ["conv1", "conv2"]), ("pair.conv1", None), ("pair.conv2", None), ("head", None)]
+    assert rows[0]["error_learned"] < rows[0]["error_nearest"]
+    assert learned.ptq_recipe["adaround_options"]["blocks"] is True
+    assert "block (block of conv1, conv2)" in learned.adaround_report.summary()
+
+
+def test_bias_correction_leaves_the_layers_learned_with_their_block():
+    model = _ResidualNet().eval()
+    learned = post_training_quantize(model, _correlated(2, 5), w_bits=4, num_batches=2, adaround=True,
+                                     adaround_iterations=5, adaround_blocks=True, bias_correction=True, progress=False)
+    corrected = learned.ptq_recipe["bias_corrected"]
+    assert [name for name, _ in corrected["corrected"]] == ["stem", "pair.conv1", "pair.conv2", "head"]
+    assert corrected["skipped"] == [[name, "learned with block block by AdaRound, which matched the block's output"]
+                                    for name in ("block.conv1", "block.conv2")]
+
+
+@pytest.mark.parametrize(("arch", "cfg", "blocks"), [("nin", [8, 8, 8, 8, 8, 8, 16, 16], False),
+                                                     ("resnet20", [8, 8, 8] + [4] * 9, True)])
+def test_adaround_codes_survive_a_checkpoint_and_run_in_onnxruntime(tmp_path, arch, cfg, blocks):
     import onnxruntime as ort
 
     from micronet.deploy.onnx import GraphView, export, load_model
@@ -386,10 +507,11 @@ def test_adaround_codes_survive_a_checkpoint_and_run_in_onnxruntime(tmp_path):
     from micronet.models import build_model
 
     torch.manual_seed(0)
-    float_model = _randomize_bn(build_model("nin", num_classes=10, in_channels=1, cfg=[8, 8, 8, 8, 8, 8, 16, 16]))
+    float_model = _randomize_bn(build_model(arch, num_classes=10, in_channels=1, cfg=cfg))
     data = _data(2, 7, shape=(1, 16, 16))
     model = post_training_quantize(float_model, data, w_bits=4, a_bits=8, num_batches=2, equalize=True,
-                                   bias_correction=True, adaround=True, adaround_iterations=10, progress=False)
+                                   bias_correction=True, adaround=True, adaround_iterations=10,
+                                   adaround_blocks=blocks, progress=False)
     save_checkpoint(tmp_path / "ckpt", model, extra={"ptq": model.ptq_recipe})
     checkpoint = load_checkpoint(tmp_path / "ckpt")
     reloaded = checkpoint.load_into(checkpoint.build_model()).eval()
@@ -407,7 +529,7 @@ def test_adaround_codes_survive_a_checkpoint_and_run_in_onnxruntime(tmp_path):
     report = export(model, tmp_path / "m.onnx", x[:1], exporter="legacy")
     view = GraphView(load_model(report.path))
     onnx_codes = [view.constant(dq.input[0]) for dq in view.nodes("DequantizeLinear")]
-    onnx_codes = [c for c in onnx_codes if c is not None and c.ndim == 4]
+    onnx_codes = [c for c in onnx_codes if c is not None and c.ndim >= 2]
     for name, expected in codes.items():  # the file holds exactly the learned codes (4-bit values in int8)
         assert any(c.shape == expected.shape and np.array_equal(c.astype(np.int64), expected) for c in onnx_codes), name
     session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
@@ -430,6 +552,8 @@ def test_bad_inputs_raise_one_line_errors():
                                progress=False)
     with pytest.raises(QuantizationError, match="at least 1 iteration"):
         post_training_quantize(model, data, adaround=True, adaround_options=AdaRoundOptions(iterations=0))
+    with pytest.raises(QuantizationError, match="set adaround=True or drop it"):
+        post_training_quantize(model, data, adaround_blocks=True)
     with pytest.raises(QuantizationError, match="already quantized"):
         post_training_quantize(post_training_quantize(model, data, num_batches=1), data)
 
@@ -446,6 +570,7 @@ def test_cli_refuses_recipes_it_cannot_apply(tmp_path, cli_fails):
                                                                         "on IAO's integer weights, not dorefa")
     cli_fails(base + ["--ptq", "--adaround", "--adaround-iters", "0"], "--adaround-iters must be at least 1")
     cli_fails(base + ["--ptq", "--adaround-iters", "5"], "add --adaround")
+    cli_fails(base + ["--ptq", "--adaround-blocks"], "--adaround-blocks reconstructs blocks with AdaRound: add --adaround")
     cli_fails(base + ["--ptq", "--adaround", "--lsq"], "drop one")
     cli_fails(base + ["--range-search"], "post-training recipes (--range-search) calibrate instead of training")
     cli_fails(base + ["--weight-range", "mse"], "weight_range 'mse' searches the range of trained weights once")

@@ -71,7 +71,10 @@ class QuantizeOptions(DistillOptions, DeviceOptions, TrainingOptions, DataFromCh
     adaround: bool = option(False, "--adaround", action="store_true",
                             help="with --ptq: learn whether each weight rounds up or down (AdaRound), layer by layer")
     adaround_iters: int | None = option(None, "--adaround-iters", type=int,
-                                        help="AdaRound iterations per layer (default 1000)")
+                                        help="AdaRound iterations per layer or block (default 1000)")
+    adaround_blocks: bool = option(False, "--adaround-blocks", action="store_true",
+                                   help="with --adaround: learn the roundings of each residual block's layers together "
+                                        "against the block's float output (BRECQ-style); other layers one by one")
     skip: list[str] = option([], "--skip", nargs="+", metavar="NAME|FILE",
                              help="modules to keep in float: names, and/or files listing them (a sensitivity.json or "
                                   "skip.txt of `micronet sensitivity`; an existing file, a path with / or .txt/.json, "
@@ -185,7 +188,8 @@ def ptq_model(options: QuantizeOptions, model, splits, device, *, log: Log = say
                                    num_batches=options.ptq_batch, range_search=options.range_search,
                                    equalize=options.equalize,
                                    bias_correction=options.bias_correction, adaround=options.adaround,
-                                   adaround_iterations=options.adaround_iters, skip=skip_list(options.skip),
+                                   adaround_iterations=options.adaround_iters,
+                                   adaround_blocks=options.adaround_blocks, skip=skip_list(options.skip),
                                    progress=options.progress, **iao_options(options))
     log(model.quantization_report.summary() + "\n" + describe(model))
     return model
@@ -255,6 +259,8 @@ def ptq_recipes(options: QuantizeOptions) -> list[str]:
                if on]
     if options.adaround_iters is not None and not options.adaround:
         raise ConfigError("--adaround-iters sets AdaRound's iterations: add --adaround or drop it")
+    if options.adaround_blocks and not options.adaround:
+        raise ConfigError("--adaround-blocks reconstructs blocks with AdaRound: add --adaround or drop it")
     if not recipes:
         return recipes
     named = f"post-training recipes ({', '.join(recipes)})"

@@ -14,7 +14,13 @@ Per quantized conv/linear layer, in call order, with its weight scale fixed by c
   dequantized codes s·(q − z): nearest rounding of that weight gives back the learned codes, so the
   ordinary fake-quant forward, checkpoints and the ONNX export carry them unchanged.
 
-Memory is bounded: the inputs and targets of one layer are cached for at most ``max_cache_bytes`` (the
+Block reconstruction (``blocks=True``, after BRECQ, Li et al. 2021): the layers of one residual or
+inverted-residual block (a module holding 2-4 quantized layers, each called once) learn their roundings
+together against the block's float output, so a rounding error of the first conv can be repaid by the
+second; the loss is the same squared error (not BRECQ's Fisher weighting), the block runs with its
+activation quantizers on. Layers outside such blocks are reconstructed one by one as above.
+
+Memory is bounded: the inputs and targets of one layer (or block) are cached for at most ``max_cache_bytes`` (the
 calibration batches are streamed through both models, each stopped at the layer), and every iteration
 draws a mini-batch from that cache.
 """
@@ -22,7 +28,9 @@ draws a mini-batch from that cache.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,10 +39,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from micronet.compression.quantization.core.integer_bias import batchnorm_factor_and_bias
+from micronet.compression.quantization.core.workflow import _call_order
 from micronet.compression.quantization.ptq.layers import LayerUnit, batches, layer_units, run_to
 from micronet.errors import QuantizationError
 
 ZETA, GAMMA = 1.1, -0.1
+
+#: The most quantized layers a module may hold to be reconstructed as one block: a residual block's two
+#: convs and its shortcut, an inverted residual's three, a bottleneck's three and shortcut. A larger module
+#: is a stage or a whole network, where joint reconstruction overfits the calibration images (BRECQ, Table 1).
+MAX_BLOCK_LAYERS = 4
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,7 @@ class AdaRoundOptions:
     lr: float = 1e-2
     max_cache_bytes: int = 256 * 2**20
     seed: int = 0
+    blocks: bool = False
 
     def check(self) -> None:
         if self.iterations < 1:
@@ -62,17 +77,26 @@ class AdaRoundOptions:
 
 @dataclass
 class AdaRoundReport:
-    layers: list[dict[str, Any]] = field(default_factory=list)  # name, images, error before/after, flipped
+    # One row per reconstruction: "layer" (the layer's or block's name), "block_layers" (a block's layers),
+    # images, iterations, error before/after, share of weights rounded the other way.
+    layers: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> str:
-        lines = [f"AdaRound: {len(self.layers)} layers, {self.layers[0]['iterations'] if self.layers else 0} "
-                 "iterations each; reconstruction error (mean squared, cached calibration images) nearest → learned:"]
-        lines += [f"  {r['layer']}: {r['error_nearest']:.4g} → {r['error_learned']:.4g} "
+        blocks = sum(1 for r in self.layers if r.get("block_layers"))
+        counted = f"{len(self.layers) - blocks} layers" + (f" and {blocks} blocks" if blocks else "")
+        lines = [f"AdaRound: {counted}, {self.layers[0]['iterations'] if self.layers else 0} iterations each; "
+                 "reconstruction error (mean squared, cached calibration images) nearest → learned:"]
+        lines += [f"  {_row_name(r)}: {r['error_nearest']:.4g} → {r['error_learned']:.4g} "
                   f"({r['rounded_other_way'] * 100:.1f}% of weights rounded the other way)" for r in self.layers]
         return "\n".join(lines)
 
     def to_json(self) -> dict:
         return {"layers": self.layers}
+
+
+def _row_name(row: dict[str, Any]) -> str:
+    block = row.get("block_layers")
+    return f"{row['layer']} (block of {', '.join(block)})" if block else row["layer"]
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -129,15 +153,134 @@ def _layer_output(unit: LayerUnit, x: torch.Tensor, weight: torch.Tensor) -> tor
     return y if layer.bias is None else y + layer.bias.detach().reshape(shape)
 
 
+@dataclass(frozen=True)
+class _Step:
+    """What one reconstruction learns: one layer against its output, or a block's layers against the
+    block's output (``block`` is then the block's name)."""
+
+    units: tuple[LayerUnit, ...]
+    block: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.block or self.units[0].name
+
+    def row(self) -> dict[str, Any]:
+        prefix = f"{self.block}."
+        return {"layer": self.name, "block_layers": [u.name.removeprefix(prefix) for u in self.units]} if self.block \
+            else {"layer": self.name}
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _block_of(unit: LayerUnit, modules: dict[str, nn.Module], units_in: Counter) -> str | None:
+    """The innermost module above ``unit`` that is not a container and holds 2 to MAX_BLOCK_LAYERS units."""
+    parts = unit.name.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:depth])
+        if isinstance(modules[name], _CONTAINERS):
+            continue
+        if units_in[name] >= 2:
+            return name if units_in[name] <= MAX_BLOCK_LAYERS else None
+    return None
+
+
 @torch.no_grad()
-def _cache(quantized: nn.Module, float_model: nn.Module, unit: LayerUnit, data: Iterable[Any],
+def _runnable_alone(model: nn.Module, blocks: dict[str, nn.Module], x: torch.Tensor) -> set[str]:
+    """The blocks that one forward of ``model`` on ``x`` calls exactly once, with one tensor. (A model whose
+    functional ops ``prepare`` rewrote as a graph calls its layers directly, never the blocks' forwards.)"""
+    calls: Counter = Counter()
+    arity: dict[str, int] = {}
+
+    def counter(name: str) -> Callable:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls[name] += 1
+            arity[name] = len(args) + len(kwargs)
+        return hook
+
+    handles = [module.register_forward_pre_hook(counter(name), with_kwargs=True) for name, module in blocks.items()]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name for name in blocks if calls[name] == 1 and arity[name] == 1}
+
+
+def reconstruction_steps(model: nn.Module, x: torch.Tensor | None, *, blocks: bool) -> list[_Step]:
+    """The layers to reconstruct, in call order, grouped into blocks where ``blocks`` asks for it and the
+    block can be run alone: it and each of its layers are called once per forward, and it takes one
+    tensor (probed on ``x``, one calibration batch)."""
+    units = layer_units(model)
+    if not blocks or x is None:
+        return [_Step((unit,)) for unit in units]
+    modules = dict(model.named_modules())
+    calls = Counter(_call_order(model))
+    units_in = Counter(".".join(unit.name.split(".")[:depth]) for unit in units
+                       for depth in range(1, unit.name.count(".") + 1))
+    owner = {unit.name: _block_of(unit, modules, units_in) for unit in units}
+    candidates = {name: modules[name] for name in set(owner.values()) - {None}
+                  if all(calls[u] == 1 for u, block in owner.items() if block == name)}
+    runnable = _runnable_alone(model, candidates, x)
+    steps: list[_Step] = []
+    for unit in units:
+        block = owner[unit.name]
+        if block not in runnable:
+            steps.append(_Step((unit,)))
+        elif not steps or steps[-1].block != block:
+            steps.append(_Step((unit,), block))
+        else:
+            steps[-1] = _Step(steps[-1].units + (unit,), block)
+    return steps
+
+
+@contextmanager
+def _weights_in_use(layers: list[nn.Module], weights: list[torch.Tensor]) -> Iterator[None]:
+    """Make each layer's forward use the given weight in place of its quantized weight."""
+    for layer, weight in zip(layers, weights):
+        layer.quantized_weight = lambda weight=weight: weight
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.quantized_weight
+
+
+def _forward(step: _Step, quantized: nn.Module) -> Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]:
+    """The step's output for cached inputs and candidate weights: the layer (and its BatchNorm) alone, or
+    the quantized block with those weights in its layers."""
+    if step.block is None:
+        return lambda x, weights: _layer_output(step.units[0], x, weights[0])
+    block = quantized.get_submodule(step.block)
+    layers = [unit.layer for unit in step.units]
+
+    def run(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        with _weights_in_use(layers, weights):
+            return block(x)
+    return run
+
+
+@torch.no_grad()
+def _cache(quantized: nn.Module, float_model: nn.Module, step: _Step, data: Iterable[Any],
            num_batches: int | None, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(quantized input x̃ after the layer's input quantizer, float target) for as many calibration images
-    as ``max_bytes`` holds."""
-    float_out = float_model.get_submodule(unit.output_name)
+    """(quantized input, float target) for as many calibration images as ``max_bytes`` holds: a layer's
+    input after its input quantizer and its float output, or a block's input and its float output."""
+    if step.block is None:
+        unit = step.units[0]
+        float_out = float_model.get_submodule(unit.output_name)
+
+        def quantized_input(x: torch.Tensor) -> torch.Tensor:
+            return unit.layer.input_quantizer(run_to(quantized, unit.layer, x, want="input"))
+    else:
+        block = quantized.get_submodule(step.block)
+        float_out = float_model.get_submodule(step.block)
+
+        def quantized_input(x: torch.Tensor) -> torch.Tensor:
+            return run_to(quantized, block, x, want="input")
     inputs, targets, used = [], [], 0
     for x in batches(data, num_batches):
-        q_in = unit.layer.input_quantizer(run_to(quantized, unit.layer, x, want="input"))
+        q_in = quantized_input(x)
         target = run_to(float_model, float_out, x)
         per_image = (q_in[0].numel() + target[0].numel()) * 4
         room = (max_bytes - used) // per_image
@@ -149,10 +292,11 @@ def _cache(quantized: nn.Module, float_model: nn.Module, unit: LayerUnit, data: 
     return torch.cat(inputs), torch.cat(targets)
 
 
-def _reconstruction_error(unit: LayerUnit, inputs: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> float:
+def _reconstruction_error(forward: Callable, inputs: torch.Tensor, targets: torch.Tensor,
+                          weights: list[torch.Tensor]) -> float:
     total = 0.0
     for start in range(0, len(inputs), 256):
-        y = _layer_output(unit, inputs[start:start + 256], weight)
+        y = forward(inputs[start:start + 256], weights)
         total += float(((y - targets[start:start + 256]) ** 2).sum(1).sum())
     return total / (targets.numel() / targets.shape[1])
 
@@ -163,10 +307,9 @@ def _beta(options: AdaRoundOptions, step: int) -> float:
     return options.beta_end + (options.beta_start - options.beta_end) * max(0.0, 1.0 - progress)
 
 
-def _optimize(unit: LayerUnit, inputs: torch.Tensor, targets: torch.Tensor, options: AdaRoundOptions,
-              generator: torch.Generator, bar: Any) -> _Rounding:
-    rounding = _Rounding(unit.layer)
-    optimizer = torch.optim.Adam([rounding.v], lr=options.lr)
+def _optimize(roundings: list[_Rounding], forward: Callable, inputs: torch.Tensor, targets: torch.Tensor,
+              options: AdaRoundOptions, generator: torch.Generator, bar: Any) -> None:
+    optimizer = torch.optim.Adam([r.v for r in roundings], lr=options.lr)
     warm = int(options.warm_start * options.iterations)
     count = len(inputs)
     order = torch.randperm(count, generator=generator)
@@ -176,17 +319,16 @@ def _optimize(unit: LayerUnit, inputs: torch.Tensor, targets: torch.Tensor, opti
             order, position = torch.randperm(count, generator=generator), 0
         index = order[position:position + options.batch_size]
         position += options.batch_size
-        h = rounding.soft()
-        y = _layer_output(unit, inputs[index], rounding.weight(h))
+        soft = [r.soft() for r in roundings]
+        y = forward(inputs[index], [r.weight(h) for r, h in zip(roundings, soft)])
         loss = ((y - targets[index]) ** 2).sum(1).mean()
         if step >= warm:
             beta = _beta(options, step)
-            loss = loss + options.regularization * (1 - (2 * h - 1).abs().pow(beta)).sum()
+            loss = loss + options.regularization * sum((1 - (2 * h - 1).abs().pow(beta)).sum() for h in soft)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         bar.update(1)
-    return rounding
 
 
 def required_images(options: AdaRoundOptions) -> int:
@@ -194,47 +336,56 @@ def required_images(options: AdaRoundOptions) -> int:
     return options.batch_size
 
 
+def _reconstruct(step: _Step, quantized: nn.Module, float_model: nn.Module, data: Iterable[Any],
+                 num_batches: int | None, options: AdaRoundOptions, generator: torch.Generator,
+                 bar: Any) -> dict[str, Any]:
+    """Learn the step's roundings, write the learned codes into its layers' weights; the report row."""
+    inputs, targets = _cache(quantized, float_model, step, data, num_batches, options.max_cache_bytes)
+    if len(inputs) < options.batch_size:
+        raise QuantizationError(
+            f"AdaRound draws {options.batch_size} calibration images per iteration but only {len(inputs)} "
+            f"were available for {step.name}: calibrate on more batches (--ptq_batch)")
+    bar.set_postfix_str(step.name)
+    roundings = [_Rounding(unit.layer) for unit in step.units]
+    forward = _forward(step, quantized)
+    _optimize(roundings, forward, inputs, targets, options, generator, bar)
+    with torch.no_grad():
+        learned = [r.weight(r.hard()) for r in roundings]
+        flipped = sum(float((r.hard() != r.nearest - r.floor).sum()) for r in roundings)
+        row = {
+            **step.row(), "images": len(inputs), "iterations": options.iterations,
+            "error_nearest": _reconstruction_error(forward, inputs, targets, [r.nearest_weight() for r in roundings]),
+            "error_learned": _reconstruction_error(forward, inputs, targets, learned),
+            "rounded_other_way": flipped / sum(r.v.numel() for r in roundings),
+        }
+        for unit, weight in zip(step.units, learned):
+            unit.layer.weight.copy_(weight.to(unit.layer.weight.dtype))
+    return row
+
+
 def adaround(quantized: nn.Module, float_model: nn.Module, data: Iterable[Any], *, num_batches: int | None = None,
              options: AdaRoundOptions | None = None, progress: bool | None = None) -> AdaRoundReport:
     """Learn the rounding of every quantized conv/linear weight of ``quantized`` (calibrated, frozen) against
-    the same layers of ``float_model`` on the first ``num_batches`` batches of ``data``; ``quantized``'s
-    weights are replaced by their learned dequantized codes, in place."""
+    the same layers (or blocks, ``options.blocks``) of ``float_model`` on the first ``num_batches`` batches
+    of ``data``; ``quantized``'s weights are replaced by their learned dequantized codes, in place."""
     options = options or AdaRoundOptions()
     options.check()
     from tqdm import tqdm
 
-    units = layer_units(quantized)
     report = AdaRoundReport()
     generator = torch.Generator().manual_seed(options.seed)
     show = progress if progress is not None else sys.stderr.isatty()
     was_training = quantized.training, float_model.training
     quantized.eval()
     float_model.eval()
-    bar = tqdm(total=options.iterations * len(units), desc="AdaRound", leave=False, disable=not show)
     try:
-        for unit in units:
-            inputs, targets = _cache(quantized, float_model, unit, data, num_batches, options.max_cache_bytes)
-            if len(inputs) < options.batch_size:
-                raise QuantizationError(
-                    f"AdaRound draws {options.batch_size} calibration images per iteration but only {len(inputs)} "
-                    f"were available for {unit.name}: calibrate on more batches (--ptq_batch)")
-            bar.set_postfix_str(unit.name)
-            rounding = _optimize(unit, inputs, targets, options, generator, bar)
-            with torch.no_grad():
-                learned = rounding.weight(rounding.hard())
-                nearest = rounding.nearest_weight()
-                row = {
-                    "layer": unit.name, "images": len(inputs), "iterations": options.iterations,
-                    "error_nearest": _reconstruction_error(unit, inputs, targets, nearest),
-                    "error_learned": _reconstruction_error(unit, inputs, targets, learned),
-                    "rounded_other_way": float((rounding.hard() != rounding.nearest - rounding.floor).float().mean()),
-                }
-                unit.layer.weight.copy_(learned.to(unit.layer.weight.dtype))
-            report.layers.append(row)
-            del inputs, targets
+        sample = next(batches(data, num_batches), None) if options.blocks else None
+        steps = reconstruction_steps(quantized, sample, blocks=options.blocks)
+        with tqdm(total=options.iterations * len(steps), desc="AdaRound", leave=False, disable=not show) as bar:
+            for step in steps:
+                report.layers.append(_reconstruct(step, quantized, float_model, data, num_batches, options,
+                                                  generator, bar))
     finally:
-        bar.close()
         quantized.train(was_training[0])
         float_model.train(was_training[1])
     return report
-

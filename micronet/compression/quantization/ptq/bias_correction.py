@@ -86,16 +86,21 @@ def _remove_shift(unit: LayerUnit, shift: torch.Tensor) -> str:
 
 @torch.no_grad()
 def correct_bias(quantized: nn.Module, float_model: nn.Module, data: Iterable[Any],
-                 num_batches: int | None = None) -> BiasCorrectionReport:
+                 num_batches: int | None = None, *, leave: dict[str, str] | None = None) -> BiasCorrectionReport:
     """Remove, layer by layer, the mean output shift of each quantized conv/linear layer of ``quantized``
     (calibrated, frozen) against the same layer of ``float_model`` (the float model it was prepared from,
-    with the same module names). ``quantized`` is modified in place."""
+    with the same module names). ``quantized`` is modified in place. ``leave`` maps layers not to correct to
+    the reason the report gives."""
+    leave = leave or {}
     report = BiasCorrectionReport()
     was_training = quantized.training, float_model.training
     quantized.eval()
     float_model.eval()
     try:
         for unit in layer_units(quantized):
+            if unit.name in leave:
+                report.skipped.append((unit.name, leave[unit.name]))
+                continue
             shift = output_shift(quantized, float_model, unit, data, num_batches)
             reason = _remove_shift(unit, shift - _rounding_offset(unit))
             if reason:
