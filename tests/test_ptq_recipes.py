@@ -409,6 +409,19 @@ class _TwoInputs(nn.Module):
         return self.add(self.conv2(self.relu(self.conv1(x))), skip)
 
 
+class _ConvTwice(nn.Module):
+    """Two layers, the first called twice: no single input to reconstruct it from."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.relu(self.conv1(self.relu(self.conv1(x)))))
+
+
 class _ResidualNet(nn.Module):
     def __init__(self, shared: bool = False, functional: bool = False) -> None:
         super().__init__()
@@ -452,6 +465,8 @@ def test_block_reconstruction_groups_the_layers_of_each_residual_block():
     assert _steps(_ResidualNet(functional=True).eval(), (8, 8, 8)) == layer_by_layer
     assert _steps(_ResidualNet(shared=True).eval(), (8, 8, 8)) == [step for step in layer_by_layer
                                                                      if step[1] != ["block.conv2"]]
+    twice = nn.Sequential(nn.Conv2d(8, 8, 1), _ConvTwice(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    assert _steps(twice.eval(), (8, 8, 8)) == [(None, [name]) for name in ("0", "1.conv1", "1.conv2", "4")]
     assert _steps(_ResidualNet().eval(), (8, 8, 8)) == [
         (None, ["stem"]), ("block", ["block.conv1", "block.conv2"]), (None, ["pair.conv1"]), (None, ["pair.conv2"]),
         (None, ["head"])]

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from micronet.compression.quantization.core.integer_bias import batchnorm_factor_and_bias
-from micronet.compression.quantization.core.workflow import _call_order
 from micronet.compression.quantization.ptq.layers import LayerUnit, batches, layer_units, run_to
 from micronet.errors import QuantizationError
 
@@ -65,7 +64,7 @@ class AdaRoundOptions:
     lr: float = 1e-2
     max_cache_bytes: int = 256 * 2**20
     seed: int = 0
-    blocks: bool = False
+    blocks: bool = False  # learn each residual block's layers together (block reconstruction)
 
     def check(self) -> None:
         if self.iterations < 1:
@@ -187,9 +186,11 @@ def _block_of(unit: LayerUnit, modules: dict[str, nn.Module], units_in: Counter)
 
 
 @torch.no_grad()
-def _runnable_alone(model: nn.Module, blocks: dict[str, nn.Module], x: torch.Tensor) -> set[str]:
-    """The blocks that one forward of ``model`` on ``x`` calls exactly once, with one tensor. (A model whose
-    functional ops ``prepare`` rewrote as a graph calls its layers directly, never the blocks' forwards.)"""
+def _runnable_alone(model: nn.Module, blocks: dict[str, list[LayerUnit]], x: torch.Tensor) -> set[str]:
+    """The blocks that one forward of ``model`` on ``x`` calls exactly once, with one tensor, calling each of
+    their layers exactly once. (A model whose functional ops ``prepare`` rewrote as a graph calls its layers
+    directly, never the blocks' forwards; a layer called twice has no single input to reconstruct from.)"""
+    modules = dict(model.named_modules())
     calls: Counter = Counter()
     arity: dict[str, int] = {}
 
@@ -199,30 +200,33 @@ def _runnable_alone(model: nn.Module, blocks: dict[str, nn.Module], x: torch.Ten
             arity[name] = len(args) + len(kwargs)
         return hook
 
-    handles = [module.register_forward_pre_hook(counter(name), with_kwargs=True) for name, module in blocks.items()]
+    watched = {name: modules[name] for name in blocks}
+    watched.update({unit.name: unit.layer for members in blocks.values() for unit in members})
+    handles = [module.register_forward_pre_hook(counter(name), with_kwargs=True) for name, module in watched.items()]
     try:
         model(x)
     finally:
         for handle in handles:
             handle.remove()
-    return {name for name in blocks if calls[name] == 1 and arity[name] == 1}
+    return {name for name, members in blocks.items()
+            if calls[name] == 1 and arity[name] == 1 and all(calls[unit.name] == 1 for unit in members)}
 
 
 def reconstruction_steps(model: nn.Module, x: torch.Tensor | None, *, blocks: bool) -> list[_Step]:
     """The layers to reconstruct, in call order, grouped into blocks where ``blocks`` asks for it and the
-    block can be run alone: it and each of its layers are called once per forward, and it takes one
-    tensor (probed on ``x``, one calibration batch)."""
+    block can be run alone (probed on ``x``, one calibration batch: see :func:`_runnable_alone`)."""
     units = layer_units(model)
     if not blocks or x is None:
         return [_Step((unit,)) for unit in units]
     modules = dict(model.named_modules())
-    calls = Counter(_call_order(model))
     units_in = Counter(".".join(unit.name.split(".")[:depth]) for unit in units
                        for depth in range(1, unit.name.count(".") + 1))
     owner = {unit.name: _block_of(unit, modules, units_in) for unit in units}
-    candidates = {name: modules[name] for name in set(owner.values()) - {None}
-                  if all(calls[u] == 1 for u, block in owner.items() if block == name)}
-    runnable = _runnable_alone(model, candidates, x)
+    members: dict[str, list[LayerUnit]] = {}
+    for unit in units:
+        if owner[unit.name] is not None:
+            members.setdefault(owner[unit.name], []).append(unit)
+    runnable = _runnable_alone(model, members, x)
     steps: list[_Step] = []
     for unit in units:
         block = owner[unit.name]
