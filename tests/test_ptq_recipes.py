@@ -508,8 +508,9 @@ def test_bias_correction_leaves_the_layers_learned_with_their_block():
                                      adaround_iterations=5, adaround_blocks=True, bias_correction=True, progress=False)
     corrected = learned.ptq_recipe["bias_corrected"]
     assert [name for name, _ in corrected["corrected"]] == ["stem", "pair.conv1", "pair.conv2", "head"]
-    assert corrected["skipped"] == [[name, "learned with block block by AdaRound, which matched the block's output"]
-                                    for name in ("block.conv1", "block.conv2")]
+    reason = "learned with their block by AdaRound, which matched the block's output"
+    assert corrected["skipped"] == [[name, reason] for name in ("block.conv1", "block.conv2")]
+    assert f"not corrected ({reason}): block.conv1, block.conv2" in learned.bias_correction_report.summary()
 
 
 @pytest.mark.parametrize(("arch", "cfg", "blocks"), [("nin", [8, 8, 8, 8, 8, 8, 16, 16], False),

@@ -211,6 +211,7 @@ def _ptq_and_save(options: QuantizeOptions, model, splits, ctx, run_dir: Path, o
     extra = {"float_test_acc": float_acc} if float_acc is not None else {}
     acc = record_test_accuracy(model, best, splits, ctx.device, options.eval_batch_size, **extra)
     recipes = ptq_recipes(options)
+    recipes += ["--adaround-blocks"] if options.adaround_blocks else []
     with_recipes = " with " + ", ".join(flag.lstrip("-") for flag in recipes) if recipes else ""
     line = f"PTQ {scheme.name}{with_recipes}: {model.calibrated_batches} calibration batches of {options.batch_size}, " \
            f"test accuracy {acc * 100:.2f}%"

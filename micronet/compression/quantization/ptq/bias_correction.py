@@ -32,7 +32,10 @@ class BiasCorrectionReport:
     def summary(self) -> str:
         worst = max((shift for _, shift in self.corrected), default=0.0)
         line = f"bias correction: {len(self.corrected)} layers corrected (largest channel shift removed {worst:.3g})"
-        return "\n".join([line] + [f"  not corrected: {name} ({reason})" for name, reason in self.skipped])
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in self.skipped:
+            by_reason.setdefault(reason, []).append(name)
+        return "\n".join([line] + [f"  not corrected ({reason}): {', '.join(names)}" for reason, names in by_reason.items()])
 
     def to_json(self) -> dict:
         return {"corrected": [list(c) for c in self.corrected], "skipped": [list(s) for s in self.skipped]}

@@ -163,7 +163,7 @@ def _learned_in_blocks(recipe: dict[str, Any]) -> dict[str, str]:
     block's output is what was matched, and a block-internal layer may keep a mean shift that the layers
     after it repay (measured on a ResNet-20 at W4A4: correcting those layers after block reconstruction
     raised the logit error against the float model 4- to 11-fold)."""
-    return {f"{row['layer']}.{name}": f"learned with block {row['layer']} by AdaRound, which matched the block's output"
+    return {f"{row['layer']}.{name}": "learned with their block by AdaRound, which matched the block's output"
             for row in recipe.get("adaround_layers", []) for name in row.get("block_layers") or []}
 
 
